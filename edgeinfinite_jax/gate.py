@@ -1,0 +1,79 @@
+"""The memory gate: how much of each head's output comes from the memory.
+
+EdgeInfinite's exact gate is not public, so its form is a config choice:
+
+* ``per_head_scalar``: one logit per head (Infini-attention's β).
+* ``per_head_vector``: one logit per head and value channel.
+* ``mlp``: per head, sigmoid(W2·silu(W1[A_mem; A_loc] + b1) + b2), conditioned on
+  both branches. W2 starts at zero, so at init every form is the constant
+  ``gate_init_bias``: memory (almost) off, and switched fully off until the
+  memory holds something.
+
+The gate's parameters sit under ``.../attn/memory_gate/`` so trainable-group
+regexes can select them alone.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from edgeinfinite_jax.config import ModelConfig
+
+
+class MemoryGate(nn.Module):
+  """Declares the gate's parameters and returns them as a dict."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self):
+    c, m = self.config, self.config.memory
+    h, d = c.num_heads, c.head_dim
+    const = lambda v: (lambda key, shape, dtype=jnp.float32: jnp.full(shape, v, dtype))
+    p = lambda name, init, shape, axes: self.param(
+        name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+    if m.gate == "per_head_scalar":
+      return {"bias": p("bias", const(m.gate_init_bias), (h,), ("q_heads",))}
+    if m.gate == "per_head_vector":
+      return {"bias": p("bias", const(m.gate_init_bias), (h, d), ("q_heads", "head_dim"))}
+    hid = m.gate_mlp_hidden
+    return {
+        "w1": p("w1", nn.initializers.normal(0.02), (h, 2 * d, hid), ("q_heads", None, None)),
+        "b1": p("b1", nn.initializers.zeros, (h, hid), ("q_heads", None)),
+        "w2": p("w2", nn.initializers.zeros, (h, hid), ("q_heads", None)),
+        "bias": p("bias", const(m.gate_init_bias), (h,), ("q_heads",)),
+    }
+
+
+def logits(config: ModelConfig, params, read, local):
+  """Gate logits broadcastable to [B, T, H, D]."""
+  if config.memory.gate == "per_head_scalar":
+    return params["bias"][:, None]
+  if config.memory.gate == "per_head_vector":
+    return params["bias"]
+  x = jnp.concatenate([read, local], axis=-1).astype(jnp.float32)
+  hidden = jax.nn.silu(jnp.einsum("bthi,hio->btho", x, params["w1"]) + params["b1"])
+  return (jnp.einsum("btho,ho->bth", hidden, params["w2"]) + params["bias"])[..., None]
+
+
+def blend(config: ModelConfig, params, read, local, has_content):
+  """g·read + (1-g)·local in float32; g = 0 for heads whose memory is empty.
+
+  has_content is [B, K] (per KV head); ``force_gate`` overrides g for knockout
+  ablations and equivalence tests.
+  """
+  m = config.memory
+  read, local = read.astype(jnp.float32), local.astype(jnp.float32)
+  g = jax.nn.sigmoid(logits(config, params, read, local))
+  if m.force_gate == "local":
+    g = jnp.zeros_like(g)
+  elif m.force_gate == "memory":
+    g = jnp.ones_like(g)
+  filled = jnp.repeat(has_content, config.num_groups, axis=1)[:, None, :, None]
+  g = jnp.where(filled, g, 0.0)
+  return g * read + (1.0 - g) * local
+
+
+def declare_params(module: nn.Module, config: ModelConfig):
+  return MemoryGate(config, name="memory_gate")()
