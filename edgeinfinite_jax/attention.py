@@ -183,8 +183,9 @@ def _segment_scan(config, q, k, v, inv_freq, gate_params):
 def empty_cache(config: ModelConfig, batch: int, n_sink: int, ring_len: int, dtype) -> LayerCache:
   kh, d = config.num_kv_heads, config.head_dim
   z = lambda n: jnp.zeros((batch, n, kh, d), dtype)
+  d_mem = d if config.memory.uses_memory else 0  # no memory bytes for full/streaming
   return LayerCache(z(n_sink), z(n_sink), z(ring_len), z(ring_len),
-                    memory_lib.empty(batch, kh, d, d))
+                    memory_lib.empty(batch, kh, d_mem, d_mem))
 
 
 def ring_positions(config: ModelConfig, block, ring_len):

@@ -77,3 +77,23 @@ def blend(config: ModelConfig, params, read, local, has_content):
 
 def declare_params(module: nn.Module, config: ModelConfig):
   return MemoryGate(config, name="memory_gate")()
+
+
+def with_memory(config: ModelConfig, params, *, rng, **memory_options):
+  """Turns a base model into a memory model: (config, params) -> (config, params).
+
+  ``memory_options`` are ``MemoryConfig`` fields (attention_type defaults to
+  ``edgeinfinite``; gate, update_rule, mem_uses_rope, rope_positions, sizes...).
+  Gate parameters are added under ``layers_i/attn/memory_gate`` and start with
+  the memory switched off; the backbone parameters are shared, not copied.
+  """
+  memory_options.setdefault("attention_type", "edgeinfinite")
+  new_config = config.with_memory(**memory_options)
+  inner = dict(params["params"])
+  if new_config.memory.uses_memory:
+    for i in range(new_config.num_layers):
+      layer = f"layers_{i}"
+      gate_params = nn.unbox(MemoryGate(new_config).init(jax.random.fold_in(rng, i)))
+      attn = dict(inner[layer]["attn"], memory_gate=gate_params["params"])
+      inner[layer] = dict(inner[layer], attn=attn)
+  return new_config, {**params, "params": inner}

@@ -92,6 +92,30 @@ def apply_rope(x, positions, inv_freq):
   return x * cos + rotated * sin
 
 
+class Projection(nn.Module):
+  """A linear map written as one einsum over a kernel of its true rank.
+
+  Flax's DenseGeneral initialises a flattened kernel, which breaks logical
+  partitioning of [hidden, heads, head_dim] kernels; owning the shape avoids it.
+  The bias, if any, covers every output axis of the kernel but the first.
+  """
+  equation: str
+  shape: tuple
+  axes: tuple
+  use_bias: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _init(self.axes), self.shape, jnp.float32)
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                        self.shape[1:], jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Mlp(nn.Module):
   config: ModelConfig
 
@@ -120,11 +144,8 @@ class Attention(nn.Module):
     c, dt = self.config, compute_dtype(self.config)
 
     def proj(name, heads, heads_axis):
-      return nn.DenseGeneral(
-          (heads, c.head_dim), use_bias=c.attention_bias, dtype=dt, param_dtype=jnp.float32,
-          kernel_init=_init(("embed", heads_axis, "head_dim")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")),
-          name=name)(x)
+      return Projection("btd,dhk->bthk", (c.hidden_size, heads, c.head_dim),
+                        ("embed", heads_axis, "head_dim"), c.attention_bias, dt, name=name)(x)
 
     q = proj("q_proj", c.num_heads, "q_heads")
     k = proj("k_proj", c.num_kv_heads, "kv_heads")
@@ -141,10 +162,8 @@ class Attention(nn.Module):
     else:
       out, new_cache = attention.cached_attention(c, cache, chunk, q, k, v, inv_freq,
                                                   gate_params)
-    out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt,
-                          param_dtype=jnp.float32,
-                          kernel_init=_init(("q_heads", "head_dim", "embed")),
-                          name="o_proj")(out.astype(dt))
+    out = Projection("bthk,hkd->btd", (c.num_heads, c.head_dim, c.hidden_size),
+                     ("q_heads", "head_dim", "embed"), False, dt, name="o_proj")(out.astype(dt))
     return out, new_cache
 
 

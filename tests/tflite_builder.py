@@ -1,4 +1,4 @@
-"""Build single-op FULLY_CONNECTED .tflite flatbuffers without TensorFlow.
+"""Build single-op FULLY_CONNECTED / QUANTIZE .tflite flatbuffers without TensorFlow.
 
 Used by tests/test_intsim.py to run ai-edge-litert as an external oracle. The
 flatbuffer is assembled with the object API of the schema module that the
@@ -13,6 +13,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 _TYPES = {
+    np.dtype(np.float32): schema.TensorType.FLOAT32,
     np.dtype(np.int8): schema.TensorType.INT8,
     np.dtype(np.int16): schema.TensorType.INT16,
     np.dtype(np.int32): schema.TensorType.INT32,
@@ -50,6 +51,33 @@ def _buffer(data=None):
     return b
 
 
+def _model(tensors, opcode, op_inputs, op_outputs, buffers, options_type=0, options=None):
+    op = schema.OperatorT()
+    op.opcodeIndex = 0
+    op.inputs, op.outputs = op_inputs, op_outputs
+    op.builtinOptionsType, op.builtinOptions = options_type, options
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = opcode
+    code.version = 1
+    sub = schema.SubGraphT()
+    sub.tensors, sub.inputs, sub.outputs, sub.operators = tensors, op_inputs[:1], op_outputs, [op]
+    model = schema.ModelT()
+    model.version = 3
+    model.operatorCodes, model.subgraphs = [code], [sub]
+    # Buffer 0 is the schema's empty sentinel; activations point at it.
+    model.buffers = [_buffer()] + buffers
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def quantize_model(*, shape, scale, zero_point, out_dtype=np.int8):
+    """Returns .tflite bytes for a per-tensor QUANTIZE float32 -> out_dtype."""
+    tensors = [_tensor("x", shape, np.float32, 0, None),
+               _tensor("q", shape, out_dtype, 0, _quant(scale, zero_point))]
+    return _model(tensors, schema.BuiltinOperator.QUANTIZE, [0], [1], [])
+
+
 def fully_connected_model(*, batch, w_q, bias_q, s_in, z_in, s_w, s_out, z_out,
                           in_dtype=np.int8, activation="none"):
     """Returns .tflite bytes for y = FC(x) with constant int8 weights [N, K].
@@ -70,24 +98,8 @@ def fully_connected_model(*, batch, w_q, bias_q, s_in, z_in, s_w, s_out, z_out,
     ]
     opts = schema.FullyConnectedOptionsT()
     opts.fusedActivationFunction = ACTIVATIONS[activation]
-    op = schema.OperatorT()
-    op.opcodeIndex = 0
-    op.inputs, op.outputs = [0, 1, 2], [3]
-    op.builtinOptionsType = schema.BuiltinOptions.FullyConnectedOptions
-    op.builtinOptions = opts
-    code = schema.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.FULLY_CONNECTED
-    code.version = 1
-    sub = schema.SubGraphT()
-    sub.tensors, sub.inputs, sub.outputs, sub.operators = tensors, [0], [3], [op]
-    model = schema.ModelT()
-    model.version = 3
-    model.operatorCodes, model.subgraphs = [code], [sub]
-    # Buffer 0 is the schema's empty sentinel; activations point at it.
-    model.buffers = [_buffer(), _buffer(w_q), _buffer(bias_q)]
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return _model(tensors, schema.BuiltinOperator.FULLY_CONNECTED, [0, 1, 2], [3],
+                  [_buffer(w_q), _buffer(bias_q)], schema.BuiltinOptions.FullyConnectedOptions, opts)
 
 
 def run(model_bytes, x_q, resolver):

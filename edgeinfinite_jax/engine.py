@@ -1,0 +1,290 @@
+"""Fixed-shape inference engine: compile once per scenario, whatever the prompt.
+
+Contract (after gemma's sampler):
+
+* A ``Scenario`` fixes every shape: segment length, sink and window sizes,
+  batch, the maximum number of new tokens, the short-route threshold and the
+  capacity of full-attention caches. Changing any Scenario field recompiles;
+  nothing else does.
+* Each route (``short``, ``long``) has exactly one jitted prefill-segment
+  function and one jitted decode function. A prompt is fed segment by segment;
+  the last partial segment is padded and masked. Positions and lengths are traced
+  int32 values.
+* Prompts of at most ``short_threshold`` tokens take the short route: the
+  unmodified base model (full attention, no memory) over an ordinary KV cache.
+  Longer prompts take the long route with the model's attention type.
+* The state is one pytree (``EngineState``) whose size does not depend on how
+  many tokens were read (``state_nbytes``), except for ``full`` attention, whose
+  cache has the fixed capacity ``max_context``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgeinfinite_jax import attention
+from edgeinfinite_jax import memory as memory_lib
+from edgeinfinite_jax.config import ConfigError, ModelConfig
+from edgeinfinite_jax.model import Transformer, compute_dtype
+
+PRESETS = {
+    # Long document in, a long answer out: modest window, more new tokens.
+    "summarization": dict(segment_len=128, n_sink=4, n_window=256, max_new_tokens=256,
+                          short_threshold=512),
+    # The question sits at the end of the prompt: a larger window keeps it (and
+    # the text just before it) as raw KV; answers are short.
+    "qa": dict(segment_len=128, n_sink=4, n_window=1024, max_new_tokens=64,
+               short_threshold=512),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+  """Every compile-time size of the engine. See the module docstring."""
+  segment_len: int = 64
+  n_sink: int = 4
+  n_window: int = 128
+  batch_size: int = 1
+  max_new_tokens: int = 64
+  short_threshold: int = 256
+  max_context: int = 8192  # capacity of a full-attention cache on the long route
+
+  def __post_init__(self):
+    for key in ("segment_len", "batch_size", "max_new_tokens", "max_context"):
+      v = getattr(self, key)
+      if not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"Scenario.{key}={v!r}: must be a positive integer")
+    for key in ("n_sink", "n_window", "short_threshold"):
+      v = getattr(self, key)
+      if not isinstance(v, int) or v < 0:
+        raise ConfigError(f"Scenario.{key}={v!r}: must be a non-negative integer")
+    if self.n_window % self.segment_len:
+      raise ConfigError(f"Scenario.n_window={self.n_window}: must be a multiple of "
+                        f"segment_len={self.segment_len}")
+    if self.n_sink > self.segment_len:
+      raise ConfigError(f"Scenario.n_sink={self.n_sink}: must be <= segment_len="
+                        f"{self.segment_len}")
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "Scenario":
+    if name not in PRESETS:
+      raise ConfigError(f"Scenario preset {name!r}: must be one of {sorted(PRESETS)}")
+    return cls(**{**PRESETS[name], **overrides})
+
+  def capacity(self, n: int) -> int:
+    """n tokens rounded up to whole segments."""
+    return -(-n // self.segment_len) * self.segment_len
+
+
+@flax.struct.dataclass
+class EngineState:
+  caches: Any          # list of attention.LayerCache, one per layer
+  length: jax.Array    # int32 scalar: tokens read so far
+  route: str = flax.struct.field(pytree_node=False, default="long")
+
+
+# Exported step functions carry the state's tree structure in their signature.
+jax.export.register_namedtuple_serialization(
+    attention.LayerCache, serialized_name="edgeinfinite_jax.LayerCache")
+jax.export.register_namedtuple_serialization(
+    memory_lib.Memory, serialized_name="edgeinfinite_jax.Memory")
+jax.export.register_pytree_node_serialization(
+    EngineState, serialized_name="edgeinfinite_jax.EngineState",
+    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+    deserialize_auxdata=lambda b: tuple(json.loads(b.decode())))
+
+
+def state_nbytes(state) -> int:
+  """Bytes held by an engine state (every array leaf)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
+
+
+class Engine:
+  """Prefill / decode / generate for one (model, params, scenario).
+
+  ``params`` is ``{"params": ...}``. The jitted step functions are built here
+  once; ``compile_count()`` reports how often they have been traced (each trace
+  is one XLA compilation).
+  """
+
+  def __init__(self, config: ModelConfig, params, scenario: Scenario):
+    self.scenario, self.params = scenario, params
+    sc = scenario
+    base = dict(segment_len=sc.segment_len, n_sink=0)
+    m = config.memory
+    self.route_configs = {
+        "short": config.with_memory(attention_type="full", n_window=0, **base),
+        "long": config.with_memory(segment_len=sc.segment_len, n_sink=sc.n_sink,
+                                   n_window=sc.n_window)
+                if m.segmented else config.with_memory(n_window=0, **base),
+    }
+    self.ring_len = {
+        "short": sc.capacity(sc.short_threshold + sc.max_new_tokens),
+        "long": sc.n_window + sc.segment_len if m.segmented else sc.capacity(sc.max_context),
+    }
+    self.n_sink = {"short": 0, "long": sc.n_sink if m.segmented else 0}
+    self._traces = collections.Counter()
+    self._prefill = {r: self._jit_step(r, "prefill") for r in self.route_configs}
+    self._decode = {r: self._jit_step(r, "decode") for r in self.route_configs}
+    self._sample = jax.jit(self._sample_fn)
+
+  # -- step functions ---------------------------------------------------------
+
+  def _jit_step(self, route, kind):
+    config = self.route_configs[route]
+
+    def step(params, state: EngineState, tokens, n_valid):
+      self._traces[f"{kind}_{route}"] += 1  # runs only while tracing
+      chunk = attention.Chunk(state.length, n_valid)
+      positions = state.length + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+      model = Transformer(config)
+      hidden, caches = model.apply(params, tokens, positions[None], state.caches, chunk,
+                                   return_hidden=True)
+      last = jax.lax.dynamic_index_in_dim(hidden, n_valid - 1, axis=1, keepdims=True)
+      logits = model.apply(params, last, method=Transformer.logits)[:, 0]
+      return EngineState(caches, state.length + n_valid, state.route), logits
+
+    return jax.jit(step, donate_argnums=(1,))
+
+  def init_state(self, route: str) -> EngineState:
+    config = self.route_configs[route]
+    dt = compute_dtype(config)
+    caches = [attention.empty_cache(config, self.scenario.batch_size, self.n_sink[route],
+                                    self.ring_len[route], dt)
+              for _ in range(config.num_layers)]
+    return EngineState(caches, jnp.zeros((), jnp.int32), route)
+
+  def _sample_fn(self, logits, rng, temperature, top_k):
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    kth = -jnp.sort(-scaled, axis=-1)[:, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)]
+    scaled = jnp.where((top_k > 0) & (scaled < kth[:, None]), -jnp.inf, scaled)
+    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+  # -- public API -------------------------------------------------------------
+
+  def route_for(self, prompt_len: int) -> str:
+    return "short" if prompt_len <= self.scenario.short_threshold else "long"
+
+  def _check_tokens(self, tokens, ndim, what):
+    tokens = np.asarray(tokens)
+    if tokens.ndim != ndim or not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError(f"{what}: expected an integer array of rank {ndim}, got "
+                       f"{tokens.dtype}{list(tokens.shape)}")
+    if tokens.shape[0] != self.scenario.batch_size:
+      raise ValueError(f"{what}: batch {tokens.shape[0]} != Scenario.batch_size="
+                       f"{self.scenario.batch_size}")
+    vocab = self.route_configs["short"].vocab_size
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+      raise ValueError(f"{what}: ids must lie in [0, {vocab}), got [{tokens.min()}, "
+                       f"{tokens.max()}]")
+    return tokens.astype(np.int32)
+
+  def _limit(self, route):
+    """Most tokens a route can hold (None: unbounded, memory absorbs the rest)."""
+    if route == "long" and self.route_configs["long"].memory.segmented:
+      return None
+    return self.ring_len[route]
+
+  def prefill(self, tokens):
+    """Reads a prompt [batch, time] (time >= 1); returns (state, last-token logits)."""
+    tokens = self._check_tokens(tokens, 2, "prefill tokens")
+    t = tokens.shape[1]
+    if t < 1:
+      raise ValueError("prefill tokens: need at least one token")
+    route = self.route_for(t)
+    limit = self._limit(route)
+    if limit is not None and t > limit:
+      raise ValueError(f"prompt of {t} tokens exceeds the {route} route's cache capacity "
+                       f"{limit} (raise Scenario.max_context)")
+    L = self.scenario.segment_len
+    padded = np.zeros((tokens.shape[0], self.scenario.capacity(t)), np.int32)
+    padded[:, :t] = tokens
+    state, logits = self.init_state(route), None
+    for s in range(0, t, L):
+      n_valid = jnp.int32(min(L, t - s))
+      state, logits = self._prefill[route](self.params, state, padded[:, s:s + L], n_valid)
+    return state, logits
+
+  def decode(self, state: EngineState, token):
+    """Reads one token per row [batch]; returns (state, logits [batch, vocab])."""
+    token = self._check_tokens(token, 1, "decode token")
+    limit = self._limit(state.route)
+    if limit is not None and int(state.length) + 1 > limit:
+      raise ValueError(f"decode: the {state.route} route's cache holds {limit} tokens; "
+                       f"state already has {int(state.length)}")
+    return self._decode[state.route](self.params, state, token[:, None], jnp.int32(1))
+
+  def generate(self, tokens, max_new_tokens=None, *, temperature=0.0, top_k=0, rng=None):
+    """Greedy (temperature 0) or sampled continuation, [batch, max_new_tokens]."""
+    n = self.scenario.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if not 0 < n <= self.scenario.max_new_tokens:
+      raise ValueError(f"max_new_tokens={n}: must be in [1, Scenario.max_new_tokens="
+                       f"{self.scenario.max_new_tokens}]")
+    rng = jax.random.key(0) if rng is None else rng
+    state, logits = self.prefill(tokens)
+    out = []
+    for i in range(n):
+      tok = self._sample(logits, jax.random.fold_in(rng, i), jnp.float32(temperature),
+                         jnp.int32(top_k))
+      out.append(tok)
+      if i + 1 < n:
+        state, logits = self.decode(state, tok)
+    return np.stack([np.asarray(t) for t in out], axis=1)
+
+  def compile_count(self) -> int:
+    """XLA compilations of the step functions so far (all routes)."""
+    return sum(self._traces.values())
+
+  def compile_counts(self) -> dict[str, int]:
+    return dict(self._traces)
+
+  # -- export -----------------------------------------------------------------
+
+  def export(self, directory: str, routes=("short", "long")) -> dict:
+    """Serialises every step function to StableHLO plus a JSON manifest.
+
+    Each file takes (params, state, tokens, n_valid) and returns (state,
+    logits); the manifest records the shapes, dtypes, scenario and model config
+    needed to call it from a fresh process (``load_exported``).
+    """
+    os.makedirs(directory, exist_ok=True)
+    manifest = {"scenario": dataclasses.asdict(self.scenario), "functions": {}}
+    for route in routes:
+      manifest["model_config"] = self.route_configs[route].to_dict()
+      state = jax.eval_shape(lambda: self.init_state(route))
+      params = jax.eval_shape(lambda: self.params)
+      for kind, fn, c in (("prefill", self._prefill[route], self.scenario.segment_len),
+                          ("decode", self._decode[route], 1)):
+        tokens = jax.ShapeDtypeStruct((self.scenario.batch_size, c), jnp.int32)
+        n_valid = jax.ShapeDtypeStruct((), jnp.int32)
+        exported = jax.export.export(fn)(params, state, tokens, n_valid)
+        name = f"{kind}_{route}"
+        with open(os.path.join(directory, name + ".stablehlo"), "wb") as f:
+          f.write(exported.serialize())
+        manifest["functions"][name] = {
+            "file": name + ".stablehlo",
+            "inputs": [str(a) for a in exported.in_avals],
+            "outputs": [str(a) for a in exported.out_avals],
+            "chunk_len": c,
+        }
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+      json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def load_exported(directory: str, name: str):
+  """Deserialises one exported step function; call it like the engine's."""
+  with open(os.path.join(directory, name + ".stablehlo"), "rb") as f:
+    return jax.export.deserialize(bytearray(f.read()))

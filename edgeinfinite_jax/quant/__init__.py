@@ -1,0 +1,1 @@
+"""Quantization: integer-exact simulation of edge runtimes (see intsim.py)."""

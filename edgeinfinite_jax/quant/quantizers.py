@@ -1,0 +1,575 @@
+"""Quantizer math: specs, scales, fake quantization with STE, LSQ/LSQ+, observers.
+
+Pure functions over arrays; nothing here holds state. Conventions (shared with
+``intsim.py`` so fake-quant and integer paths agree bit for bit):
+
+* ``real = (q - zero_point) * scale``; ``q`` integer, ``scale`` float32 > 0,
+  ``zero_point`` an integer (int32) inside the integer range.
+* Integer range: signed ``[-2^(b-1), 2^(b-1)-1]``, unsigned ``[0, 2^b-1]``;
+  ``narrow_range`` (signed only) drops the lowest code: the NPU / TFLite weight
+  range ``[-(2^(b-1)-1), 2^(b-1)-1]`` (int8: [-127, 127]). It defaults to
+  ``symmetric and signed`` (weights narrow, asymmetric activations full).
+* Symmetric: ``zero_point = 0``, ``scale = absmax / qmax`` (``max(x, 0) / qmax``
+  when unsigned). Asymmetric: the range is widened to contain 0 (so 0.0 is exact:
+  padding, ReLU zeros), ``scale = (hi - lo) / (qmax - qmin)``,
+  ``zero_point = clip(round(qmin - lo / scale))``.
+* ``q = clip(round(x / scale) + zero_point, qmin, qmax)`` with the rounding named
+  in the spec (``half_to_even`` = ONNX / ``jnp.round``; ``half_away_from_zero`` =
+  TFLite ``std::round``). The division is correctly rounded: XLA rewrites
+  ``x / broadcast(s)`` as ``x * (1/s)`` (1 ulp off, flips ties), so, as in
+  intsim, the divisor goes through an optimization barrier.
+* Scale shapes (what ``compute_qparams`` returns, broadcastable against x except
+  per_group): ``per_tensor`` -> ``()``; ``per_channel`` (``axis`` = kept channel
+  axis/axes, default -1, the output axis of an ``[in, out]`` kernel) -> keepdims;
+  ``per_token`` (``axis`` = reduced feature axis/axes, default -1) -> keepdims;
+  ``per_group`` (``axis`` split into groups of ``group_size``, default 0, the
+  input axis of an ``[in, out]`` kernel; one scale per group and per index of
+  every other axis) -> x's shape with ``shape[axis] // group_size`` at ``axis``;
+  ``expand_qparams`` repeats it to broadcast against x.
+* Values passed by the caller (scale, zero point) are checked on the host when
+  concrete; traced values (inside the caller's jit) skip the value checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+ROUNDINGS = ("half_to_even", "half_away_from_zero")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+STE_MODES = ("plain", "clipped")
+_TINY = float(np.finfo(np.float32).tiny)  # smaller scales could be flushed to 0 (FTZ)
+
+
+def _fail(key, value, rule):
+  raise ValueError(f"{key}={value!r}: {rule}")
+
+
+def _is_int(v):
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How one tensor is quantized. Frozen and hashable: usable as a static jit arg."""
+  bits: int = 8
+  symmetric: bool = True
+  granularity: str = "per_tensor"
+  axis: Any = None  # int or tuple of ints; None = the granularity's default (see module doc)
+  group_size: int | None = None
+  rounding: str = "half_to_even"
+  narrow_range: bool | None = None  # None: = symmetric and signed
+  signed: bool = True
+
+  def __post_init__(self):
+    if not (_is_int(self.bits) and 2 <= self.bits <= 16):
+      _fail("bits", self.bits, "must be an integer in 2..16")
+    if self.granularity not in GRANULARITIES:
+      _fail("granularity", self.granularity, f"must be one of {GRANULARITIES}")
+    if self.rounding not in ROUNDINGS:
+      _fail("rounding", self.rounding, f"must be one of {ROUNDINGS}")
+    for key in ("symmetric", "signed"):
+      if not isinstance(getattr(self, key), bool):
+        _fail(key, getattr(self, key), "must be a bool")
+    if self.narrow_range is None:
+      object.__setattr__(self, "narrow_range", self.symmetric and self.signed)
+    elif not isinstance(self.narrow_range, bool):
+      _fail("narrow_range", self.narrow_range, "must be a bool or None")
+    elif self.narrow_range and not self.signed:
+      # Dropping code 0 of an unsigned range would make 0.0 unrepresentable.
+      _fail("narrow_range", self.narrow_range, "applies to signed ranges only (signed=False)")
+    axis = self.axis
+    if axis is None:
+      axis = {"per_tensor": None, "per_group": 0}.get(self.granularity, -1)
+    elif isinstance(axis, (list, tuple)):
+      axis = tuple(axis)
+      if not axis or not all(_is_int(a) for a in axis) or len(set(axis)) != len(axis):
+        _fail("axis", self.axis, "must be an int or a non-empty tuple of distinct ints")
+    elif not _is_int(axis):
+      _fail("axis", self.axis, "must be an int, a tuple of ints or None")
+    if self.granularity == "per_tensor" and axis is not None:
+      _fail("axis", self.axis, "must be None for granularity='per_tensor'")
+    if self.granularity == "per_group":
+      if isinstance(axis, tuple):
+        _fail("axis", self.axis, "per_group splits a single axis; give an int")
+      if not (_is_int(self.group_size) and self.group_size > 0):
+        _fail("group_size", self.group_size, "per_group needs a positive integer group_size")
+    elif self.group_size is not None:
+      _fail("group_size", self.group_size, "is only used with granularity='per_group'")
+    object.__setattr__(self, "axis", int(axis) if _is_int(axis) else axis)
+
+  @property
+  def qmin(self) -> int:
+    lo = -(2 ** (self.bits - 1)) if self.signed else 0
+    return lo + 1 if self.narrow_range else lo
+
+  @property
+  def qmax(self) -> int:
+    return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+
+  @property
+  def int_dtype(self):
+    """Storage dtype: int4 values live in int8, 9..16-bit values in int16."""
+    if self.bits <= 8:
+      return jnp.int8 if self.signed else jnp.uint8
+    return jnp.int16 if self.signed else jnp.uint16
+
+  def replace(self, **changes) -> "QuantSpec":
+    if ("symmetric" in changes or "signed" in changes) and "narrow_range" not in changes:
+      changes["narrow_range"] = None  # re-derive the default from the new symmetry
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["axis"] = list(d["axis"]) if isinstance(d["axis"], tuple) else d["axis"]
+    return d
+
+
+# ----------------------------------------------------------------------------- helpers
+def _norm_axes(axis, ndim, spec):
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  for a in axes:
+    if not -ndim <= a < ndim:
+      _fail("axis", spec.axis, f"is out of range for a {ndim}-d tensor ({spec.granularity})")
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def _group_view(shape, spec):
+  """(grouped shape, group axis a): axis a of size D -> (D // g, g) at a, a + 1."""
+  a = _norm_axes(spec.axis, len(shape), spec)[0]
+  d, g = shape[a], spec.group_size
+  if d % g:
+    _fail("group_size", g, f"does not divide dimension {d} (axis {a} of shape {tuple(shape)})")
+  return tuple(shape[:a]) + (d // g, g) + tuple(shape[a + 1:]), a
+
+
+def _reduce(x, spec, fn):
+  """fn(x, axis=..., keepdims=True) over the axes that share one scale, in qparam shape."""
+  if spec.granularity == "per_tensor":
+    return fn(x, axis=None, keepdims=False)
+  if spec.granularity == "per_group":
+    gshape, a = _group_view(x.shape, spec)
+    return jnp.squeeze(fn(x.reshape(gshape), axis=a + 1, keepdims=True), a + 1)
+  axes = _norm_axes(spec.axis, x.ndim, spec)
+  if spec.granularity == "per_channel":
+    axes = tuple(i for i in range(x.ndim) if i not in axes)
+  return fn(x, axis=axes, keepdims=True)
+
+
+def expand_qparams(p, shape, spec, name="qparams"):
+  """Scale / zero point in a shape that broadcasts against a tensor of ``shape``."""
+  p = jnp.asarray(p)
+  if spec.granularity == "per_group" and p.ndim == len(shape):
+    _, a = _group_view(shape, spec)
+    p = jnp.repeat(p, spec.group_size, axis=a)
+  try:
+    ok = np.broadcast_shapes(p.shape, tuple(shape)) == tuple(shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"{name} shape {tuple(p.shape)} does not fit a tensor of shape "
+                     f"{tuple(shape)} with granularity={spec.granularity!r}, axis={spec.axis}")
+  return p
+
+
+def _exact_div(a, b):
+  # Full-shape divisor behind a barrier: XLA keeps a correctly rounded division.
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+  b = lax.optimization_barrier(jnp.broadcast_to(b, shape))
+  return jnp.broadcast_to(a, shape) / b
+
+
+def _div(a, b):
+  """a / b: correctly rounded forward, ordinary gradient (plain + exact correction)."""
+  plain = a / b
+  exact = _exact_div(lax.stop_gradient(a), lax.stop_gradient(b))
+  # exact and plain differ by <= 1 ulp, so the correction and the sum are exact.
+  return plain + lax.stop_gradient(exact - plain)
+
+
+def round_int(v, rounding):
+  """Rounding to integers (float result) in the named mode."""
+  if rounding == "half_to_even":
+    return jnp.round(v)
+  # trunc + sign when the exact fractional part is >= 0.5; floor(|v| + 0.5) is wrong
+  # for 0.49999997 (the sum rounds up to 1.0).
+  t = jnp.trunc(v)
+  return t + jnp.where(jnp.abs(v - t) >= 0.5, jnp.sign(v), 0.0)
+
+
+def _clamp(v, lo, hi):
+  # where() rather than clip: jnp.clip splits the gradient 0.5/0.5 at the bounds.
+  return jnp.where(v < lo, lo, jnp.where(v > hi, hi, v))
+
+
+def _host(v):
+  if v is None or isinstance(v, jax.core.Tracer):
+    return None
+  return np.asarray(v)
+
+
+def check_scale(scale, name="scale"):
+  """Host-side: scale finite and > 0 in float32 (skipped when traced)."""
+  s = _host(scale)
+  if s is None:
+    return
+  with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+    f = s.astype(np.float32)
+  bad = ~np.isfinite(f) | ~(f > 0)
+  if bad.any():
+    raise ValueError(f"{name}={s[bad].ravel()[:4].tolist()}: must be finite and > 0 (float32)")
+
+
+def check_zero_point(zp, spec, name="zero_point"):
+  """Host-side: integer-valued, inside [qmin, qmax], 0 when symmetric."""
+  z = _host(zp)
+  if z is None:
+    return
+  if z.dtype.kind == "f" and not np.all(np.floor(z) == z):
+    raise ValueError(f"{name}={z.ravel()[:4].tolist()}: must be integer-valued")
+  bad = (z < spec.qmin) | (z > spec.qmax)
+  if bad.any():
+    raise ValueError(f"{name}={z[bad].ravel()[:4].tolist()}: outside the {spec.bits}-bit "
+                     f"integer range [{spec.qmin}, {spec.qmax}]")
+  if spec.symmetric and np.any(z != 0):
+    raise ValueError(f"{name}={z[z != 0].ravel()[:4].tolist()}: must be 0 for a symmetric spec")
+
+
+# ----------------------------------------------------------------------------- qparams
+# Each entry point compiles once per (spec, shapes): much cheaper than eager op-by-op
+# dispatch, and inlined when called under the caller's jit. Host checks stay outside.
+_jit = functools.partial(jax.jit, static_argnames=("spec",))
+
+
+@_jit
+def qparams_from_range(lo, hi, spec):
+  """(scale float32, zero_point int32) covering [lo, hi]; non-positive or non-finite
+  scales (all-zero tensors, empty observers) fall back to 1.0."""
+  lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+  if spec.symmetric:
+    amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if spec.signed else jnp.maximum(hi, 0.0)
+    scale = _exact_div(amax, jnp.float32(spec.qmax))
+  else:
+    lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    scale = _exact_div(hi - lo, jnp.float32(spec.qmax - spec.qmin))
+  scale = jnp.where(jnp.isfinite(scale) & (scale >= _TINY), scale, 1.0).astype(jnp.float32)
+  if spec.symmetric:
+    return scale, jnp.zeros(scale.shape, jnp.int32)
+  zp = round_int(spec.qmin - _exact_div(lo, scale), spec.rounding)
+  zp = jnp.clip(jnp.nan_to_num(zp), spec.qmin, spec.qmax)
+  return scale, zp.astype(jnp.int32)
+
+
+@_jit
+def compute_qparams(x, spec):
+  """Dynamic (scale, zero_point) from the min/max of x at the spec's granularity."""
+  x = jnp.asarray(x, jnp.float32)
+  return qparams_from_range(_reduce(x, spec, jnp.min), _reduce(x, spec, jnp.max), spec)
+
+
+def quantize_int(x, scale, zero_point, spec):
+  """q = clip(round(x / scale) + zero_point, qmin, qmax) in ``spec.int_dtype``."""
+  check_scale(scale)
+  check_zero_point(zero_point, spec)
+  return _quantize_int(x, scale, zero_point, spec)
+
+
+@_jit
+def _quantize_int(x, scale, zero_point, spec):
+  return _quantize(x, expand_qparams(scale, x.shape, spec, "scale").astype(jnp.float32),
+                   expand_qparams(zero_point, x.shape, spec, "zero_point").astype(jnp.float32),
+                   spec)
+
+
+def _quantize(x, scale, zp, spec):
+  r = round_int(_exact_div(x.astype(jnp.float32), scale), spec.rounding)
+  # Clip before the cast: XLA's float->int cast saturates, numpy's is undefined.
+  return jnp.clip(r + zp, spec.qmin, spec.qmax).astype(spec.int_dtype)
+
+
+def dequantize(q, scale, zero_point, spec):
+  """float32 (q - zero_point) * scale (intsim / ONNX DequantizeLinear order)."""
+  check_scale(scale)
+  check_zero_point(zero_point, spec)
+  return _dequantize(q, scale, zero_point, spec)
+
+
+@_jit
+def _dequantize(q, scale, zero_point, spec):
+  s = expand_qparams(scale, q.shape, spec, "scale").astype(jnp.float32)
+  z = expand_qparams(zero_point, q.shape, spec, "zero_point").astype(jnp.int32)
+  return (q.astype(jnp.int32) - z).astype(jnp.float32) * s
+
+
+# ----------------------------------------------------------------------------- fake quant
+def fake_quant(x, spec, scale=None, zero_point=None, ste="plain"):
+  """dequantize(quantize(x)) in x's dtype, with a straight-through gradient.
+
+  Without ``scale`` the qparams are computed from x (dynamic; no gradient flows
+  through them). ``ste="plain"``: dx = dy; ``"clipped"``: dx = dy only where x is
+  inside the representable range [(qmin - zp)·s, (qmax - zp)·s], else 0. Scale and
+  zero point get zero gradient here (use ``lsq_fake_quant`` to learn them).
+  """
+  if ste not in STE_MODES:
+    _fail("ste", ste, f"must be one of {STE_MODES}")
+  if scale is None and zero_point is not None:
+    _fail("zero_point", "<given>", "needs an explicit scale (or pass neither)")
+  if scale is not None:
+    check_scale(scale)
+    zero_point = np.zeros((), np.int32) if zero_point is None else zero_point
+    check_zero_point(zero_point, spec)
+  return _fake_quant(x, scale, zero_point, spec, ste)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "ste"))
+def _fake_quant(x, scale, zero_point, spec, ste):
+  if scale is None:
+    scale, zero_point = compute_qparams(lax.stop_gradient(x), spec)
+  s = expand_qparams(scale, x.shape, spec, "scale").astype(jnp.float32)
+  z = expand_qparams(zero_point, x.shape, spec, "zero_point").astype(jnp.float32)
+  return _fake_quant_ste(x, s, z, spec, ste)
+
+
+def _fq_forward(x, s, z, spec):
+  q = _quantize(x, s, z, spec).astype(jnp.float32)
+  return ((q - z) * s).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fake_quant_ste(x, s, z, spec, ste):
+  return _fq_forward(x, s, z, spec)
+
+
+def _fq_fwd(x, s, z, spec, ste):
+  return _fq_forward(x, s, z, spec), (x, s, z)
+
+
+def _fq_bwd(spec, ste, res, g):
+  x, s, z = res
+  dx = g
+  if ste == "clipped":
+    xf = x.astype(jnp.float32)
+    inside = (xf >= (spec.qmin - z) * s) & (xf <= (spec.qmax - z) * s)
+    dx = jnp.where(inside, g, jnp.zeros_like(g))
+  return dx, jnp.zeros_like(s), jnp.zeros_like(z)
+
+
+_fake_quant_ste.defvjp(_fq_fwd, _fq_bwd)
+
+
+# ----------------------------------------------------------------------------- LSQ / LSQ+
+def _round_pass(v, rounding):
+  # Forward value exactly round(v); gradient identity (the stop-gradient pair cancels).
+  return lax.stop_gradient(round_int(v, rounding)) + (v - lax.stop_gradient(v))
+
+
+def _grad_scale(a, g):
+  # Forward value exactly a; gradient multiplied by g.
+  return lax.stop_gradient(a) + (a * g - lax.stop_gradient(a * g))
+
+
+def lsq_grad_factor(x_shape, scale_shape, spec):
+  """LSQ step-size gradient scale g = 1/sqrt(n · Qp), n = elements per scale
+  (numel(x) per tensor, including the batch, as in the EdgeQAT code)."""
+  n = int(np.prod(x_shape)) // max(int(np.prod(scale_shape)), 1)
+  return 1.0 / float(np.sqrt(n * spec.qmax))
+
+
+def lsq_fake_quant(x, scale, zero_point, spec):
+  """LSQ (``zero_point=None``) / LSQ+ (learnable float zero point) fake quantization.
+
+  x̂ = (round_pass(clamp(x/s' + z', qmin, qmax)) - z')·s', s' = grad_scale(s, g),
+  z' = grad_scale(round_pass(z), g). Gradients (per element, before g and the sum
+  over elements sharing a scale): dx̂/dx = 1 inside [qmin, qmax] else 0;
+  dx̂/ds = round(v) - v inside, qmin - z or qmax - z outside; dx̂/dz = 0 inside,
+  -s outside. The learned zero point is not range-checked (it drifts freely).
+  """
+  check_scale(scale)
+  return _lsq(x, scale, zero_point, spec)
+
+
+@_jit
+def _lsq(x, scale, zero_point, spec):
+  scale = jnp.asarray(scale, jnp.float32)
+  g = lsq_grad_factor(x.shape, scale.shape, spec)
+  s = expand_qparams(_grad_scale(scale, g), x.shape, spec, "scale")
+  z = 0.0
+  if zero_point is not None:
+    zp = jnp.asarray(zero_point, jnp.float32)
+    z = expand_qparams(_grad_scale(_round_pass(zp, spec.rounding), g), x.shape, spec,
+                       "zero_point")
+  v = _div(x.astype(jnp.float32), s) + z
+  q = _round_pass(_clamp(v, float(spec.qmin), float(spec.qmax)), spec.rounding)
+  return ((q - z) * s).astype(x.dtype)
+
+
+@_jit
+def lsq_init_scale(x, spec):
+  """LSQ init 2·mean|x|/sqrt(Qp), at the spec's granularity (1.0 if x is all zero)."""
+  m = _reduce(jnp.abs(jnp.asarray(x, jnp.float32)), spec, jnp.mean)
+  s = 2.0 * m / np.float32(np.sqrt(spec.qmax))
+  return jnp.where(jnp.isfinite(s) & (s >= _TINY), s, 1.0).astype(jnp.float32)
+
+
+def lsq_plus_init(x, spec, method="edgeqat"):
+  """(scale, float zero point) for LSQ+ activations.
+
+  ``edgeqat``: the released code's first-batch init, s = 2·mean|x|/sqrt(Qp) and
+  z = 0.1·(min(x) - s·qmin) (mixes real and integer units; a heuristic, then
+  learned). ``minmax``: the unit-consistent asymmetric min/max qparams (z float).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  if method == "edgeqat":
+    s = lsq_init_scale(x, spec)
+    return s, 0.1 * (_reduce(x, spec, jnp.min) - s * spec.qmin)
+  if method == "minmax":
+    s, z = compute_qparams(x, spec)
+    return s, z.astype(jnp.float32)
+  _fail("method", method, "must be 'edgeqat' or 'minmax'")
+
+
+def infer_signed(x, threshold=1e-5) -> bool:
+  """EdgeQAT's signedness rule (fixed on the first batch): signed if min(x) < -threshold."""
+  return bool(np.min(np.asarray(x)) < -threshold)
+
+
+# ----------------------------------------------------------------------------- observers
+@flax.struct.dataclass
+class ObserverState:
+  """Observer statistics (arrays; None until the first update when the shape was not
+  given) and the spec they are collected for (static)."""
+  stats: Any
+  spec: QuantSpec = flax.struct.field(pytree_node=False)
+
+
+def _stat_shape(spec, shape):
+  return jax.eval_shape(lambda x: _reduce(x, spec, jnp.min),
+                        jax.ShapeDtypeStruct(tuple(shape), jnp.float32)).shape
+
+
+class _Observer:
+  """init(spec, shape=None) -> state; update(state, x) -> state; qparams(state, spec=None).
+
+  Pass ``shape`` (the activation's shape) to fix the state's structure up front
+  (needed inside ``lax.scan``); otherwise it is allocated on the first update.
+  """
+
+  def init(self, spec, shape=None):
+    if spec.granularity == "per_token":
+      _fail("granularity", spec.granularity,
+            "per-token scales are computed at run time (dynamic); there is nothing to calibrate")
+    if shape is None and spec.granularity != "per_tensor":
+      return ObserverState(None, spec)
+    return ObserverState(self._empty(_stat_shape(spec, shape or ())), spec)
+
+  def update(self, state, x):
+    x = jnp.asarray(x, jnp.float32)
+    if state.stats is None:
+      state = self.init(state.spec, x.shape)
+    return ObserverState(_observer_update(self, state.stats, x, state.spec), state.spec)
+
+  def qparams(self, state, spec=None):
+    spec = state.spec if spec is None else spec
+    if spec.granularity != state.spec.granularity or spec.axis != state.spec.axis:
+      _fail("spec", spec, f"granularity/axis differ from the observed {state.spec}")
+    if state.stats is None or _host(state.stats["count"]) == 0:
+      raise ValueError("observer has seen no data: call update() before qparams()")
+    return self._qparams(state.stats, spec, state.spec)
+
+  def _empty(self, shape):
+    return {"min": jnp.full(shape, jnp.inf), "max": jnp.full(shape, -jnp.inf),
+            "count": jnp.zeros((), jnp.int32)}
+
+  def _qparams(self, st, spec, observed):
+    return qparams_from_range(st["min"], st["max"], spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMaxObserver(_Observer):
+  """Running min and max over every batch seen."""
+
+  def _update(self, st, x, spec):
+    return {"min": jnp.minimum(st["min"], _reduce(x, spec, jnp.min)),
+            "max": jnp.maximum(st["max"], _reduce(x, spec, jnp.max)), "count": st["count"] + 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class MovingAverageMinMaxObserver(_Observer):
+  """EMA of per-batch min/max: m <- momentum·m + (1 - momentum)·batch (first batch copied)."""
+  momentum: float = 0.9
+
+  def _update(self, st, x, spec):
+    first, m = st["count"] == 0, self.momentum
+    ema = lambda old, new: jnp.where(first, new, m * old + (1 - m) * new)
+    return {"min": ema(st["min"], _reduce(x, spec, jnp.min)),
+            "max": ema(st["max"], _reduce(x, spec, jnp.max)), "count": st["count"] + 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class PercentileObserver(_Observer):
+  """Mean over batches of the per-batch percentile: of |x| (symmetric), or the
+  (100 - p, p) percentiles of x (asymmetric)."""
+  percentile: float = 99.99
+
+  def _update(self, st, x, spec):
+    p = self.percentile
+    pct = lambda q: (lambda v, axis, keepdims: jnp.percentile(v, q, axis=axis, keepdims=keepdims))
+    if spec.symmetric:
+      hi = _reduce(jnp.abs(x) if spec.signed else x, spec, pct(p))
+      lo = -hi
+    else:
+      lo, hi = _reduce(x, spec, pct(100.0 - p)), _reduce(x, spec, pct(p))
+    n = st["count"].astype(jnp.float32)
+    mean = lambda old, new: jnp.where(n == 0, new, (old * n + new) / (n + 1))
+    return {"min": mean(st["min"], lo), "max": mean(st["max"], hi), "count": st["count"] + 1}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _observer_update(observer, stats, x, spec):
+  return observer._update(stats, x, spec)  # observers are frozen (hashable) dataclasses
+
+
+def _default_ratios():
+  # Fine steps (0.01) where Gaussian-like data is best clipped, geometric below for
+  # heavy tails (t-distributed data can want 1-5 % of its absmax).
+  r = np.concatenate([np.geomspace(0.01, 0.3, 30, endpoint=False), np.linspace(0.3, 1.0, 71)])
+  return tuple(float(v) for v in np.round(r, 5))
+
+
+@dataclasses.dataclass(frozen=True)
+class MseObserver(_Observer):
+  """Clip-ratio search: running min/max plus, per candidate ratio r, the summed
+  quantization MSE of each batch with the range scaled by r; picks the argmin
+  (per channel / group when the spec has several scales)."""
+  ratios: tuple = dataclasses.field(default_factory=_default_ratios)
+
+  def _empty(self, shape):
+    st = super()._empty(shape)
+    st["sse"] = jnp.zeros((len(self.ratios),) + tuple(shape), jnp.float32)
+    return st
+
+  def _update(self, st, x, spec):
+    lo = jnp.minimum(st["min"], _reduce(x, spec, jnp.min))
+    hi = jnp.maximum(st["max"], _reduce(x, spec, jnp.max))
+
+    def err(r):  # one ratio at a time keeps memory at one copy of x
+      s, z = qparams_from_range(lo * r, hi * r, spec)
+      s, z = expand_qparams(s, x.shape, spec), expand_qparams(z, x.shape, spec)
+      d = _fq_forward(x, s, z.astype(jnp.float32), spec) - x
+      return _reduce(d * d, spec, jnp.mean)
+
+    sse = st["sse"] + lax.map(err, jnp.asarray(self.ratios, jnp.float32))
+    return {"min": lo, "max": hi, "sse": sse, "count": st["count"] + 1}
+
+  def _qparams(self, st, spec, observed):
+    if spec != observed:
+      _fail("spec", spec, f"MSE errors were collected for {observed}; bits/range must match")
+    r = jnp.asarray(self.ratios, jnp.float32)[jnp.argmin(st["sse"], axis=0)]
+    return qparams_from_range(st["min"] * r, st["max"] * r, spec)

@@ -1,0 +1,287 @@
+"""The training loop: one linear, top-to-bottom ``run`` (big_vision style).
+
+mesh -> data -> ``eval_shape`` of init -> shardings -> ``jit(init,
+out_shardings)`` -> ``jit(train_step, donate)`` -> resume from orbax -> loop
+(progress bar, JSON-lines metrics, held-out eval, checkpoints).
+
+Reusable building blocks for later stages: ``make_train_state``,
+``train_step``, ``loss_fn`` / ``cross_entropy``, ``evaluate`` and
+``model_and_base_params``.
+
+Determinism: the batch of step s is a pure function of (seed, s)
+(``data.batch_at``), the step rng is ``fold_in(rng, step)`` and the state is
+checkpointed whole, so the same seed and config give identical losses, and a
+run resumed from a checkpoint reaches the same final loss as an uninterrupted
+one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from edgeinfinite_jax import data as data_lib
+from edgeinfinite_jax import experiment
+from edgeinfinite_jax import model as model_lib
+from edgeinfinite_jax import optim
+from edgeinfinite_jax import sharding
+from edgeinfinite_jax.config import ConfigError, ModelConfig
+
+PAD_ID = 256  # ByteTokenizer.pad_id: never a target when no loss_mask is given
+
+
+class TrainState(NamedTuple):
+  step: jax.Array   # int32 scalar: optimizer updates done so far
+  params: Any       # {"params": ...}, trainable and frozen leaves
+  opt_state: Any    # optimizer state of the *trainable* subtree only
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def cross_entropy(logits, tokens, loss_mask=None):
+  """Next-token cross entropy: (sum of losses, number of target tokens).
+
+  ``logits[:, t]`` predicts ``tokens[:, t+1]``; ``loss_mask[:, t]`` (1 = count)
+  selects which *target* tokens count, so answer-only losses mark the answer
+  tokens. Without a mask, every non-pad target counts.
+  """
+  targets = tokens[:, 1:]
+  mask = (targets != PAD_ID) if loss_mask is None else loss_mask[:, 1:].astype(bool)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def loss_fn(trainable, frozen, model_config: ModelConfig, batch, rng):
+  """Mean next-token loss of ``batch``; differentiable w.r.t. ``trainable``."""
+  params = optim.merge(trainable, frozen)
+  logits = model_lib.Transformer(model_config).apply(params, batch["tokens"],
+                                                     rngs={"dropout": rng})
+  total, count = cross_entropy(logits, batch["tokens"], batch.get("loss_mask"))
+  return total / jnp.maximum(count, 1.0), count
+
+
+# ----------------------------------------------------------------------------- state & step
+
+
+def make_train_state(model_config: ModelConfig, tx: optax.GradientTransformation,
+                     trainable: frozenset[str], rng, base_params=None) -> TrainState:
+  """Step 0 state: random init, overwritten by ``base_params`` where given.
+
+  ``base_params`` (e.g. from a Hugging Face checkpoint) may lack parameters the
+  model adds (memory gates); those keep their fresh initialisation.
+  """
+  params = model_lib.init_params(model_config, rng)
+  if base_params is not None:
+    params = optim.merge(base_params, params)
+  opt_state = tx.init(optim.split(params, trainable)[0])
+  return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+def train_step(state: TrainState, batch, *, model_config: ModelConfig,
+               tx: optax.GradientTransformation, trainable: frozenset[str], rng):
+  """One AdamW update of the trainable subtree; frozen leaves pass through."""
+  step_rng = jax.random.fold_in(rng, state.step)
+  t, f = optim.split(state.params, trainable)
+  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      t, f, model_config, batch, step_rng)
+  updates, opt_state = tx.update(grads, state.opt_state, t)
+  t = optax.apply_updates(t, updates)
+  metrics = {"loss": loss, "grad_norm": optim.global_norm(grads),
+             "update_norm": optim.global_norm(updates), "tokens": count}
+  return TrainState(state.step + 1, optim.merge(t, f), opt_state), metrics
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(model_config, params, batch):
+  logits = model_lib.Transformer(model_config).apply(params, batch["tokens"])
+  return cross_entropy(logits, batch["tokens"], batch.get("loss_mask"))
+
+
+def evaluate(model_config: ModelConfig, params, batches, batch_sharding=None) -> dict:
+  """Token-weighted held-out loss and perplexity over ``batches``."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    if batch_sharding is not None:
+      batch = sharding.global_batch(batch, batch_sharding)
+    s, n = jax.device_get(_eval_sums(model_config, params, batch))
+    total, count = total + float(s), count + float(n)
+  loss = total / max(count, 1.0)
+  return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
+
+
+def model_and_base_params(config) -> tuple[ModelConfig, Any]:
+  """The model config and, with ``init.hf_path``, the HF weights to start from.
+
+  With a checkpoint, the architecture comes from its ``config.json``; the
+  experiment's ``model.memory`` and ``model.dtype`` are applied on top.
+  """
+  model_config = experiment.model_config(config)
+  if not config.init.hf_path:
+    return model_config, None
+  from edgeinfinite_jax import convert  # lazy: safetensors etc. only when needed
+  base_config, base = convert.load_hf(config.init.hf_path, dtype=model_config.dtype)
+  model_config = base_config.replace(memory=model_config.memory, dtype=model_config.dtype)
+  return model_config, base
+
+
+def _abstract(shapes, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  """Atomic (tmp dir + rename) saves, keeping the last ``checkpoint.keep``."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+  ``stop_after`` ends the loop after that many total steps without a final
+  save, as a preemption would (the schedule still follows ``train.steps``);
+  tests use it to check that resuming is exact. Returns a summary dict with
+  every step's loss run here (``losses``), the final step and eval metrics.
+  """
+  experiment.validate(config)  # every rule, before anything is compiled
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  steps, seed = config.train.steps, config.seed
+
+  # 1. Mesh.
+  mesh = sharding.make_mesh(config)
+  rules = sharding.default_rules(mesh)
+
+  # 2. Data: host-local rows; the batch of step s is data.batch_at(..., s).
+  split = data_lib.load(config.data)
+  batch_size = config.data.batch_size
+  host_rows = sharding.host_slice(batch_size)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  eval_set = data_lib.eval_batches(split.heldout, batch_size, config.train.eval_batches,
+                                   host_rows)
+
+  # 3. Shapes first: nothing is allocated until the shardings are known.
+  model_config, base_params = model_and_base_params(config)
+  groups = optim.groups_from_config(config.optim)
+  abstract_params = model_lib.abstract_params(model_config)
+  trainable = optim.trainable_paths(abstract_params, groups)
+  if not trainable:
+    raise ConfigError(f"optim.trainable={config.optim.trainable!r} / optim.groups="
+                      f"{config.optim.groups!r}: selects 0 trainable parameters")
+  tx = optim.make_optimizer(config.optim, groups, abstract_params, steps)
+  lr_at = optim.schedule(config.optim, steps)
+  init_rng, train_rng = jax.random.split(jax.random.key(seed))
+  init = functools.partial(make_train_state, model_config, tx, trainable)
+  state_shapes = jax.eval_shape(init, init_rng, base_params)
+
+  # 4. Shardings: params by the logical rules, optimizer moments like params.
+  params_sh = sharding.param_shardings(model_config, mesh, rules)
+  state_sh = TrainState(sharding.replicated(mesh), params_sh,
+                        sharding.like_params_shardings(state_shapes.opt_state, params_sh, mesh))
+
+  # 5./6. Compiled init and step; the step donates the old state's buffers.
+  step_fn = jax.jit(
+      functools.partial(train_step, model_config=model_config, tx=tx, trainable=trainable,
+                        rng=train_rng),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+  # 7. Resume from the latest checkpoint, restored straight into its shardings.
+  mngr = checkpoint_manager(workdir, config) if config.checkpoint.enabled else None
+  latest = mngr.latest_step() if mngr else None
+  with sharding.activation_context(mesh, rules):
+    if latest is None:
+      state = jax.jit(init, out_shardings=state_sh)(init_rng, base_params)
+    else:
+      state = mngr.restore(latest, args=ocp.args.StandardRestore(
+          _abstract(state_shapes, state_sh)))
+  start = int(jax.device_get(state.step))
+  if is_main:
+    share = optim.summary(abstract_params, groups)
+    print(f"params: {share['total']:,} total, {share['trainable']:,} trainable "
+          f"({100 * share['share']:.2f}%); mesh {dict(mesh.shape)}; "
+          f"{'resuming at step ' + str(start) if start else 'starting from scratch'}")
+
+  # 8. Loop. Metrics stay on device until a log step (no per-step host sync);
+  # then every pending step is checked for NaN/inf, so the error names the step.
+  end = steps if stop_after is None else min(steps, stop_after)
+  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
+  bar = tqdm(total=steps, initial=start, disable=not (is_main and config.train.progress),
+             desc="train", dynamic_ncols=True)
+  losses, pending, summary = [], [], {}
+  last_time, last_tokens = time.perf_counter(), 0.0
+
+  def write(record):
+    if metrics_file:
+      metrics_file.write(json.dumps(record) + "\n")
+      metrics_file.flush()
+
+  try:
+    for step in range(start, end):
+      batch = sharding.global_batch(
+          data_lib.batch_at(split.train, step, batch_size, seed, host_rows), batch_sh)
+      with sharding.activation_context(mesh, rules):
+        state, metrics = step_fn(state, batch)
+      pending.append((step + 1, metrics))
+      done = step + 1
+      if done % config.train.log_every == 0 or done == end:
+        fetched = jax.device_get(pending)
+        pending = []
+        for s, m in fetched:
+          loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+          if not (np.isfinite(loss) and np.isfinite(gnorm)):
+            raise FloatingPointError(
+                f"non-finite training value at step {s}: loss={loss}, grad_norm={gnorm} "
+                f"(optim.lr={config.optim.lr}, optim.clip_norm={config.optim.clip_norm}); "
+                "lower the learning rate or check the data")
+          losses.append(loss)
+          last_tokens += float(m["tokens"])
+        now = time.perf_counter()
+        tok_s = last_tokens / max(now - last_time, 1e-9)
+        last_time, last_tokens = now, 0.0
+        record = {"step": done, "loss": loss, "grad_norm": gnorm,
+                  "update_norm": float(m["update_norm"]), "lr": float(lr_at(done - 1)),
+                  "tokens_per_s": tok_s}
+        write(record)
+        summary.update(record)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+      bar.update(1)
+      is_last = done == steps
+      if eval_set and ((config.train.eval_every and done % config.train.eval_every == 0)
+                       or is_last):
+        with sharding.activation_context(mesh, rules):
+          ev = evaluate(model_config, state.params, eval_set, batch_sh)
+        write({"step": done, **ev})
+        summary.update(ev)
+      if mngr and (done % config.checkpoint.every == 0 or is_last):
+        mngr.save(done, args=ocp.args.StandardSave(state))
+  finally:
+    bar.close()
+    if mngr:
+      mngr.wait_until_finished()
+      mngr.close()
+    if metrics_file:
+      metrics_file.close()
+  summary.update(losses=losses, final_step=int(jax.device_get(state.step)))
+  return {"state": state, **summary}

@@ -1,0 +1,197 @@
+"""The fixed-shape engine: teacher forcing, compile counts, padding, routes, export."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from edgeinfinite_jax import ConfigError, Engine, Scenario, model, state_nbytes, with_memory
+from edgeinfinite_jax.config import ModelConfig
+
+VOCAB = 64
+L = 8
+
+
+def _base():
+  return ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
+                     num_heads=4, num_kv_heads=2)
+
+
+def _model(attention_type, **kw):
+  base = _base()
+  params = model.init_params(base, jax.random.key(0))
+  if attention_type == "full":
+    return base, params
+  kw.setdefault("gate_init_bias", 0.0)  # memory half on: its read must show up
+  return with_memory(base, params, rng=jax.random.key(1), attention_type=attention_type,
+                     gate="mlp", **kw)
+
+
+def _scenario(**kw):
+  return Scenario(**{**dict(segment_len=L, n_sink=2, n_window=16, batch_size=2,
+                            max_new_tokens=48, short_threshold=4, max_context=128), **kw})
+
+
+def _tokens(t, seed=0, batch=2):
+  return np.random.RandomState(seed).randint(0, VOCAB, (batch, t)).astype(np.int32)
+
+
+@pytest.mark.parametrize("attention_type", ["full", "streaming", "edgeinfinite"])
+def test_prefill_then_decode_equals_teacher_forcing(attention_type):
+  cfg, params = _model(attention_type)
+  engine = Engine(cfg, params, _scenario())
+  tokens = _tokens(64)  # prompt 19 = 2 segments + 3; decode crosses 5 more boundaries
+  want = model.forward(engine.route_configs["long"], params, tokens)
+  prompt = 19
+  state, logits = engine.prefill(tokens[:, :prompt])
+  got = [logits]
+  for t in range(prompt, tokens.shape[1]):
+    state, logits = engine.decode(state, tokens[:, t])
+    got.append(logits)
+  np.testing.assert_allclose(np.stack(got, 1), want[:, prompt - 1:], atol=1e-4)
+
+
+def test_compile_once_per_step_function_and_route_whatever_the_length():
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, _scenario(batch_size=1))
+  for t in (1, 7, L, L + 1, 10 * L, 100 * L):
+    state, logits = engine.prefill(_tokens(t, batch=1))
+    state, logits = engine.decode(state, np.zeros((1,), np.int32))
+    assert np.all(np.isfinite(logits))
+  # 1, 7 and L are short prompts (threshold 4 only admits 1); the rest are long.
+  assert engine.compile_counts() == {"prefill_short": 1, "decode_short": 1,
+                                     "prefill_long": 1, "decode_long": 1}
+
+
+def test_padding_of_the_final_segment_changes_nothing():
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, _scenario())
+  tokens = _tokens(30)  # last segment holds 6 real tokens and 2 of padding
+  outs = []
+  for fill in (0, VOCAB - 1):
+    state = engine.init_state("long")
+    for s in range(0, 30, L):
+      chunk = np.full((2, L), fill, np.int32)
+      n = min(L, 30 - s)
+      chunk[:, :n] = tokens[:, s:s + n]
+      state, logits = engine._prefill["long"](params, state, chunk, jnp.int32(n))
+    seq = [logits]
+    for t in _tokens(12, seed=5).T:  # decoding overwrites the padded slots
+      state, logits = engine.decode(state, t)
+      seq.append(logits)
+    outs.append(np.stack(seq))
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_short_route_is_the_base_model():
+  base = _base()
+  params = model.init_params(base, jax.random.key(0))
+  cfg, mparams = with_memory(base, params, rng=jax.random.key(1), gate_init_bias=5.0)
+  engine = Engine(cfg, mparams, _scenario(short_threshold=12))
+  tokens = _tokens(20)
+  want = model.forward(base, params, tokens)
+  state, logits = engine.prefill(tokens[:, :12])
+  assert state.route == "short"
+  got = [logits]
+  for t in range(12, 20):
+    state, logits = engine.decode(state, tokens[:, t])
+    got.append(logits)
+  np.testing.assert_allclose(np.stack(got, 1), want[:, 11:], atol=1e-5)
+
+
+def test_generate_greedy_matches_argmax_of_the_forward_pass():
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, _scenario())
+  prompt = _tokens(21)
+  out = engine.generate(prompt, 6)
+  seq = prompt
+  for _ in range(6):
+    nxt = np.argmax(model.forward(engine.route_configs["long"], params, seq)[:, -1], -1)
+    seq = np.concatenate([seq, nxt[:, None].astype(np.int32)], 1)
+  np.testing.assert_array_equal(out, seq[:, 21:])
+  a = engine.generate(prompt, 6, temperature=1.0, rng=jax.random.key(7))
+  b = engine.generate(prompt, 6, temperature=1.0, rng=jax.random.key(7))
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (2, 6) and a.min() >= 0 and a.max() < VOCAB
+
+
+@pytest.mark.slow
+def test_a_million_tokens_keep_outputs_finite_and_state_constant():
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, Scenario(segment_len=256, n_sink=4, n_window=256,
+                                        batch_size=1, max_new_tokens=4, short_threshold=0))
+  state, logits = engine.prefill(_tokens(1 << 20, batch=1))
+  assert int(state.length) == 1 << 20
+  size = state_nbytes(state)
+  assert size == state_nbytes(engine.prefill(_tokens(5000, batch=1))[0])
+  for t in range(3):
+    state, logits = engine.decode(state, np.array([t], np.int32))
+    assert state_nbytes(state) == size
+  assert np.all(np.isfinite(logits))
+  assert np.all(np.isfinite(np.asarray(state.caches[0].memory.M)))
+
+
+def test_state_size_does_not_depend_on_length():
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, _scenario(batch_size=1))
+  sizes = {state_nbytes(engine.prefill(_tokens(t, batch=1))[0]) for t in (9, 40, 333)}
+  assert len(sizes) == 1
+
+
+def test_exported_step_functions_reproduce_the_engine_in_a_fresh_process(tmp_path):
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, _scenario())
+  manifest = engine.export(str(tmp_path), routes=("long",))
+  assert set(manifest["functions"]) == {"prefill_long", "decode_long"}
+  tokens = _tokens(19)
+  state, logits = engine.prefill(tokens)
+  state, logits = engine.decode(state, tokens[:, 0])
+  flat, _ = jax.tree.flatten((params, engine.init_state("long")))
+  np.savez(tmp_path / "inputs.npz", *[np.asarray(x) for x in flat], tokens=tokens)
+  np.save(tmp_path / "want.npy", np.asarray(logits))
+  script = f"""
+import numpy as np, jax, jax.numpy as jnp
+from jax.tree_util import tree_unflatten
+from edgeinfinite_jax.engine import load_exported
+d = {str(tmp_path)!r}
+prefill, decode = load_exported(d, "prefill_long"), load_exported(d, "decode_long")
+data = np.load(d + "/inputs.npz")
+tokens = data["tokens"]
+leaves = [data[f"arr_{{i}}"] for i in range(len(data.files) - 1)]
+params, state = tree_unflatten(prefill.in_tree, leaves + [0, 0])[0][:2]
+for s in range(0, 19, 8):
+  chunk = np.zeros((2, 8), np.int32); n = min(8, 19 - s); chunk[:, :n] = tokens[:, s:s + n]
+  state, logits = prefill.call(params, state, chunk, np.int32(n))
+state, logits = decode.call(params, state, tokens[:, :1], np.int32(1))
+np.testing.assert_allclose(np.asarray(logits), np.load(d + "/want.npy"), atol=1e-5)
+print("OK")
+"""
+  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+  loaded = json.loads((tmp_path / "manifest.json").read_text())
+  assert loaded["scenario"]["segment_len"] == L
+
+
+def test_bad_inputs_are_rejected_before_any_work():
+  cfg, params = _model("full")
+  engine = Engine(cfg, params, _scenario())
+  with pytest.raises(ValueError, match="batch 3"):
+    engine.prefill(_tokens(5, batch=3))
+  with pytest.raises(ValueError, match="ids must lie in"):
+    engine.prefill(np.full((2, 5), VOCAB, np.int32))
+  with pytest.raises(ValueError, match="rank 2"):
+    engine.prefill(np.zeros((5,), np.int32))
+  with pytest.raises(ValueError, match="capacity 128"):
+    engine.prefill(_tokens(200))
+  with pytest.raises(ConfigError, match="n_window=10"):
+    Scenario(segment_len=8, n_window=10)
+  with pytest.raises(ConfigError, match="preset 'chat'"):
+    Scenario.preset("chat")
+  assert engine.compile_count() == 0
+  assert Scenario.preset("qa").n_window > Scenario.preset("summarization").n_window
