@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Each creates or updates
+# the virtual environment .venv itself (Python 3.11; override with PYTHON=...).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= results/demo
+CONFIG ?= experiments/configs/demo.py
+
+.PHONY: demo test bench install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Stamps: reinstall only when the dependency list changes.
+$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m edgeinfinite_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m edgeinfinite_jax.bench
+
+clean:
+	rm -rf $(VENV) results
