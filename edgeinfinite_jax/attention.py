@@ -20,6 +20,14 @@ is the same ring, sized so that it never wraps.
 
 Keys are cached before RoPE so that ``cache_relative`` positions can be
 re-assigned as the window moves.
+
+Quantization: every function takes an optional ``qx`` (``quant.apply.LayerQuant``).
+Without it the code is the float code, unchanged. With it, Q and K are quantized
+after RoPE, V at use, the probabilities after the softmax (``quantized_dot_attention``),
+the memory M after each write, and the functions return ``(out, captured)`` where
+``captured`` holds the pre-quantization activations and the quantized Q̂, K̂ and
+pre-mask logits (for calibration and the EdgeQAT losses) when ``qx`` captures.
+K/V reach these functions already quantized on write (kv_cache), in both paths.
 """
 
 from __future__ import annotations
@@ -68,6 +76,57 @@ def dot_attention(q, k, v, mask):
   return out.reshape(b, t, h, d)
 
 
+def quantized_dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
+  """``dot_attention`` with quantized Q, K (after RoPE), V and probabilities.
+
+  q_pos [T] / k_pos [S]: absolute positions of the rows (token-adaptive masks).
+  Integer mode runs QK^T and PV as integer dots (``quant.apply`` module doc).
+  Returns (out [B, T, H, D] float32, captured dict).
+  """
+  from edgeinfinite_jax.quant import apply as qapply  # the quant package imports this one
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  inv_sqrt_d = 1.0 / jnp.sqrt(jnp.float32(d))
+  qx.record("q", q)
+  qx.record("k", k)
+  if qx.integer and site_on(qx, "q"):
+    q_i, sq, zq = qx.qint("q", q)
+    k_i, sk, zk = qx.qint("k", k)
+    wide = qx.quant.q.bits > 8 or qx.quant.k.bits > 8
+    acc = qapply.int_einsum("btkgd,bskd->bkgts", q_i.reshape(b, t, kh, h // kh, d), zq, k_i, zk,
+                            wide)
+    logits = acc * (sq * sk) * inv_sqrt_d
+    q_hat, k_hat = (qapply.dequantize(*a, q.dtype) for a in ((q_i, sq, zq), (k_i, sk, zk)))
+  else:
+    q_hat, k_hat = qx.act("q", q, q_pos), qx.act("k", k, k_pos)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q_hat.reshape(b, t, kh, h // kh, d), k_hat,
+                        preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(d))
+  qx.record("q_hat", q_hat)
+  qx.record("k_hat", k_hat)
+  qx.record("logits", logits)  # pre-mask, pre-softmax (L_D, token importance)
+  logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1)
+  qx.record("attn_probs", probs)
+  qx.record("v", v)
+  if qx.integer and site_on(qx, "q"):
+    p_i, sp, zp = qx.qint("attn_probs", probs)
+    v_i, sv, zv = qx.qint("v", v)
+    wide = qx.quant.attn_probs.bits > 8 or qx.quant.v.bits > 8
+    acc = qapply.int_einsum("bkgts,bskd->btkgd", p_i, zp, v_i, zv, wide)
+    out = acc * (sp * sv)
+  else:
+    probs = qx.act("attn_probs", probs).astype(v.dtype)
+    v_hat = qx.act("v", v, k_pos)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_hat, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, d), qx.cap or {}
+
+
+def site_on(qx, site) -> bool:
+  from edgeinfinite_jax.quant import apply as qapply
+  return qapply.site_spec(qx.quant, site) is not None
+
+
 def _rope(x, pos, inv_freq):
   from edgeinfinite_jax.model import apply_rope  # model imports this module
   return apply_rope(x, pos, inv_freq)
@@ -88,12 +147,14 @@ def local_positions(config: ModelConfig, pos, block):
   return jnp.where(pos < m.n_sink, pos, pos - offset)
 
 
-def segment_attention(config, q, q_pos, k, v, k_pos, k_valid, memory, inv_freq, gate_params):
+def segment_attention(config, q, q_pos, k, v, k_pos, k_valid, memory, inv_freq, gate_params,
+                      qx=None):
   """One segment's output: local softmax attention blended with the memory read.
 
   q [B, T, H, D] and k/v [B, S, K, D] are pre-RoPE; q_pos [T], k_pos [S] absolute
   positions; k_valid [S] (or [B, S]) marks keys that may be seen at all; the
-  causal rule is applied here. Returns float32 [B, T, H, D].
+  causal rule is applied here. Returns float32 [B, T, H, D] (with ``qx``: and the
+  captured dict).
   """
   m = config.memory
   block = q_pos[0] // m.segment_len
@@ -102,12 +163,15 @@ def segment_attention(config, q, q_pos, k, v, k_pos, k_valid, memory, inv_freq, 
   mask = (k_pos[None, :] <= q_pos[:, None]) & k_valid[..., None, :]
   if mask.ndim == 2:
     mask = mask[None]
-  local = dot_attention(rq, rk, v, mask)
-  if not m.uses_memory:
-    return local
-  mem_q = rq if m.mem_uses_rope else q
-  read = memory_lib.retrieve(memory, mem_q, m.eps)
-  return gate_lib.blend(config, gate_params, read, local, memory_lib.has_content(memory))
+  if qx is None:
+    local, captured = dot_attention(rq, rk, v, mask), None
+  else:
+    local, captured = quantized_dot_attention(rq, rk, v, mask, qx, q_pos, k_pos)
+  if m.uses_memory:
+    mem_q = rq if m.mem_uses_rope else q
+    read = memory_lib.retrieve(memory, mem_q, m.eps)
+    local = gate_lib.blend(config, gate_params, read, local, memory_lib.has_content(memory))
+  return local if qx is None else (local, captured)
 
 
 def _memory_keys(config, k, pos, inv_freq):
@@ -117,17 +181,20 @@ def _memory_keys(config, k, pos, inv_freq):
   return _rope(k, pos[None], inv_freq)
 
 
-def sequence_attention(config: ModelConfig, q, k, v, positions, inv_freq, gate_params):
+def sequence_attention(config: ModelConfig, q, k, v, positions, inv_freq, gate_params,
+                       qx=None):
   """Training path over a whole sequence that starts at position 0."""
   m = config.memory
   if not m.segmented:
-    t = q.shape[1]
     mask = positions[:, None, :] <= positions[:, :, None]
-    return dot_attention(_rope(q, positions, inv_freq), _rope(k, positions, inv_freq), v, mask)
-  return _segment_scan(config, q, k, v, inv_freq, gate_params)
+    rq, rk = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
+    if qx is None:
+      return dot_attention(rq, rk, v, mask)
+    return quantized_dot_attention(rq, rk, v, mask, qx)
+  return _segment_scan(config, q, k, v, inv_freq, gate_params, qx)
 
 
-def _segment_scan(config, q, k, v, inv_freq, gate_params):
+def _segment_scan(config, q, k, v, inv_freq, gate_params, qx=None):
   m = config.memory
   b, t, h, d = q.shape
   L, w, S = m.segment_len, m.window_blocks, m.n_sink
@@ -154,6 +221,8 @@ def _segment_scan(config, q, k, v, inv_freq, gate_params):
       e_v = jax.lax.dynamic_slice_in_dim(vp, (evict + w + 1) * L, L, axis=1)
       memory = memory_lib.update(memory, _memory_keys(config, e_k, e_pos, inv_freq), e_v,
                                  (e_pos >= S) & (evict >= 0), m.update_rule, m.eps)
+      if qx is not None:
+        memory = qx.memory(memory)
       if m.truncate_every:
         cut = (blk % m.truncate_every) == 0
         memory = jax.tree.map(lambda x: jnp.where(cut, jax.lax.stop_gradient(x), x), memory)
@@ -167,14 +236,20 @@ def _segment_scan(config, q, k, v, inv_freq, gate_params):
     # A sink token still inside the window is seen once, through the window.
     k_valid = jnp.concatenate([sink_pos < jnp.maximum(win_start, 0), win_pos >= 0])
     q_pos = blk * L + jnp.arange(L, dtype=jnp.int32)
-    out = segment_attention(config, q_b, q_pos, keys, vals, k_pos, k_valid, memory, inv_freq,
-                            gate_params)
-    return memory, out
+    if qx is None:
+      return memory, segment_attention(config, q_b, q_pos, keys, vals, k_pos, k_valid, memory,
+                                       inv_freq, gate_params)
+    # A fresh capture dict per segment: the scan stacks it (tracers must not leak out).
+    return memory, segment_attention(config, q_b, q_pos, keys, vals, k_pos, k_valid, memory,
+                                     inv_freq, gate_params, qx.fresh_capture())
 
   if m.remat:
     body = jax.checkpoint(body)
   _, out = jax.lax.scan(body, memory, (jnp.arange(nseg, dtype=jnp.int32), q_seg))
-  return out.swapaxes(0, 1).reshape(b, nseg * L, h, d)[:, :t]
+  if qx is not None:
+    out, captured = out
+  out = out.swapaxes(0, 1).reshape(b, nseg * L, h, d)[:, :t]
+  return out if qx is None else (out, captured)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -198,12 +273,15 @@ def ring_positions(config: ModelConfig, block, ring_len):
 
 
 def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k, v, inv_freq,
-                     gate_params):
+                     gate_params, qx=None):
   """Engine path: one chunk (a segment, or a single decode token) of one layer.
 
   The chunk must lie inside one block (prefill chunks are aligned blocks; decode
-  chunks are one token). Returns (output float32 [B, C, H, D], new cache).
+  chunks are one token). Returns (output float32 [B, C, H, D], new cache). With
+  ``qx``, k/v are already quantized on write (integer values when the cache holds
+  integers; ``qx.kv_read`` turns entries back into floats).
   """
+  read = (lambda which, x: x) if qx is None else (lambda which, x: qx.kv_read(which, x, q.dtype))
   m = config.memory
   L, S = m.segment_len, cache.sink_k.shape[1]
   ring_len = cache.ring_k.shape[1]
@@ -217,10 +295,11 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
     e_pos = evict * L + jnp.arange(L, dtype=jnp.int32)
 
     def compress(mem):
-      e_k = jax.lax.dynamic_slice_in_dim(cache.ring_k, slot_start, L, axis=1)
-      e_v = jax.lax.dynamic_slice_in_dim(cache.ring_v, slot_start, L, axis=1)
-      return memory_lib.update(mem, _memory_keys(config, e_k, e_pos, inv_freq), e_v,
-                               e_pos >= S, m.update_rule, m.eps)
+      e_k = read("k", jax.lax.dynamic_slice_in_dim(cache.ring_k, slot_start, L, axis=1))
+      e_v = read("v", jax.lax.dynamic_slice_in_dim(cache.ring_v, slot_start, L, axis=1))
+      mem = memory_lib.update(mem, _memory_keys(config, e_k, e_pos, inv_freq), e_v,
+                              e_pos >= S, m.update_rule, m.eps)
+      return mem if qx is None else qx.memory(mem)
 
     memory = jax.lax.cond((chunk.start % L == 0) & (evict >= 0), compress, lambda x: x, memory)
   offset = slot_start + jnp.mod(chunk.start, L)
@@ -240,10 +319,12 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
   r_pos = ring_positions(config, block, ring_len)
   win_start = (block - (ring_len // L - 1)) * L
   s_pos = jnp.arange(S, dtype=jnp.int32)
-  keys = jnp.concatenate([sink_k, ring_k], axis=1)
-  vals = jnp.concatenate([sink_v, ring_v], axis=1)
+  keys = read("k", jnp.concatenate([sink_k, ring_k], axis=1))
+  vals = read("v", jnp.concatenate([sink_v, ring_v], axis=1))
   k_pos = jnp.concatenate([s_pos, r_pos])
   k_valid = jnp.concatenate([s_pos < jnp.maximum(win_start, 0), r_pos >= 0])
   out = segment_attention(config, q, q_pos, keys, vals, k_pos, k_valid, memory, inv_freq,
-                          gate_params)
+                          gate_params, qx)
+  if qx is not None:
+    out = out[0]
   return out, LayerCache(sink_k, sink_v, ring_k, ring_v, memory)

@@ -13,6 +13,15 @@
   the hash of the document text.
 * ``hub``: ``data.path`` is passed to ``datasets.load_dataset`` as a dataset
   name (the user's network and cache; nothing here downloads by itself).
+* ``task``: segmented-SFT samples from ``tasks.py`` (passkey, multi_needle,
+  kv_recall, doc_qa, summarize; ``data.tasks`` = ``"passkey"`` or weighted
+  ``"passkey:3,kv_recall:1"``), one sample per row, right-padded to
+  ``data.seq_len``, with a ``loss_mask`` on the answer tokens only (reference
+  §4.4). ``data.task_samples`` rows are drawn (uniform depth), held out by a
+  separate seed. The real-text tasks take their documents from the embedded
+  corpus. With ``data.task_mix > 0`` an ``embedded`` (or file) source instead
+  replaces that fraction of its rows by task samples whose loss covers every
+  token (passkey-style data in pretraining).
 
 Documents are tokenized as ``[bos] + ids + [eos]``, concatenated and cut into
 rows ``[n, seq_len]`` int32 (the tail that does not fill a row is dropped).
@@ -36,7 +45,7 @@ import numpy as np
 
 from edgeinfinite_jax.config import ConfigError
 
-SOURCES = ("embedded", "text", "json", "parquet", "hub")
+SOURCES = ("embedded", "text", "json", "parquet", "hub", "task")
 # Directories of the stdlib that are not prose: tests (also absent from some
 # distro builds, which would make the corpus install-dependent), codec tables,
 # binaries, bundled wheels, demo scripts, third-party packages.
@@ -48,8 +57,33 @@ _PIECE = re.compile(r'^[ \t]*[rRuU]?("""|\'\'\')([\s\S]*?)\1|^[ \t]*#+[ \t]?(.*)
 
 
 class Split(NamedTuple):
-  train: np.ndarray    # [n, seq_len] int32
-  heldout: np.ndarray  # [m, seq_len] int32
+  train: np.ndarray    # [n, seq_len] int32 (or MaskedRows)
+  heldout: np.ndarray  # [m, seq_len] int32 (or MaskedRows)
+
+
+class MaskedRows(NamedTuple):
+  """Rows with a per-token loss mask (1 = the target counts), e.g. S-SFT samples.
+
+  ``batch_at`` / ``eval_batches`` return ``{"tokens", "loss_mask"}`` for them;
+  ``train.cross_entropy`` then counts only the masked targets.
+  """
+  tokens: np.ndarray     # [n, seq_len] int32
+  loss_mask: np.ndarray  # [n, seq_len] float32
+
+  @property
+  def shape(self):
+    return self.tokens.shape
+
+  def rows(self, idx) -> dict[str, np.ndarray]:
+    return {"tokens": self.tokens[idx], "loss_mask": self.loss_mask[idx]}
+
+
+def n_rows(rows) -> int:
+  return len(rows.tokens) if isinstance(rows, MaskedRows) else len(rows)
+
+
+def _take(rows, idx) -> dict[str, np.ndarray]:
+  return rows.rows(idx) if isinstance(rows, MaskedRows) else {"tokens": rows[idx]}
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -178,6 +212,8 @@ def load(data_config, tokenizer=None) -> Split:
   if tokenizer is None:
     from edgeinfinite_jax.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(c.tokenizer)
+  if c.source == "task":
+    return task_split(c, tokenizer)
   if c.source == "embedded":
     train, held = embedded_documents(int(c.max_bytes), float(c.heldout_fraction))
   else:
@@ -188,7 +224,109 @@ def load(data_config, tokenizer=None) -> Split:
   if len(split.train) < 1:
     raise ConfigError(f"data.max_bytes={c.max_bytes}: gives no training row of "
                       f"seq_len={c.seq_len} tokens from source {c.source!r}")
+  if float(c.get("task_mix", 0.0)) > 0:
+    split = _mix_tasks(split, c, tokenizer)
   return split
+
+
+# ----------------------------------------------------------------------------- task data
+
+
+def parse_task_mix(spec: str) -> list[tuple[str, float]]:
+  """``"passkey"`` / ``"passkey:3,kv_recall:1"`` -> [(task, weight)] (validated)."""
+  from edgeinfinite_jax import tasks as tasks_lib
+  out = []
+  for item in (x.strip() for x in str(spec).split(",")):
+    if not item:
+      continue
+    name, _, w = item.partition(":")
+    name = name.strip()
+    if name not in tasks_lib.TASKS:
+      raise ConfigError(f"data.tasks={spec!r}: unknown task {name!r}; known: "
+                        f"{sorted(tasks_lib.TASKS)}")
+    try:
+      weight = float(w) if w else 1.0
+    except ValueError:
+      raise ConfigError(f"data.tasks={spec!r}: weight of {name!r} must be a number") from None
+    if weight <= 0:
+      raise ConfigError(f"data.tasks={spec!r}: weight of {name!r} must be > 0")
+    out.append((name, weight))
+  if not out:
+    raise ConfigError(f"data.tasks={spec!r}: must name at least one task")
+  return out
+
+
+def task_samples(data_config, tokenizer, n: int, seed: int, length: int | None = None):
+  """``n`` task samples (``tasks.Sample``) of ``data.tasks``, uniform depth.
+
+  Sample i is a pure function of (seed, i): its task is drawn from the weights,
+  then the generator gets (seed, i). ``length`` defaults to ``data.task_length``
+  or, if 0, ``data.seq_len``.
+  """
+  from edgeinfinite_jax import tasks as tasks_lib
+  c = data_config
+  mix = parse_task_mix(c.get("tasks", "passkey"))
+  names = [m[0] for m in mix]
+  p = np.asarray([m[1] for m in mix]) / sum(m[1] for m in mix)
+  length = int(length or c.get("task_length", 0) or c.seq_len)
+  corpus = None
+  if any(t in ("doc_qa", "summarize") for t in names):
+    corpus = list(embedded_documents(int(c.max_bytes), float(c.heldout_fraction))[0])
+  digits = int(c.get("task_digits", 5))
+  out = []
+  for i in range(n):
+    r = np.random.default_rng([seed, i, 7])
+    task = names[int(r.choice(len(names), p=p))]
+    depth = float(r.random())
+    kw = {}
+    if task in ("passkey", "multi_needle"):
+      kw["digits"] = digits
+    if corpus is not None and task in ("doc_qa", "summarize"):
+      kw["corpus"] = corpus
+    out.append(tasks_lib.TASKS[task](tokenizer, length, depth, seed, i, **kw))
+  return out
+
+
+def task_rows(samples, seq_len: int, pad_id: int, answer_only: bool = True) -> MaskedRows:
+  """Samples -> right-padded MaskedRows (loss on the answer, or on every real token)."""
+  from edgeinfinite_jax import tasks as tasks_lib
+  b = tasks_lib.make_batch(samples, seq_len, pad_id)
+  mask = b["loss_mask"]
+  if not answer_only:
+    mask = (b["tokens"] != pad_id).astype(np.float32)
+  return MaskedRows(b["tokens"], mask)
+
+
+def task_split(data_config, tokenizer) -> Split:
+  """The ``task`` source: S-SFT rows with answer-only loss masks."""
+  c = data_config
+  n = int(c.get("task_samples", 1024))
+  n_held = max(1, int(round(n * float(c.heldout_fraction)))) if c.heldout_fraction else 0
+  seed = int(c.get("task_seed", 0))
+  train = task_rows(task_samples(c, tokenizer, n, seed), c.seq_len, tokenizer.pad_id)
+  held = task_rows(task_samples(c, tokenizer, n_held, seed + 1_000_003), c.seq_len,
+                   tokenizer.pad_id)
+  return Split(train, held)
+
+
+def _mix_tasks(split: Split, data_config, tokenizer) -> Split:
+  """Replaces ``data.task_mix`` of the text rows by task rows (loss on every token)."""
+  c = data_config
+  seed = int(c.get("task_seed", 0))
+
+  def mixed(rows, salt):
+    n_task = int(round(len(rows) * float(c.task_mix)))
+    mask = (rows != tokenizer.pad_id).astype(np.float32)
+    if n_task == 0:
+      return MaskedRows(rows, mask)
+    t = task_rows(task_samples(c, tokenizer, n_task, seed + salt, length=c.seq_len), c.seq_len,
+                  tokenizer.pad_id, answer_only=False)
+    pos = np.random.default_rng([seed, salt, 11]).choice(len(rows), n_task, replace=False)
+    tokens, mask = rows.copy(), mask.copy()
+    tokens[pos], mask[pos] = t.tokens, t.loss_mask
+    return MaskedRows(tokens, mask)
+
+  return Split(mixed(split.train, 0), mixed(split.heldout, 1_000_003))
 
 
 def validate(data_config, n_batch_shards: int = 1, check_paths: bool = True) -> None:
@@ -217,6 +355,18 @@ def validate(data_config, n_batch_shards: int = 1, check_paths: bool = True) -> 
     raise ConfigError("data.path='': must name a dataset when data.source='hub'")
   if not c.text_field:
     raise ConfigError("data.text_field='': must name the text column")
+  if c.source == "task" or float(c.get("task_mix", 0.0)) > 0:
+    parse_task_mix(c.get("tasks", "passkey"))
+    if not 0.0 <= float(c.get("task_mix", 0.0)) <= 1.0:
+      raise ConfigError(f"data.task_mix={c.task_mix!r}: must be in [0, 1]")
+    for key in ("task_samples", "task_digits"):
+      v = c.get(key, 1)
+      if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"data.{key}={v!r}: must be a positive integer")
+    v = c.get("task_length", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > c.seq_len:
+      raise ConfigError(f"data.task_length={v!r}: must be in [0, data.seq_len={c.seq_len}] "
+                        "(0 = seq_len)")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -237,8 +387,8 @@ def batch_rows(n_rows: int, step: int, batch_size: int, seed: int) -> np.ndarray
 def batch_at(rows: np.ndarray, step: int, batch_size: int, seed: int,
              shard: slice = slice(None)) -> dict[str, np.ndarray]:
   """The global batch of ``step`` (or this host's ``shard`` of its rows)."""
-  idx = batch_rows(len(rows), step, batch_size, seed)[shard]
-  return {"tokens": rows[idx]}
+  idx = batch_rows(n_rows(rows), step, batch_size, seed)[shard]
+  return _take(rows, idx)
 
 
 def iterate(rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
@@ -253,5 +403,5 @@ def iterate(rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
 def eval_batches(rows: np.ndarray, batch_size: int, n_batches: int,
                  shard: slice = slice(None)) -> list[dict[str, np.ndarray]]:
   """The first ``n_batches`` full batches of held-out rows, in order (fixed set)."""
-  n = min(n_batches, len(rows) // batch_size)
-  return [{"tokens": rows[b * batch_size:(b + 1) * batch_size][shard]} for b in range(n)]
+  n = min(n_batches, n_rows(rows) // batch_size)
+  return [_take(rows, np.arange(b * batch_size, (b + 1) * batch_size)[shard]) for b in range(n)]

@@ -16,6 +16,16 @@ Contract (after gemma's sampler):
 * The state is one pytree (``EngineState``) whose size does not depend on how
   many tokens were read (``state_nbytes``), except for ``full`` attention, whose
   cache has the fixed capacity ``max_context``.
+
+Quantized models (``quant=`` or a ``model.QuantModelConfig``) run in the config's
+numerics mode, ``float``, ``fake_quant`` or ``integer``, with the same step
+functions and the same compile-once guarantee (the mode is part of the static
+config; scales are traced parameters). K/V are quantized on write into the
+cache. In ``integer`` mode the cache holds the integer values (int8 for 8-bit
+K/V), float kernels are frozen to PTQ ``QuantizedTensor`` int8 weights once at
+construction, and the exported step functions take those integers: what an NPU
+toolchain would be handed. Token-adaptive bits rank a whole sequence and are not
+available here (``forward`` applies them).
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ import numpy as np
 from edgeinfinite_jax import attention
 from edgeinfinite_jax import memory as memory_lib
 from edgeinfinite_jax.config import ConfigError, ModelConfig
-from edgeinfinite_jax.model import Transformer, compute_dtype
+from edgeinfinite_jax.model import Transformer, compute_dtype, quant_of, quantized
+from edgeinfinite_jax.quant import apply as qapply
+from edgeinfinite_jax.quant import ptq
 
 PRESETS = {
     # Long document in, a long answer out: modest window, more new tokens.
@@ -104,6 +116,22 @@ jax.export.register_pytree_node_serialization(
     deserialize_auxdata=lambda b: tuple(json.loads(b.decode())))
 
 
+def _qt_aux_to_json(aux):
+  spec, shape, dtype = aux
+  return json.dumps([spec.to_dict(), list(shape), dtype]).encode()
+
+
+def _qt_aux_from_json(blob):
+  spec, shape, dtype = json.loads(blob.decode())
+  return (ptq.QuantSpec(**spec), tuple(shape), dtype)
+
+
+# Integer-mode params hold PTQ kernels (int values + scales) as QuantizedTensor nodes.
+jax.export.register_pytree_node_serialization(
+    ptq.QuantizedTensor, serialized_name="edgeinfinite_jax.QuantizedTensor",
+    serialize_auxdata=_qt_aux_to_json, deserialize_auxdata=_qt_aux_from_json)
+
+
 def state_nbytes(state) -> int:
   """Bytes held by an engine state (every array leaf)."""
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
@@ -114,10 +142,24 @@ class Engine:
 
   ``params`` is ``{"params": ...}``. The jitted step functions are built here
   once; ``compile_count()`` reports how often they have been traced (each trace
-  is one XLA compilation).
+  is one XLA compilation). ``quant``: a QuantConfig to run with (see module doc);
+  its rules, the scales in ``params`` and the integer accumulator depths of the
+  scenario are checked here, before anything compiles.
   """
 
-  def __init__(self, config: ModelConfig, params, scenario: Scenario):
+  def __init__(self, config: ModelConfig, params, scenario: Scenario, quant=None):
+    if quant is not None:
+      config = quantized(config, quant)
+    q = quant_of(config)
+    if qapply.active(q):
+      if q.edgeqat.adaptive_fraction > 0:
+        raise ConfigError(f"quant.edgeqat.adaptive_fraction={q.edgeqat.adaptive_fraction}: "
+                          "token-adaptive bits rank the tokens of a whole sequence, which a "
+                          "chunked prefill / token-by-token decode cannot reproduce; set 0 "
+                          "for the engine (model.forward applies them)")
+      qapply.check_params(config, params)
+      if q.mode == "integer":  # int8 weights once, not re-quantized in every step
+        params = ptq.quantize_params(params, q)
     self.scenario, self.params = scenario, params
     sc = scenario
     base = dict(segment_len=sc.segment_len, n_sink=0)
@@ -133,6 +175,8 @@ class Engine:
         "long": sc.n_window + sc.segment_len if m.segmented else sc.capacity(sc.max_context),
     }
     self.n_sink = {"short": 0, "long": sc.n_sink if m.segmented else 0}
+    for route, cfg in self.route_configs.items():
+      qapply.check_attention_depth(cfg, self.n_sink[route] + self.ring_len[route])
     self._traces = collections.Counter()
     self._prefill = {r: self._jit_step(r, "prefill") for r in self.route_configs}
     self._decode = {r: self._jit_step(r, "decode") for r in self.route_configs}
@@ -159,6 +203,9 @@ class Engine:
   def init_state(self, route: str) -> EngineState:
     config = self.route_configs[route]
     dt = compute_dtype(config)
+    q = quant_of(config)
+    if qapply.active(q) and q.mode == "integer" and q.kv_cache is not None:
+      dt = q.kv_cache.int_dtype  # the cache holds the integer K/V values
     caches = [attention.empty_cache(config, self.scenario.batch_size, self.n_sink[route],
                                     self.ring_len[route], dt)
               for _ in range(config.num_layers)]

@@ -33,7 +33,7 @@ import ml_collections
 from edgeinfinite_jax.config import ConfigError, ModelConfig
 
 # Jobs that ``main.py`` can dispatch; main.JOBS must agree (tested).
-JOBS = ("train",)
+JOBS = ("train", "demo", "quant")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,6 +54,14 @@ def base_config() -> ml_collections.ConfigDict:
           "batch_size": 8,          # global batch, in rows
           "max_bytes": 3_000_000,   # cap on the text read
           "heldout_fraction": 0.05,
+          # source "task" (S-SFT rows, loss on answers) and task_mix (share of
+          # task rows, full loss, mixed into a text source); see data.py.
+          "tasks": "passkey",       # "passkey" or weighted "passkey:3,kv_recall:1"
+          "task_length": 0,         # target sample length, 0 = seq_len
+          "task_samples": 1024,     # training samples drawn for source "task"
+          "task_digits": 5,         # digits of passkey / needle values
+          "task_seed": 0,
+          "task_mix": 0.0,
       },
       "optim": {
           "lr": 3e-4,
@@ -87,7 +95,26 @@ def base_config() -> ml_collections.ConfigDict:
           "process_id": -1,         # -1 = auto-detect
       },
       "init": {"hf_path": ""},      # HF checkpoint directory to start from
+      "demo": demo_defaults(),      # job "demo" (pipeline.py): its stages' settings
+      "quant": quant_defaults(),    # a QuantConfig (preset + overrides), see quant/qconfig.py
+      "quantize": quantize_defaults(),  # job "quant" (qat.py): method, base model, calibration
   })
+
+
+def demo_defaults() -> dict:
+  """The ``demo`` section's keys (see ``pipeline.py`` for what each stage does)."""
+  from edgeinfinite_jax import pipeline  # lazy: the pipeline imports this module
+  return pipeline.defaults()
+
+
+def quant_defaults() -> dict:
+  from edgeinfinite_jax import qat  # lazy: qat imports this module
+  return qat.quant_defaults()
+
+
+def quantize_defaults() -> dict:
+  from edgeinfinite_jax import qat
+  return qat.defaults()
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -259,6 +286,12 @@ def validate(config, n_devices: int | None = None, check_paths: bool = True) -> 
              "must be >= 259, the byte tokenizer's vocabulary (data.tokenizer='byte')")
   if not config.init.hf_path:  # (with a checkpoint the architecture comes from its file)
     check_trainable(config, m)
+  if config.job == "quant":
+    from edgeinfinite_jax import qat
+    qat.validate(config)
+  if config.job == "demo":
+    from edgeinfinite_jax import pipeline
+    pipeline.validate(config)
   if config.init.hf_path and check_paths:
     _require(os.path.isfile(os.path.join(config.init.hf_path, "config.json")),
              "init.hf_path", config.init.hf_path,

@@ -27,8 +27,18 @@ def _train(config, workdir):
   return train.run(config, workdir)
 
 
+def _demo(config, workdir):
+  from edgeinfinite_jax import pipeline
+  return pipeline.run(config, workdir)
+
+
+def _quant(config, workdir):
+  from edgeinfinite_jax import qat
+  return qat.run(config, workdir)
+
+
 # job name -> fn(config, workdir); keep in sync with experiment.JOBS.
-JOBS = {"train": _train}
+JOBS = {"train": _train, "demo": _demo, "quant": _quant}
 
 
 def main(argv):

@@ -22,10 +22,20 @@ Parameter layout (the HF key map in ``convert.py`` is written against it)::
 
 Every parameter and the main activations carry logical axis names; the rules
 table that maps them onto a device mesh is in ``sharding.py``.
+
+Quantization: ``quantized(config, quant)`` returns a ``QuantModelConfig`` (a
+``ModelConfig`` that also carries a frozen ``QuantConfig``; still hashable, so it
+is the static jit argument everywhere a ModelConfig is: ``forward``, ``Engine``,
+``train``). With quant None or mode ``float`` the model runs the float modules
+below unchanged; otherwise ``Block`` / ``Transformer`` use the quantized twins
+in ``quant/modules.py`` (same parameter paths, plus ``.../quant/...`` scales).
+Capturing activations (``apply(..., mutable=["intermediates"])``) also takes
+the twins: they sow ``layers_i/{attn,mlp}/{site}`` (see ``quant/apply.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -35,9 +45,55 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgeinfinite_jax import attention
-from edgeinfinite_jax.config import ModelConfig
+from edgeinfinite_jax.config import ConfigError, ModelConfig
 
 Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantModelConfig(ModelConfig):
+  """A ModelConfig plus the ``QuantConfig`` the model runs with (None = float).
+
+  Validated on construction: the quant config's own rules, then the rules that
+  need the model's sizes (group sizes dividing dimensions, integer accumulator
+  depths), so bad settings raise before anything is traced.
+  """
+  quant: Any = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    from edgeinfinite_jax.quant import apply as qapply
+    from edgeinfinite_jax.quant.qconfig import QuantConfig
+    q = self.quant
+    if q is not None and not isinstance(q, QuantConfig):
+      if not hasattr(q, "keys"):
+        raise ConfigError(f"model.quant={q!r}: must be a QuantConfig, a mapping or None")
+      object.__setattr__(self, "quant", QuantConfig.from_dict(q))
+    qapply.check_model(self)
+
+  @classmethod
+  def from_dict(cls, d) -> "QuantModelConfig":
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    quant = d.pop("quant", None)
+    base = ModelConfig.from_dict(d)
+    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ModelConfig)},
+               quant=quant)
+
+
+def quantized(config: ModelConfig, quant) -> ModelConfig:
+  """``config`` running with ``quant`` (a QuantConfig or its dict); None -> plain ModelConfig."""
+  fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(ModelConfig)}
+  return ModelConfig(**fields) if quant is None else QuantModelConfig(**fields, quant=quant)
+
+
+def quant_of(config):
+  """The QuantConfig a model config carries, or None."""
+  return getattr(config, "quant", None)
+
+
+def _quant_active(config) -> bool:
+  q = quant_of(config)
+  return q is not None and q.mode != "float"
 
 
 def compute_dtype(config: ModelConfig):
@@ -168,16 +224,25 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+  """One layer. ``low``: the previous layer's low-bit tokens (token-adaptive bits);
+  returns (x, cache, this layer's low-bit tokens)."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, cache=None, chunk=None):
+  def __call__(self, x, positions, cache=None, chunk=None, low=None):
     c, dt = self.config, compute_dtype(self.config)
-    h, cache = Attention(c, name="attn")(RMSNorm(c.rms_norm_eps, dt, name="attn_norm")(x),
-                                         positions, cache, chunk)
-    x = x + h
-    x = x + Mlp(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache
+    if _quant_active(c) or self.is_mutable_collection("intermediates"):
+      from edgeinfinite_jax.quant import modules as qm  # imports this module
+      h, cache, low = qm.QAttention(c, name="attn")(
+          RMSNorm(c.rms_norm_eps, dt, name="attn_norm")(x), positions, cache, chunk, low)
+      x = x + h
+      x = x + qm.QMlp(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x), low)
+    else:
+      h, cache = Attention(c, name="attn")(RMSNorm(c.rms_norm_eps, dt, name="attn_norm")(x),
+                                           positions, cache, chunk)
+      x = x + h
+      x = x + Mlp(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache, low
 
 
 class Transformer(nn.Module):
@@ -192,23 +257,32 @@ class Transformer(nn.Module):
 
   def setup(self):
     c = self.config
-    self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=compute_dtype(c),
-                          param_dtype=jnp.float32,
-                          embedding_init=_init(("vocab", "embed")), name="embed")
+    quant = quant_of(c) if _quant_active(c) else None
+    if quant is not None and quant.embeddings is not None:
+      from edgeinfinite_jax.quant import modules as qm
+      self.embed = qm.QEmbed(c.vocab_size, c.hidden_size, compute_dtype(c), quant, name="embed")
+    else:
+      self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=compute_dtype(c),
+                            param_dtype=jnp.float32,
+                            embedding_init=_init(("vocab", "embed")), name="embed")
     self.layers = [Block(c, name=f"layers_{i}") for i in range(c.num_layers)]
     self.final_norm = RMSNorm(c.rms_norm_eps, compute_dtype(c), name="final_norm")
     if not c.tie_word_embeddings:
-      self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=compute_dtype(c),
-                              param_dtype=jnp.float32, kernel_init=_init(("embed", "vocab")),
-                              name="lm_head")
+      if quant is not None and quant.lm_head is not None:
+        from edgeinfinite_jax.quant import modules as qm
+        self.lm_head = qm.head(c, compute_dtype(c))
+      else:
+        self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=compute_dtype(c),
+                                param_dtype=jnp.float32, kernel_init=_init(("embed", "vocab")),
+                                name="lm_head")
 
   def __call__(self, tokens, positions=None, caches=None, chunk=None, return_hidden=False):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "act_embed"))
-    new_caches = []
+    new_caches, low = [], None
     for i, layer in enumerate(self.layers):
-      x, cache = layer(x, positions, None if caches is None else caches[i], chunk)
+      x, cache, low = layer(x, positions, None if caches is None else caches[i], chunk, low)
       new_caches.append(cache)
     x = self.final_norm(x)
     out = x if return_hidden else self.logits(x)
@@ -217,8 +291,11 @@ class Transformer(nn.Module):
   def logits(self, hidden):
     if self.config.tie_word_embeddings:
       out = self.embed.attend(hidden)
-    else:
+    elif isinstance(self.lm_head, nn.Dense):
       out = self.lm_head(hidden)
+    else:  # the weight-quantized head (quant/modules.head)
+      from edgeinfinite_jax.quant import apply as qapply
+      out = self.lm_head(hidden, qapply.LayerQuant(quant_of(self.config)))
     return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
 
@@ -240,17 +317,27 @@ def logical_axes(config: ModelConfig) -> Params:
   return nn.get_partition_spec(boxed)
 
 
-def forward(config: ModelConfig, params: Params, tokens) -> jax.Array:
+def forward(config: ModelConfig, params: Params, tokens, quant=None) -> jax.Array:
   """Logits float32 ``[batch, time, vocab]`` for int32 ``tokens[batch, time]``.
 
   The sequence starts at position 0. A base model (``attention_type="full"``,
   what ``load_hf`` returns) uses full causal attention; a model made by
-  ``with_memory`` runs its training path (segmented, with memory).
+  ``with_memory`` runs its training path (segmented, with memory). ``quant`` (a
+  QuantConfig) runs it quantized (same as passing ``quantized(config, quant)``);
+  scales in ``params`` and accumulator depths are checked before compiling.
   """
+  if quant is not None:
+    config = quantized(config, quant)
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens: expected an int array [batch, time], got {tokens.dtype}"
                      f"{list(tokens.shape)}")
+  if _quant_active(config):
+    from edgeinfinite_jax.quant import apply as qapply
+    qapply.check_params(config, params)
+    m = config.memory
+    n_keys = m.n_sink + m.n_window + m.segment_len if m.segmented else tokens.shape[1]
+    qapply.check_attention_depth(config, n_keys)
   return _forward_jit(config, params, tokens.astype(jnp.int32))
 
 

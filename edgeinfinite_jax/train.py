@@ -91,16 +91,21 @@ def make_train_state(model_config: ModelConfig, tx: optax.GradientTransformation
 
 
 def train_step(state: TrainState, batch, *, model_config: ModelConfig,
-               tx: optax.GradientTransformation, trainable: frozenset[str], rng):
-  """One AdamW update of the trainable subtree; frozen leaves pass through."""
+               tx: optax.GradientTransformation, trainable: frozenset[str], rng, loss=None):
+  """One AdamW update of the trainable subtree; frozen leaves pass through.
+
+  ``loss`` replaces ``loss_fn`` (same signature); its aux may be the token count
+  or a dict of scalar metrics with a ``"tokens"`` entry (e.g. QAT's loss terms).
+  """
   step_rng = jax.random.fold_in(rng, state.step)
   t, f = optim.split(state.params, trainable)
-  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  (value, aux), grads = jax.value_and_grad(loss or loss_fn, has_aux=True)(
       t, f, model_config, batch, step_rng)
   updates, opt_state = tx.update(grads, state.opt_state, t)
   t = optax.apply_updates(t, updates)
-  metrics = {"loss": loss, "grad_norm": optim.global_norm(grads),
-             "update_norm": optim.global_norm(updates), "tokens": count}
+  extra = dict(aux) if isinstance(aux, dict) else {"tokens": aux}
+  metrics = {**extra, "loss": value, "grad_norm": optim.global_norm(grads),
+             "update_norm": optim.global_norm(updates)}
   return TrainState(state.step + 1, optim.merge(t, f), opt_state), metrics
 
 
@@ -153,13 +158,17 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 # ----------------------------------------------------------------------------- run
 
 
-def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def run(config, workdir: str, *, stop_after: int | None = None, model=None,
+        loss=None) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
 
   ``stop_after`` ends the loop after that many total steps without a final
   save, as a preemption would (the schedule still follows ``train.steps``);
   tests use it to check that resuming is exact. Returns a summary dict with
   every step's loss run here (``losses``), the final step and eval metrics.
+  Hooks for other trainers (QAT, ``qat.py``): ``model=(model_config,
+  base_params)`` replaces ``model_and_base_params(config)``; ``loss`` replaces
+  ``loss_fn`` (see ``train_step``); extra scalar metrics are logged too.
   """
   experiment.validate(config)  # every rule, before anything is compiled
   is_main = jax.process_index() == 0
@@ -182,7 +191,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                                    host_rows)
 
   # 3. Shapes first: nothing is allocated until the shardings are known.
-  model_config, base_params = model_and_base_params(config)
+  model_config, base_params = model if model is not None else model_and_base_params(config)
   groups = optim.groups_from_config(config.optim)
   abstract_params = model_lib.abstract_params(model_config)
   trainable = optim.trainable_paths(abstract_params, groups)
@@ -203,7 +212,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
   # 5./6. Compiled init and step; the step donates the old state's buffers.
   step_fn = jax.jit(
       functools.partial(train_step, model_config=model_config, tx=tx, trainable=trainable,
-                        rng=train_rng),
+                        rng=train_rng, loss=loss),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=0)
 
@@ -263,6 +272,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
         record = {"step": done, "loss": loss, "grad_norm": gnorm,
                   "update_norm": float(m["update_norm"]), "lr": float(lr_at(done - 1)),
                   "tokens_per_s": tok_s}
+        record.update({k: float(v) for k, v in m.items() if k not in record and k != "tokens"})
         write(record)
         summary.update(record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")

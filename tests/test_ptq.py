@@ -7,6 +7,7 @@ import pytest
 
 from edgeinfinite_jax import model
 from edgeinfinite_jax.config import ModelConfig
+from edgeinfinite_jax.quant import observers as obs
 from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.quant import qconfig as qc
 from edgeinfinite_jax.quant import quantizers as qz
@@ -75,7 +76,7 @@ def test_per_group_beats_per_tensor_on_outlier_kernel():
   spec = QuantSpec(4, granularity="per_channel")
   err = lambda obs: float(jnp.mean((ptq.quantize_tensor(t, spec, observer=obs).dequantize()
                                     - t) ** 2))
-  assert err(qz.MseObserver()) < 0.7 * err(None)
+  assert err(obs.MseObserver()) < 0.7 * err(None)
 
 
 def test_embeddings_and_lm_head(params):

@@ -58,11 +58,11 @@ def test_fine_grained_and_rtn():
 def test_from_dict_preset_with_overrides():
   cd = ml_collections.ConfigDict({
       "preset": "fine_grained", "preset_args": {"base": "w4a8", "group_size": 32},
-      "mode": "integer", "linear_weights": {"bits": 8}, "kv_cache": None,
+      "mode": "float", "linear_weights": {"bits": 8}, "kv_cache": None,
       "edgeqat": {"kd_weight": 0.5, "adaptive_fraction": 0.5, "adaptive_bits": [8, 4]}})
   c = QuantConfig.from_dict(cd)
   assert c.linear_weights == QuantSpec(8, granularity="per_group", group_size=32)
-  assert c.mode == "integer" and c.kv_cache is None
+  assert c.mode == "float" and c.kv_cache is None
   assert c.edgeqat.adaptive_bits == (8, 4) and c.edgeqat.kd_weight == 0.5
   assert c.adaptive_specs("linear_inputs")[1].bits == 4
   # A placement dict without a preset spec builds a new spec.
@@ -85,6 +85,19 @@ def test_from_dict_preset_with_overrides():
     ({"preset": "w8a8", "q": {"granularity": "per_token"}}, r"q.granularity='per_token'.*dynamic"),
     ({"preset": "w8a8", "mode": "integer", "linear_weights": {"symmetric": False}},
      r"linear_weights.symmetric=False.*integer mode"),
+    ({"preset": "w8a8", "mode": "integer"}, r"quant.linear_outputs=None.*requantizes"),
+    ({"preset": "fine_grained", "mode": "integer", "linear_outputs": {"bits": 16}},
+     r"linear_weights.granularity='per_group'.*one multiplier per output column"),
+    ({"preset": "w8a8", "mode": "integer", "activation_scales": "dynamic",
+      "kv_cache": {"granularity": "per_token"}, "linear_outputs": {"bits": 16}},
+     r"activation_scales='dynamic'.*static scales"),
+    ({"preset": "w8a8", "linear_inputs": {"granularity": "per_channel"}},
+     r"linear_inputs.granularity='per_channel'.*one static scale per site"),
+    ({"preset": "w8a8", "activation_scales": "dynamic"},
+     r"kv_cache.granularity='per_tensor'.*quantized once on write"),
+    ({"preset": "w4a8", "weight_scales": "learned", "linear_weights": {
+        "granularity": "per_group", "group_size": 32}}, r"weight_scales='learned'"),
+    ({"requant_mode": "banker"}, r"requant_mode='banker'"),
     ({"edgeqat": {"kd_temperature": 0}}, r"edgeqat.kd_temperature=0"),
     ({"edgeqat": {"entropy_weight": -1.0}}, r"edgeqat.entropy_weight=-1.0"),
     ({"preset": "w8a8", "edgeqat": {"adaptive_fraction": 1.0}}, r"adaptive_fraction=1.0"),
@@ -97,6 +110,13 @@ def test_from_dict_preset_with_overrides():
 def test_validation_names_key_and_value(d, needle):
   with pytest.raises(QuantConfigError, match=needle):
     QuantConfig.from_dict(d)
+
+
+def test_integer_mode_helper():
+  c = qc.integer_mode(qc.preset("w8a8"), requant_mode="gemmlowp")
+  assert c.mode == "integer" and c.linear_outputs == QuantSpec(16) and c.requant_mode == "gemmlowp"
+  assert QuantConfig.from_dict(c.to_dict()) == c
+  assert qc.preset("edgeqat").weight_scales == "learned"
 
 
 def test_direct_construction_is_validated():

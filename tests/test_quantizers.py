@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from edgeinfinite_jax.quant import lsq
+from edgeinfinite_jax.quant import observers as obs
 from edgeinfinite_jax.quant import quantizers as qz
 from edgeinfinite_jax.quant.quantizers import QuantSpec
 
@@ -183,7 +185,7 @@ def test_lsq_plus_gradients_match_analytic():
   x = (RNG.standard_normal((6, 10)) * 0.6).astype(np.float32)
   w = RNG.standard_normal((6, 10)).astype(np.float32)
   s, z = np.float32(0.11), np.float32(1.3)
-  f = lambda x, s, z: jnp.sum(qz.lsq_fake_quant(x, s, z, spec) * w)
+  f = lambda x, s, z: jnp.sum(lsq.lsq_fake_quant(x, s, z, spec) * w)
   dx, ds, dz = jax.grad(f, argnums=(0, 1, 2))(x, s, z)
   ex, es, ez = _lsq_analytic(x.astype(np.float64), w, float(s), float(z), spec, x.size)
   v = x / s + np.round(z)
@@ -198,40 +200,40 @@ def test_lsq_per_channel_weights_gradients_and_forward():
   x = RNG.standard_normal((12, 3)).astype(np.float32)
   w = RNG.standard_normal((12, 3)).astype(np.float32)
   s = np.array([[0.1, 0.2, 0.35]], np.float32)
-  dx, ds = jax.grad(lambda x, s: jnp.sum(qz.lsq_fake_quant(x, s, None, spec) * w),
+  dx, ds = jax.grad(lambda x, s: jnp.sum(lsq.lsq_fake_quant(x, s, None, spec) * w),
                     argnums=(0, 1))(x, s)
   ex, es, _ = _lsq_analytic(x.astype(np.float64), w, s.astype(np.float64), 0.0, spec, 12)
   np.testing.assert_allclose(dx, ex, atol=1e-6)
   np.testing.assert_allclose(ds, es.sum(0, keepdims=True), rtol=2e-4, atol=1e-6)
   # Forward equals the plain fake quantizer with the same scale.
-  np.testing.assert_array_equal(qz.lsq_fake_quant(x, s, None, spec), qz.fake_quant(x, spec, s))
+  np.testing.assert_array_equal(lsq.lsq_fake_quant(x, s, None, spec), qz.fake_quant(x, spec, s))
 
 
 def test_lsq_inits():
   x = jnp.asarray(RNG.standard_normal((64, 8)), jnp.float32)
   spec = QuantSpec(4)
-  np.testing.assert_allclose(qz.lsq_init_scale(x, spec), 2 * np.mean(np.abs(x)) / np.sqrt(7),
+  np.testing.assert_allclose(lsq.lsq_init_scale(x, spec), 2 * np.mean(np.abs(x)) / np.sqrt(7),
                              rtol=1e-5)
   aspec = QuantSpec(8, symmetric=False)
-  s, z = qz.lsq_plus_init(x, aspec)
+  s, z = lsq.lsq_plus_init(x, aspec)
   np.testing.assert_allclose(z, 0.1 * (np.min(x) - float(s) * -128), rtol=1e-5)
-  s2, z2 = qz.lsq_plus_init(x, aspec, method="minmax")
+  s2, z2 = lsq.lsq_plus_init(x, aspec, method="minmax")
   assert z2.dtype == jnp.float32 and -128 <= float(z2) <= 127
-  assert qz.infer_signed(x) and not qz.infer_signed(jnp.abs(x))
-  assert float(qz.lsq_init_scale(jnp.zeros(4), spec)) == 1.0
+  assert lsq.infer_signed(x) and not lsq.infer_signed(jnp.abs(x))
+  assert float(lsq.lsq_init_scale(jnp.zeros(4), spec)) == 1.0
   with pytest.raises(ValueError, match=r"scale=\[-0.1\]"):
-    qz.lsq_fake_quant(x, -0.1, None, spec)
+    lsq.lsq_fake_quant(x, -0.1, None, spec)
 
 
 # ----------------------------------------------------------------------------- observers
 def test_minmax_and_ema_observers():
   spec = QuantSpec(8, symmetric=False)
   a, b = jnp.array([-1.0, 2.0]), jnp.array([-3.0, 1.0])
-  o = qz.MinMaxObserver()
+  o = obs.MinMaxObserver()
   st = o.update(o.update(o.init(spec), a), b)
   assert (float(st.stats["min"]), float(st.stats["max"])) == (-3.0, 2.0)
   np.testing.assert_array_equal(o.qparams(st)[0], qz.qparams_from_range(-3.0, 2.0, spec)[0])
-  e = qz.MovingAverageMinMaxObserver(momentum=0.75)
+  e = obs.MovingAverageMinMaxObserver(momentum=0.75)
   st = e.update(e.update(e.init(spec), a), b)
   np.testing.assert_allclose([st.stats["min"], st.stats["max"]],
                              [0.75 * -1 + 0.25 * -3, 0.75 * 2 + 0.25 * 1])
@@ -245,7 +247,7 @@ def test_minmax_and_ema_observers():
 
 def test_percentile_observer_known_distribution():
   x = jnp.arange(-10000, 10001, dtype=jnp.float32)  # |x| percentile p is ~ p% of 10000
-  p = qz.PercentileObserver(percentile=99.0)
+  p = obs.PercentileObserver(percentile=99.0)
   st = p.update(p.init(QuantSpec(8)), x)
   np.testing.assert_allclose(st.stats["max"], 9900.0, rtol=1e-3)
   st = p.update(st, x * 3)  # mean of the per-batch percentiles
@@ -257,7 +259,7 @@ def test_percentile_observer_known_distribution():
 def test_mse_search_beats_minmax_on_heavy_tails():
   x = jnp.asarray(RNG.standard_t(3.0, (4096,)), jnp.float32)  # Student-t, 3 dof
   spec = QuantSpec(4)
-  mse, mm = qz.MseObserver(), qz.MinMaxObserver()
+  mse, mm = obs.MseObserver(), obs.MinMaxObserver()
   st = mse.update(mse.init(spec), x)
   err = lambda qp: float(jnp.mean((qz.fake_quant(x, spec, *qp) - x) ** 2))
   e_mse, e_mm = err(mse.qparams(st)), err(mm.qparams(mm.update(mm.init(spec), x)))
@@ -283,6 +285,6 @@ def test_traced_qparams_under_jit_match_eager():
   s, z = qz.compute_qparams(x, spec)
   np.testing.assert_array_equal(jax.jit(lambda x, s: qz.fake_quant(x, spec, s))(x, s),
                                 qz.fake_quant(x, spec, s))
-  lsq = lambda x, s: jnp.sum(qz.lsq_fake_quant(x, s, None, spec) ** 2)
-  for a, b in zip(jax.jit(jax.grad(lsq, (0, 1)))(x, s), jax.grad(lsq, (0, 1))(x, s)):
+  loss = lambda x, s: jnp.sum(lsq.lsq_fake_quant(x, s, None, spec) ** 2)
+  for a, b in zip(jax.jit(jax.grad(loss, (0, 1)))(x, s), jax.grad(loss, (0, 1))(x, s)):
     np.testing.assert_allclose(a, b, rtol=1e-6)

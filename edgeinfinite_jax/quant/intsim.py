@@ -340,13 +340,16 @@ def _matmul_integer_jit(a, a_zp, b, b_zp, acc_dtype):
 
 
 @_x64
-def qlinear_matmul(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp, out_dtype, mode="onnx"):
+def qlinear_matmul(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp, out_dtype, mode="onnx",
+                   *, bias_q=None):
     """ONNX QLinearMatMul, a [..., K] @ b [K, N] -> [..., N] `out_dtype`, requantized by `mode`.
 
     a and y are per tensor; b_scale / b_zp are scalars or per column [N]. For non-onnx
     modes M[c] = s_a*s_b[c]/s_y is formed the way that runtime does (f64 for
     litert_reference and the fixed-point modes, f32 for xnnpack), and the fixed-point
     modes convert it with QuantizeMultiplier (in-graph, so traced scales work).
+    bias_q [N] (not part of ONNX QLinearMatMul): integer bias on the s_a*s_b[c] grid,
+    added to the accumulator before requantization, as TFLite FULLY_CONNECTED does.
     """
     _choice("mode", mode, MODES)
     lo, hi = _int_range("out_dtype", out_dtype)
@@ -356,7 +359,11 @@ def qlinear_matmul(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp, out_dt
     for name, s in (("a_scale", a_scale), ("b_scale", b_scale), ("y_scale", y_scale)):
         _check_scale(name, s)
     _check_zp("y_zero_point", y_zp, out_dtype)
-    acc_dtype = _acc_dtype(a_q.dtype, a_zp, b_q.dtype, b_zp, a_q.shape[-1])
+    if bias_q is not None:
+        _check_shape("bias_q", bias_q, b_q.shape[1])
+        if not jnp.issubdtype(jnp.asarray(bias_q).dtype, jnp.integer):
+            raise ValueError(f"bias_q dtype {jnp.asarray(bias_q).dtype} must be an integer dtype")
+    acc_dtype = _acc_dtype(a_q.dtype, a_zp, b_q.dtype, b_zp, a_q.shape[-1], bias_q)
     if acc_dtype == jnp.int64 and mode in ("gemmlowp", "tflite_optimized"):
         # The int64 overload needs shift <= 14, i.e. M < 2^14; only checkable on the host.
         ms = [_host(v) for v in (a_scale, b_scale, y_scale)]
@@ -365,13 +372,14 @@ def qlinear_matmul(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp, out_dt
             _check_requant(*quantize_multiplier(m), None, mode, True, b_q.shape[1])
     i32, f32 = (lambda v: jnp.asarray(v, jnp.int32)), (lambda v: jnp.asarray(v, jnp.float32))
     col = lambda v: jnp.broadcast_to(v, (b_q.shape[1],))
+    bias = jnp.zeros((b_q.shape[1],), acc_dtype) if bias_q is None else col(jnp.asarray(bias_q).astype(acc_dtype))
     return _qlinear_jit(a_q, i32(a_zp), b_q, col(i32(b_zp)), f32(a_scale), col(f32(b_scale)), f32(y_scale),
-                        i32(y_zp), acc_dtype, jnp.dtype(out_dtype), mode, lo, hi)
+                        i32(y_zp), bias, acc_dtype, jnp.dtype(out_dtype), mode, lo, hi)
 
 
 @functools.partial(jax.jit, static_argnames=("acc_dtype", "out_dtype", "mode", "lo", "hi"))
-def _qlinear_jit(a, a_zp, b, b_zp, a_s, b_s, y_s, y_zp, acc_dtype, out_dtype, mode, lo, hi):
-    acc = _int_matmul(a, a_zp, b, b_zp, acc_dtype, 0)
+def _qlinear_jit(a, a_zp, b, b_zp, a_s, b_s, y_s, y_zp, bias, acc_dtype, out_dtype, mode, lo, hi):
+    acc = _int_matmul(a, a_zp, b, b_zp, acc_dtype, 0) + bias
     if mode in ("onnx", "xnnpack"):  # both runtimes: (s_a * s_b[c]) / s_y in float32
         real = _exact_div(a_s * b_s, y_s)
     else:  # TFLite PopulateConvolutionQuantizationParams: double(s_a) * double(s_b) / double(s_y)

@@ -15,10 +15,14 @@ The spec's axis is resolved from that layout (the config's axis is ignored):
 per_channel = one scale per output column (per row for the embedding), per_group
 = groups along K (along hidden for the embedding). int4 values are held in int8.
 
-Activations. The model has no calibration hooks yet: the integration runs the
-model on N batches, collects a dict ``name -> activation`` per batch and feeds it
-to ``calibrate``. Suggested names are ``layers_{i}/{site}`` with the sites of
-``ACTIVATION_SITES``; ``activation_specs`` lists the ones a config calibrates.
+Learned weight scales (``weight_scales="learned"``, LSQ) sit next to their kernel at
+``.../{name}_proj/quant/scale``; ``quantize_params`` uses them instead of min/max.
+
+Activations. ``calibrate`` takes a dict ``name -> activation`` per batch, named
+``layers_{i}/{site}`` with the sites of ``ACTIVATION_SITES``; ``activation_specs``
+lists the ones a config calibrates. ``quant/calib.py`` runs the model with its
+capture hooks to produce those dicts and writes the resulting scales into the
+params tree.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from edgeinfinite_jax.quant import observers as obs
 from edgeinfinite_jax.quant import quantizers as qz
 from edgeinfinite_jax.quant.qconfig import QuantConfig
 from edgeinfinite_jax.quant.quantizers import QuantSpec
@@ -42,8 +47,11 @@ FORMAT_VERSION = 1
 # activation site -> QuantConfig placement
 ACTIVATION_SITES = {
     "attn_input": "linear_inputs", "o_input": "linear_inputs", "mlp_input": "linear_inputs",
-    "down_input": "linear_inputs", "q": "q", "k": "k", "v": "v", "attn_probs": "attn_probs",
-    "kv_cache_k": "kv_cache", "kv_cache_v": "kv_cache", "memory": "memory_state"}
+    "down_input": "linear_inputs", "q_out": "linear_outputs", "k_out": "linear_outputs",
+    "v_out": "linear_outputs", "o_out": "linear_outputs", "gate_out": "linear_outputs",
+    "up_out": "linear_outputs", "down_out": "linear_outputs", "q": "q", "k": "k", "v": "v",
+    "attn_probs": "attn_probs", "kv_cache_k": "kv_cache", "kv_cache_v": "kv_cache",
+    "memory": "memory_state"}
 
 
 @flax.struct.dataclass
@@ -90,9 +98,10 @@ def resolve_weight_spec(spec: QuantSpec, table: bool = False) -> QuantSpec:
 
 
 def quantize_tensor(w, spec: QuantSpec, n_contract: int | None = 1, observer=None,
-                    name: str = "tensor") -> QuantizedTensor:
+                    name: str = "tensor", scale=None) -> QuantizedTensor:
   """Quantize one weight (round to nearest; scales from min/max, or ``observer``,
-  e.g. ``MseObserver()`` for a clipping search). ``n_contract=None``: a table."""
+  e.g. ``MseObserver()`` for a clipping search, or a given symmetric ``scale`` in
+  the 2-D layout's qparam shape, e.g. a learned LSQ step). ``n_contract=None``: a table."""
   w = jnp.asarray(w)
   shape = tuple(w.shape)
   if n_contract is not None:
@@ -102,7 +111,12 @@ def quantize_tensor(w, spec: QuantSpec, n_contract: int | None = 1, observer=Non
     w2 = w
   try:
     spec = resolve_weight_spec(spec, table=n_contract is None)
-    if observer is None:
+    if scale is not None:
+      scale = jnp.asarray(scale, jnp.float32)
+      if spec.granularity == "per_channel":
+        scale = scale.reshape((-1, 1) if n_contract is None else (1, -1))
+      zp = jnp.zeros(scale.shape, jnp.int32)
+    elif observer is None:
       scale, zp = qz.compute_qparams(w2, spec)
     else:
       scale, zp = observer.qparams(observer.update(observer.init(spec, w2.shape), w2))
@@ -120,14 +134,16 @@ def quantize_params(params, config: QuantConfig, observer=None):
   """Same tree as ``params`` with ``QuantizedTensor`` at the kernels the config
   quantizes (``linear_weights``, ``lm_head``; ``embeddings`` for the table, which
   also serves a tied lm_head). Accepts ``{"params": ...}`` or the inner dict."""
+  flat = _flat(params)
   out = {}
-  for path, leaf in _flat(params).items():
+  for path, leaf in flat.items():
     role = _role(path)
     spec = None if role is None else getattr(config, role[0])
-    if spec is None:
+    if spec is None or _is_qt(leaf):
       out[path] = leaf
     else:
-      out[path] = quantize_tensor(leaf, spec, role[1], observer, "/".join(path))
+      learned = flat.get(path[:-1] + ("quant", "scale")) if role[0] == "linear_weights" else None
+      out[path] = quantize_tensor(leaf, spec, role[1], observer, "/".join(path), scale=learned)
   return traverse_util.unflatten_dict(out)
 
 
@@ -187,7 +203,7 @@ def restore_quantized(path):
 class CalibrationState:
   """One activation's observer (static) and its statistics."""
   observer: Any = flax.struct.field(pytree_node=False)
-  state: qz.ObserverState
+  state: obs.ObserverState
 
 
 def activation_specs(config: QuantConfig, num_layers: int) -> dict[str, QuantSpec]:
@@ -198,8 +214,8 @@ def activation_specs(config: QuantConfig, num_layers: int) -> dict[str, QuantSpe
   for i in range(num_layers):
     for site, placement in ACTIVATION_SITES.items():
       spec = getattr(config, placement)
-      if spec is None or spec.granularity == "per_token":
-        continue
+      if spec is None or spec.granularity == "per_token" or site == "memory":
+        continue  # per-token and memory-state scales are always dynamic
       if site == "o_input" and not config.quantize_o_input:
         continue
       out[f"layers_{i}/{site}"] = spec
@@ -209,8 +225,8 @@ def activation_specs(config: QuantConfig, num_layers: int) -> dict[str, QuantSpe
 def init_calibration(specs: Mapping[str, QuantSpec], observer=None) -> dict:
   """Observer states for ``specs`` (name -> spec); ``observer`` defaults to min/max and
   may also be a dict name -> observer."""
-  get = (lambda n: observer.get(n, qz.MinMaxObserver())) if isinstance(observer, Mapping) \
-      else (lambda n: observer or qz.MinMaxObserver())
+  get = (lambda n: observer.get(n, obs.MinMaxObserver())) if isinstance(observer, Mapping) \
+      else (lambda n: observer or obs.MinMaxObserver())
   return {n: CalibrationState(get(n), get(n).init(s)) for n, s in specs.items()}
 
 

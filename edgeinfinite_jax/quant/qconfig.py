@@ -13,12 +13,33 @@ spec when the preset has none); ``None`` switches the placement off.
 Placements (each a QuantSpec or None = stays float):
   linear_weights  kernels of q/k/v/o and gate/up/down (ptq.py resolves the axes)
   linear_inputs   inputs of those projections (o_proj's only if quantize_o_input)
+  linear_outputs  outputs of those projections: the grid every int32 accumulator is
+                  requantized to in integer mode (fixed point), fake-quantized the
+                  same way in fake_quant mode; required by mode='integer'
   q, k, v         after RoPE (q, k) / after the projection (v), as used by attention
   attn_probs      softmax output
-  kv_cache        cached K/V (sink + window ring), quantized on write
-  memory_state    EdgeInfinite compressive memory (off in every preset)
+  kv_cache        cached K/V (sink + window ring), quantized on write (pre-RoPE,
+                  as the cache holds them); the training path applies the same
+  memory_state    EdgeInfinite compressive memory M, quantized after every write;
+                  always dynamic (a running sum has no static range); off in every preset
   embeddings      embedding table (and the tied lm_head)
   lm_head         untied output projection
+
+Activation scales: ``dynamic`` (from each tensor as it is quantized: per_token is
+causal, per_tensor sees the whole sequence), ``calibrated`` (static per-tensor
+scales from observers, ``quant/calib.py``) or ``learned`` (LSQ+ parameters under
+``.../quant/...``, trained by QAT). Softmax probabilities with dynamic scales use
+their known range [0, 1] (TFLite fixes the softmax output scale the same way), so
+they stay causal. ``weight_scales``: ``dynamic`` (min/max of the current weights,
+or the scales of PTQ ``QuantizedTensor`` kernels) or ``learned`` (LSQ step size
+per linear layer, EdgeQAT's LinearQ).
+
+Integer mode (``mode="integer"``) runs every q/k/v/o/gate/up/down projection as
+int8/int16 x int8/int4 with int32/int64 accumulation and fixed-point
+requantization (``requant_mode``, one of ``intsim.MODES``), and QK^T and PV as
+integer dots; see ``quant/apply.py`` for the exact list of integer and float ops.
+It needs static per-tensor activation scales, per-tensor or per-channel weights
+and a ``linear_outputs`` spec (``integer_mode()`` adds one).
 Every error names the key, its value and the rule it breaks.
 """
 
@@ -30,12 +51,14 @@ from typing import Any, Mapping
 
 from edgeinfinite_jax.quant.quantizers import QuantSpec
 
-PLACEMENTS = ("linear_weights", "linear_inputs", "q", "k", "v", "attn_probs", "kv_cache",
-              "memory_state", "embeddings", "lm_head")
-ACTIVATION_PLACEMENTS = ("linear_inputs", "q", "k", "v", "attn_probs", "kv_cache",
-                         "memory_state")
+PLACEMENTS = ("linear_weights", "linear_inputs", "linear_outputs", "q", "k", "v", "attn_probs",
+              "kv_cache", "memory_state", "embeddings", "lm_head")
+ACTIVATION_PLACEMENTS = ("linear_inputs", "linear_outputs", "q", "k", "v", "attn_probs",
+                         "kv_cache", "memory_state")
 MODES = ("float", "fake_quant", "integer")
 ACTIVATION_SCALES = ("dynamic", "calibrated", "learned")
+WEIGHT_SCALES = ("dynamic", "learned")
+REQUANT_MODES = ("onnx", "gemmlowp", "tflite_optimized", "litert_reference", "xnnpack")
 STE_MODES = ("plain", "clipped")
 
 
@@ -80,6 +103,7 @@ class QuantConfig:
   mode: str = "float"
   linear_weights: QuantSpec | None = None
   linear_inputs: QuantSpec | None = None
+  linear_outputs: QuantSpec | None = None
   q: QuantSpec | None = None
   k: QuantSpec | None = None
   v: QuantSpec | None = None
@@ -90,6 +114,8 @@ class QuantConfig:
   lm_head: QuantSpec | None = None
   quantize_o_input: bool = True  # False reproduces EdgeQAT (o_proj input stays float)
   activation_scales: str = "dynamic"  # computed per forward / observers (PTQ) / LSQ+
+  weight_scales: str = "dynamic"  # min/max per forward (or PTQ kernels) / LSQ
+  requant_mode: str = "tflite_optimized"  # integer mode: intsim requantization rounding
   ste: str = "plain"
   edgeqat: EdgeQATOptions = EdgeQATOptions()
 
@@ -173,6 +199,10 @@ def validate(c: QuantConfig) -> None:
   _require(c.activation_scales in ACTIVATION_SCALES, "activation_scales", c.activation_scales,
            f"must be one of {ACTIVATION_SCALES}")
   _require(c.ste in STE_MODES, "ste", c.ste, f"must be one of {STE_MODES}")
+  _require(c.weight_scales in WEIGHT_SCALES, "weight_scales", c.weight_scales,
+           f"must be one of {WEIGHT_SCALES}")
+  _require(c.requant_mode in REQUANT_MODES, "requant_mode", c.requant_mode,
+           f"must be one of {REQUANT_MODES}")
   _require(isinstance(c.quantize_o_input, bool), "quantize_o_input", c.quantize_o_input,
            "must be a bool")
   for p in PLACEMENTS:
@@ -189,12 +219,30 @@ def validate(c: QuantConfig) -> None:
       _require(s is None or s.granularity != "per_token", f"{p}.granularity",
                s and s.granularity, f"per_token scales are dynamic; activation_scales="
                f"{c.activation_scales!r} needs per_tensor/per_channel (or set 'dynamic')")
+    for p in ACTIVATION_PLACEMENTS:
+      s = getattr(c, p)
+      _require(s is None or p == "memory_state" or s.granularity == "per_tensor",
+               f"{p}.granularity", s and s.granularity,
+               f"the model holds one static scale per site; activation_scales="
+               f"{c.activation_scales!r} needs per_tensor (or set 'dynamic')")
+  elif c.kv_cache is not None:
+    _require(c.kv_cache.granularity == "per_token", "kv_cache.granularity",
+             c.kv_cache.granularity, "a dynamic per-tensor scale depends on the whole sequence, "
+             "so cache entries could not be quantized once on write; use per_token or static "
+             "(calibrated/learned) scales")
+  w = c.linear_weights
+  if c.weight_scales == "learned":
+    _require(w is not None and w.granularity in ("per_tensor", "per_channel"),
+             "linear_weights.granularity", w and w.granularity,
+             "weight_scales='learned' learns one LSQ step size per tensor or per output "
+             "channel; needs per_tensor or per_channel weights")
   if c.mode == "integer":
     for p in ("linear_weights", "embeddings", "lm_head"):
       s = getattr(c, p)
       _require(s is None or (s.symmetric and s.signed), f"{p}.symmetric", s and s.symmetric,
                "integer mode needs signed symmetric weights (zero point 0, the intsim and "
                "TFLite weight contract)")
+    _check_integer(c)
   e = c.edgeqat
   _require(isinstance(e, EdgeQATOptions), "edgeqat", e, "must be EdgeQATOptions")
   for key in ("entropy_weight", "distribution_weight", "kd_weight", "ce_weight"):
@@ -216,6 +264,41 @@ def validate(c: QuantConfig) -> None:
   if e.adaptive_fraction > 0:
     _require(c.linear_inputs is not None, "edgeqat.adaptive_fraction", e.adaptive_fraction,
              "needs activation quantization (linear_inputs is None)")
+
+
+def _check_integer(c: QuantConfig) -> None:
+  rule = "integer mode"
+  w = c.linear_weights
+  _require(w is not None, "linear_weights", w, f"{rule} runs the projections on integer weights; "
+           "set a spec")
+  _require(w.granularity in ("per_tensor", "per_channel"), "linear_weights.granularity",
+           w.granularity, f"{rule} requantizes with one multiplier per output column; needs "
+           "per_tensor or per_channel (per_group is fake_quant only)")
+  _require(w.bits <= 8, "linear_weights.bits", w.bits, f"{rule} holds weights in int8 (2..8 bits)")
+  _require(c.linear_inputs is not None, "linear_inputs", None,
+           f"{rule} needs quantized projection inputs")
+  _require(c.linear_outputs is not None, "linear_outputs", None,
+           f"{rule} requantizes every int32 accumulator to the linear_outputs grid; set a spec "
+           "(qconfig.integer_mode() adds int16)")
+  _require(c.activation_scales in ("calibrated", "learned"), "activation_scales",
+           c.activation_scales, f"{rule} needs static scales (fixed-point multipliers are "
+           "computed from them): 'calibrated' or 'learned'")
+  _require(c.edgeqat.adaptive_fraction == 0, "edgeqat.adaptive_fraction",
+           c.edgeqat.adaptive_fraction, f"{rule} has one integer grid per tensor; token-adaptive "
+           "bits are fake_quant only")
+  for p in ("q", "k", "v", "attn_probs"):
+    s = getattr(c, p)
+    _require((s is None) == (c.q is None), p, s, f"{rule} runs QK^T and PV as integer dots; q, "
+             "k, v and attn_probs must be all set or all None")
+
+
+def integer_mode(c: QuantConfig, output_bits: int = 16, requant_mode: str | None = None,
+                 ) -> QuantConfig:
+  """``c`` in integer mode with symmetric ``output_bits`` linear outputs (int16 by default,
+  the NPU's 16-bit intermediate: its rounding is 2^-15 of the range)."""
+  out = c.linear_outputs or QuantSpec(output_bits, symmetric=True)
+  return c.replace(mode="integer", linear_outputs=out,
+                   requant_mode=requant_mode or c.requant_mode)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -267,7 +350,7 @@ def edgeqat():
   return QuantConfig(
       mode="fake_quant", linear_weights=_w(4, "per_tensor", narrow_range=False),
       linear_inputs=a, q=a, k=a, v=a, attn_probs=QuantSpec(8, symmetric=False, signed=False),
-      quantize_o_input=False, activation_scales="learned",
+      quantize_o_input=False, activation_scales="learned", weight_scales="learned",
       edgeqat=EdgeQATOptions(entropy_weight=0.5, distribution_weight=1.0, kd_weight=0.5,
                              kd_temperature=2.0, ce_weight=0.5))
 

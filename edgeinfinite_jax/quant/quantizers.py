@@ -1,4 +1,4 @@
-"""Quantizer math: specs, scales, fake quantization with STE, LSQ/LSQ+, observers.
+"""Quantizer math: specs, scales, fake quantization with a straight-through estimator.
 
 Pure functions over arrays; nothing here holds state. Conventions (shared with
 ``intsim.py`` so fake-quant and integer paths agree bit for bit):
@@ -26,6 +26,8 @@ Pure functions over arrays; nothing here holds state. Conventions (shared with
   input axis of an ``[in, out]`` kernel; one scale per group and per index of
   every other axis) -> x's shape with ``shape[axis] // group_size`` at ``axis``;
   ``expand_qparams`` repeats it to broadcast against x.
+* Learned scales (LSQ / LSQ+) are in ``lsq.py``; calibration observers
+  (min/max, EMA, percentile, MSE search) in ``observers.py``.
 * Values passed by the caller (scale, zero point) are checked on the host when
   concrete; traced values (inside the caller's jit) skip the value checks.
 """
@@ -36,7 +38,6 @@ import dataclasses
 import functools
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,7 +316,7 @@ def fake_quant(x, spec, scale=None, zero_point=None, ste="plain"):
   Without ``scale`` the qparams are computed from x (dynamic; no gradient flows
   through them). ``ste="plain"``: dx = dy; ``"clipped"``: dx = dy only where x is
   inside the representable range [(qmin - zp)·s, (qmax - zp)·s], else 0. Scale and
-  zero point get zero gradient here (use ``lsq_fake_quant`` to learn them).
+  zero point get zero gradient here (use ``lsq.lsq_fake_quant`` to learn them).
   """
   if ste not in STE_MODES:
     _fail("ste", ste, f"must be one of {STE_MODES}")
@@ -362,214 +363,3 @@ def _fq_bwd(spec, ste, res, g):
 
 
 _fake_quant_ste.defvjp(_fq_fwd, _fq_bwd)
-
-
-# ----------------------------------------------------------------------------- LSQ / LSQ+
-def _round_pass(v, rounding):
-  # Forward value exactly round(v); gradient identity (the stop-gradient pair cancels).
-  return lax.stop_gradient(round_int(v, rounding)) + (v - lax.stop_gradient(v))
-
-
-def _grad_scale(a, g):
-  # Forward value exactly a; gradient multiplied by g.
-  return lax.stop_gradient(a) + (a * g - lax.stop_gradient(a * g))
-
-
-def lsq_grad_factor(x_shape, scale_shape, spec):
-  """LSQ step-size gradient scale g = 1/sqrt(n · Qp), n = elements per scale
-  (numel(x) per tensor, including the batch, as in the EdgeQAT code)."""
-  n = int(np.prod(x_shape)) // max(int(np.prod(scale_shape)), 1)
-  return 1.0 / float(np.sqrt(n * spec.qmax))
-
-
-def lsq_fake_quant(x, scale, zero_point, spec):
-  """LSQ (``zero_point=None``) / LSQ+ (learnable float zero point) fake quantization.
-
-  x̂ = (round_pass(clamp(x/s' + z', qmin, qmax)) - z')·s', s' = grad_scale(s, g),
-  z' = grad_scale(round_pass(z), g). Gradients (per element, before g and the sum
-  over elements sharing a scale): dx̂/dx = 1 inside [qmin, qmax] else 0;
-  dx̂/ds = round(v) - v inside, qmin - z or qmax - z outside; dx̂/dz = 0 inside,
-  -s outside. The learned zero point is not range-checked (it drifts freely).
-  """
-  check_scale(scale)
-  return _lsq(x, scale, zero_point, spec)
-
-
-@_jit
-def _lsq(x, scale, zero_point, spec):
-  scale = jnp.asarray(scale, jnp.float32)
-  g = lsq_grad_factor(x.shape, scale.shape, spec)
-  s = expand_qparams(_grad_scale(scale, g), x.shape, spec, "scale")
-  z = 0.0
-  if zero_point is not None:
-    zp = jnp.asarray(zero_point, jnp.float32)
-    z = expand_qparams(_grad_scale(_round_pass(zp, spec.rounding), g), x.shape, spec,
-                       "zero_point")
-  v = _div(x.astype(jnp.float32), s) + z
-  q = _round_pass(_clamp(v, float(spec.qmin), float(spec.qmax)), spec.rounding)
-  return ((q - z) * s).astype(x.dtype)
-
-
-@_jit
-def lsq_init_scale(x, spec):
-  """LSQ init 2·mean|x|/sqrt(Qp), at the spec's granularity (1.0 if x is all zero)."""
-  m = _reduce(jnp.abs(jnp.asarray(x, jnp.float32)), spec, jnp.mean)
-  s = 2.0 * m / np.float32(np.sqrt(spec.qmax))
-  return jnp.where(jnp.isfinite(s) & (s >= _TINY), s, 1.0).astype(jnp.float32)
-
-
-def lsq_plus_init(x, spec, method="edgeqat"):
-  """(scale, float zero point) for LSQ+ activations.
-
-  ``edgeqat``: the released code's first-batch init, s = 2·mean|x|/sqrt(Qp) and
-  z = 0.1·(min(x) - s·qmin) (mixes real and integer units; a heuristic, then
-  learned). ``minmax``: the unit-consistent asymmetric min/max qparams (z float).
-  """
-  x = jnp.asarray(x, jnp.float32)
-  if method == "edgeqat":
-    s = lsq_init_scale(x, spec)
-    return s, 0.1 * (_reduce(x, spec, jnp.min) - s * spec.qmin)
-  if method == "minmax":
-    s, z = compute_qparams(x, spec)
-    return s, z.astype(jnp.float32)
-  _fail("method", method, "must be 'edgeqat' or 'minmax'")
-
-
-def infer_signed(x, threshold=1e-5) -> bool:
-  """EdgeQAT's signedness rule (fixed on the first batch): signed if min(x) < -threshold."""
-  return bool(np.min(np.asarray(x)) < -threshold)
-
-
-# ----------------------------------------------------------------------------- observers
-@flax.struct.dataclass
-class ObserverState:
-  """Observer statistics (arrays; None until the first update when the shape was not
-  given) and the spec they are collected for (static)."""
-  stats: Any
-  spec: QuantSpec = flax.struct.field(pytree_node=False)
-
-
-def _stat_shape(spec, shape):
-  return jax.eval_shape(lambda x: _reduce(x, spec, jnp.min),
-                        jax.ShapeDtypeStruct(tuple(shape), jnp.float32)).shape
-
-
-class _Observer:
-  """init(spec, shape=None) -> state; update(state, x) -> state; qparams(state, spec=None).
-
-  Pass ``shape`` (the activation's shape) to fix the state's structure up front
-  (needed inside ``lax.scan``); otherwise it is allocated on the first update.
-  """
-
-  def init(self, spec, shape=None):
-    if spec.granularity == "per_token":
-      _fail("granularity", spec.granularity,
-            "per-token scales are computed at run time (dynamic); there is nothing to calibrate")
-    if shape is None and spec.granularity != "per_tensor":
-      return ObserverState(None, spec)
-    return ObserverState(self._empty(_stat_shape(spec, shape or ())), spec)
-
-  def update(self, state, x):
-    x = jnp.asarray(x, jnp.float32)
-    if state.stats is None:
-      state = self.init(state.spec, x.shape)
-    return ObserverState(_observer_update(self, state.stats, x, state.spec), state.spec)
-
-  def qparams(self, state, spec=None):
-    spec = state.spec if spec is None else spec
-    if spec.granularity != state.spec.granularity or spec.axis != state.spec.axis:
-      _fail("spec", spec, f"granularity/axis differ from the observed {state.spec}")
-    if state.stats is None or _host(state.stats["count"]) == 0:
-      raise ValueError("observer has seen no data: call update() before qparams()")
-    return self._qparams(state.stats, spec, state.spec)
-
-  def _empty(self, shape):
-    return {"min": jnp.full(shape, jnp.inf), "max": jnp.full(shape, -jnp.inf),
-            "count": jnp.zeros((), jnp.int32)}
-
-  def _qparams(self, st, spec, observed):
-    return qparams_from_range(st["min"], st["max"], spec)
-
-
-@dataclasses.dataclass(frozen=True)
-class MinMaxObserver(_Observer):
-  """Running min and max over every batch seen."""
-
-  def _update(self, st, x, spec):
-    return {"min": jnp.minimum(st["min"], _reduce(x, spec, jnp.min)),
-            "max": jnp.maximum(st["max"], _reduce(x, spec, jnp.max)), "count": st["count"] + 1}
-
-
-@dataclasses.dataclass(frozen=True)
-class MovingAverageMinMaxObserver(_Observer):
-  """EMA of per-batch min/max: m <- momentum·m + (1 - momentum)·batch (first batch copied)."""
-  momentum: float = 0.9
-
-  def _update(self, st, x, spec):
-    first, m = st["count"] == 0, self.momentum
-    ema = lambda old, new: jnp.where(first, new, m * old + (1 - m) * new)
-    return {"min": ema(st["min"], _reduce(x, spec, jnp.min)),
-            "max": ema(st["max"], _reduce(x, spec, jnp.max)), "count": st["count"] + 1}
-
-
-@dataclasses.dataclass(frozen=True)
-class PercentileObserver(_Observer):
-  """Mean over batches of the per-batch percentile: of |x| (symmetric), or the
-  (100 - p, p) percentiles of x (asymmetric)."""
-  percentile: float = 99.99
-
-  def _update(self, st, x, spec):
-    p = self.percentile
-    pct = lambda q: (lambda v, axis, keepdims: jnp.percentile(v, q, axis=axis, keepdims=keepdims))
-    if spec.symmetric:
-      hi = _reduce(jnp.abs(x) if spec.signed else x, spec, pct(p))
-      lo = -hi
-    else:
-      lo, hi = _reduce(x, spec, pct(100.0 - p)), _reduce(x, spec, pct(p))
-    n = st["count"].astype(jnp.float32)
-    mean = lambda old, new: jnp.where(n == 0, new, (old * n + new) / (n + 1))
-    return {"min": mean(st["min"], lo), "max": mean(st["max"], hi), "count": st["count"] + 1}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _observer_update(observer, stats, x, spec):
-  return observer._update(stats, x, spec)  # observers are frozen (hashable) dataclasses
-
-
-def _default_ratios():
-  # Fine steps (0.01) where Gaussian-like data is best clipped, geometric below for
-  # heavy tails (t-distributed data can want 1-5 % of its absmax).
-  r = np.concatenate([np.geomspace(0.01, 0.3, 30, endpoint=False), np.linspace(0.3, 1.0, 71)])
-  return tuple(float(v) for v in np.round(r, 5))
-
-
-@dataclasses.dataclass(frozen=True)
-class MseObserver(_Observer):
-  """Clip-ratio search: running min/max plus, per candidate ratio r, the summed
-  quantization MSE of each batch with the range scaled by r; picks the argmin
-  (per channel / group when the spec has several scales)."""
-  ratios: tuple = dataclasses.field(default_factory=_default_ratios)
-
-  def _empty(self, shape):
-    st = super()._empty(shape)
-    st["sse"] = jnp.zeros((len(self.ratios),) + tuple(shape), jnp.float32)
-    return st
-
-  def _update(self, st, x, spec):
-    lo = jnp.minimum(st["min"], _reduce(x, spec, jnp.min))
-    hi = jnp.maximum(st["max"], _reduce(x, spec, jnp.max))
-
-    def err(r):  # one ratio at a time keeps memory at one copy of x
-      s, z = qparams_from_range(lo * r, hi * r, spec)
-      s, z = expand_qparams(s, x.shape, spec), expand_qparams(z, x.shape, spec)
-      d = _fq_forward(x, s, z.astype(jnp.float32), spec) - x
-      return _reduce(d * d, spec, jnp.mean)
-
-    sse = st["sse"] + lax.map(err, jnp.asarray(self.ratios, jnp.float32))
-    return {"min": lo, "max": hi, "sse": sse, "count": st["count"] + 1}
-
-  def _qparams(self, st, spec, observed):
-    if spec != observed:
-      _fail("spec", spec, f"MSE errors were collected for {observed}; bits/range must match")
-    r = jnp.asarray(self.ratios, jnp.float32)[jnp.argmin(st["sse"], axis=0)]
-    return qparams_from_range(st["min"] * r, st["max"] * r, spec)

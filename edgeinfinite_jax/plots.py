@@ -1,0 +1,63 @@
+"""Plots of the demo's results (matplotlib, Agg backend: no display needed).
+
+* ``passkey_heatmap``: accuracy over depth (rows) x length (columns), one file
+  per method (``passkey_heatmap_<method>.png``).
+* ``ttft_memory``: time to first token and engine state bytes against prompt
+  length, one line per method (``ttft_memory.png``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def passkey_heatmap(grid: Mapping, path: str, title: str = "") -> str:
+  """``grid`` as returned by ``evaluate.passkey_grid``; writes ``path`` (PNG)."""
+  acc = np.asarray(grid["accuracy"], float).T  # [depth, length]
+  lengths, depths = grid["lengths"], grid["depths"]
+  fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.7 * len(depths)))
+  im = ax.imshow(acc * 100, vmin=0, vmax=100, cmap="viridis", aspect="auto", origin="lower")
+  ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+  ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+  ax.set_xlabel("context length (tokens)")
+  ax.set_ylabel("key depth")
+  for i in range(acc.shape[0]):
+    for j in range(acc.shape[1]):
+      v = acc[i, j] * 100
+      ax.text(j, i, f"{v:.0f}", ha="center", va="center",
+              color="black" if v > 60 else "white", fontsize=9)
+  fig.colorbar(im, ax=ax, label="accuracy (%)")
+  ax.set_title(title or "passkey accuracy")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def ttft_memory(curves: Mapping[str, Mapping], path: str) -> str:
+  """``curves``: method -> ``evaluate.cost_curve`` output; writes ``path`` (PNG)."""
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+  for name, c in curves.items():
+    a1.plot(c["lengths"], np.asarray(c["ttft_s"]) * 1000, marker="o", label=name)
+    a2.plot(c["lengths"], np.asarray(c["kv_bytes"]) / 2**20, marker="o", label=name)
+  for ax, ylabel in ((a1, "time to first token (ms)"), (a2, "KV cache + memory state (MiB)")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+  a1.set_yscale("log")
+  fig.suptitle("prefill cost against prompt length (Engine, this machine)")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -1,0 +1,410 @@
+"""Quantization-aware training (plain QAT and EdgeQAT) and the ``quant`` job.
+
+QAT reuses ``train.run`` whole (linear loop, checkpoints, resume, metrics, held-out
+eval): the student is ``model.quantized(config, quant)`` with its learned scales
+(LSQ+ under ``.../quant/...``, initialised by ``quant.calib.calibrate``), and
+``make_loss`` replaces the trainer's loss:
+
+  loss = ce_w·CE + kd_w·T²·KL(teacher ‖ student) + entropy_w·L_E + dist_w·L_D
+
+* CE: next-token cross entropy of the fake-quantized student (``train.cross_entropy``).
+* KD: the frozen full-precision teacher's logits, temperature T, mean over the
+  counted tokens (the released recipe's ``batchmean`` is ~T_len x larger; its
+  weights were tuned for that, ours for the per-token mean).
+* L_E = -log Σ_l [Σ log(1+Var_d Q̂_l) + Σ log(1+Var_d K̂_l)] on the quantized,
+  post-RoPE Q̂/K̂ of every layer (edgeqat.md §4, code form).
+* L_D = -log Σ_{l,b,h} cos(S_student, S_teacher) over pre-mask, pre-softmax
+  logits (intended direction; ``edgeqat.published_sign`` gives the released
+  code's +log, which pushes the maps apart, edgeqat.md §5).
+A weight of 0 switches a term off (it is then not computed); the unweighted value
+of every active term is logged next to the total (``ce``, ``kd``, ``entropy``,
+``dist``). Token-adaptive bits need no loss: the student applies them in its
+forward (``quant.edgeqat.adaptive_fraction``). The quantizer parameters form their
+own trainable group (``.*/quant/.*``, lr x ``quantize.quant_lr_mult``, no weight
+decay) unless ``optim.groups`` is set.
+
+The ``quant`` job (``run``): a float base model (``init.hf_path``, or a short
+pretraining run on the configured data, reused from ``quantize.base_workdir``),
+then one method of ``METHODS`` at ``quant.preset``, then held-out perplexity and
+the integer-vs-fake-quant agreement written to ``quant_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from edgeinfinite_jax import data as data_lib
+from edgeinfinite_jax import experiment, optim, train
+from edgeinfinite_jax import model as model_lib
+from edgeinfinite_jax.config import ConfigError
+from edgeinfinite_jax.quant import calib, losses
+from edgeinfinite_jax.quant import qconfig as qc
+from edgeinfinite_jax.quant.qconfig import EdgeQATOptions, QuantConfig
+
+# method -> what it does at the preset's bit widths (``recipe``)
+METHODS = {
+    "fp": "full precision (no quantization)",
+    "ptq_rtn": "PTQ, round to nearest, per-tensor weights, calibrated per-tensor activations",
+    "ptq_fine": "PTQ, per-group weights, dynamic per-token activations, int8 per-token KV",
+    "qat": "QAT with LSQ+ scales, 0.5 CE + 0.5 KD (T=2)",
+    "edgeqat_e": "qat + entropy loss L_E (0.5)",
+    "edgeqat_ed": "qat + L_E + attention-distribution loss L_D (1.0, intended sign)",
+    "edgeqat_all": "edgeqat_ed + token-adaptive bits: the least important half of the "
+                   "tokens at half the preset's activation bits (w8a8/w4a8: 4, w4a4: 2)",
+}
+TRAINED = ("qat", "edgeqat_e", "edgeqat_ed", "edgeqat_all")
+QUANT_GROUP = r".*/quant/.*"
+
+
+def defaults() -> dict:
+  """The ``quantize`` section (job ``quant``)."""
+  return {
+      "method": "fp",               # one of METHODS
+      "base_steps": 200,            # pretraining of the float base (no init.hf_path)
+      "base_workdir": "",           # where that run lives ("" = <workdir>/base; reused)
+      "calib_batches": 4,           # calibration / LSQ-init batches (training split)
+      "observer": "minmax",         # calib.OBSERVERS
+      "group_size": 32,             # ptq_fine's weight groups
+      "output_bits": 16,            # integer check: the linear-output grid
+      "requant_mode": "tflite_optimized",
+      "qat_lr": 0.0,                # 0 = optim.lr
+      # lr multiplier of the quantizer parameters: Adam moves every parameter by ~lr
+      # per step whatever its gradient scale (LSQ's g cancels), and 8-bit step sizes
+      # are ~1e-3, so at the weights' lr they would cross zero within a few steps.
+      "quant_lr_mult": 0.1,
+  }
+
+
+def quant_defaults() -> dict:
+  """The ``quant`` section: a QuantConfig as ``QuantConfig.from_dict`` reads it."""
+  return {"preset": "", "preset_args": {}, "mode": "fake_quant", "edgeqat": {}}
+
+
+def recipe(method: str, preset: str, group_size: int = 32) -> QuantConfig | None:
+  """The QuantConfig of one (method, preset) point of the results table."""
+  if method not in METHODS:
+    raise ConfigError(f"quantize.method={method!r}: must be one of {sorted(METHODS)}")
+  if method == "fp":
+    return None
+  base = qc.preset(preset)
+  if method == "ptq_rtn":
+    return base.replace(linear_weights=base.linear_weights.replace(granularity="per_tensor",
+                                                                   axis=None))
+  if method == "ptq_fine":
+    return qc.fine_grained(preset, group_size=group_size)
+  e = EdgeQATOptions(ce_weight=0.5, kd_weight=0.5, kd_temperature=2.0)
+  if method in ("edgeqat_e", "edgeqat_ed", "edgeqat_all"):
+    e = dataclasses.replace(e, entropy_weight=0.5)
+  if method in ("edgeqat_ed", "edgeqat_all"):
+    e = dataclasses.replace(e, distribution_weight=1.0)
+  if method == "edgeqat_all":
+    bits = base.linear_inputs.bits  # w8a8/w4a8: tokens at 8 or 4 bits; w4a4: 4 or 2
+    e = dataclasses.replace(e, adaptive_fraction=0.5, adaptive_bits=(bits, max(2, bits // 2)))
+  return base.replace(activation_scales="learned", weight_scales="learned", edgeqat=e)
+
+
+def method_quant(config) -> QuantConfig | None:
+  """The job's QuantConfig: the method's recipe at ``quant.preset``, then every other
+  key of the ``quant`` section on top (e.g. ``quant.edgeqat.published_sign``)."""
+  q = config.quantize
+  preset = config.quant.preset or "w8a8"
+  base = recipe(q.method, preset, q.group_size)
+  if base is None:
+    return None
+  d = config.quant.to_dict()
+  extra = {k: v for k, v in d.items() if k not in ("preset", "preset_args", "mode")}
+  edge = extra.pop("edgeqat", None) or {}
+  if edge:
+    extra["edgeqat"] = {**dataclasses.asdict(base.edgeqat), **edge}
+  out = QuantConfig.from_dict({**base.to_dict(), **extra})
+  return out.replace(mode=d.get("mode") or out.mode)
+
+
+def validate(config) -> None:
+  """Rules of the ``quantize`` / ``quant`` sections (job ``quant``), before any work."""
+  known = defaults()
+  extra = sorted(set(config.quantize.keys()) - set(known))
+  if extra:
+    raise ConfigError(f"unknown key(s) {', '.join('quantize.' + k for k in extra)}; valid "
+                      f"keys: {', '.join(sorted(known))}")
+  q = config.quantize
+  if q.observer not in calib.OBSERVERS:
+    raise ConfigError(f"quantize.observer={q.observer!r}: must be one of "
+                      f"{sorted(calib.OBSERVERS)}")
+  for key in ("base_steps", "calib_batches", "group_size"):
+    v = q[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+      raise ConfigError(f"quantize.{key}={v!r}: must be a positive integer")
+  if q.requant_mode not in qc.REQUANT_MODES:
+    raise ConfigError(f"quantize.requant_mode={q.requant_mode!r}: must be one of "
+                      f"{qc.REQUANT_MODES}")
+  if q.qat_lr < 0 or q.quant_lr_mult < 0:
+    raise ConfigError(f"quantize.qat_lr={q.qat_lr!r} / quant_lr_mult={q.quant_lr_mult!r}: "
+                      "must be >= 0")
+  model_lib.quantized(experiment.model_config(config), method_quant(config))  # model rules
+
+
+# ----------------------------------------------------------------------------- loss
+def _captured(state, name):
+  inter = state["intermediates"]
+  return [inter[f"layers_{i}"]["attn"][name][0] for i in range(len(inter))]
+
+
+def make_loss(teacher_config, teacher_params, options: EdgeQATOptions):
+  """A ``train.loss_fn`` replacement for the student (see the module doc).
+
+  The teacher's parameters are closed over (constants of the compiled step: fine
+  for the small models QAT targets here; a large teacher would be an argument).
+  """
+  e = options
+  capture = e.entropy_weight > 0 or e.distribution_weight > 0
+  teacher = model_lib.Transformer(model_lib.quantized(teacher_config, None))
+
+  def loss(trainable, frozen, student_config, batch, rng):
+    del rng
+    params = optim.merge(trainable, frozen)
+    tokens = batch["tokens"]
+    student = model_lib.Transformer(student_config)
+    if capture:
+      logits, state = student.apply(params, tokens, mutable=["intermediates"])
+    else:
+      logits = student.apply(params, tokens)
+    total, count = train.cross_entropy(logits, tokens, batch.get("loss_mask"))
+    ce = total / jnp.maximum(count, 1.0)
+    metrics = {"tokens": count, "ce": ce}
+    value = e.ce_weight * ce
+    t_logits = t_state = None
+    if e.kd_weight > 0 or e.distribution_weight > 0:
+      if e.distribution_weight > 0:
+        t_logits, t_state = teacher.apply(teacher_params, tokens, mutable=["intermediates"])
+      else:
+        t_logits = teacher.apply(teacher_params, tokens)
+      t_logits = jax.lax.stop_gradient(t_logits)
+    if e.kd_weight > 0:
+      lm = batch.get("loss_mask")
+      mask = (tokens[:, 1:] != train.PAD_ID) if lm is None else lm[:, 1:].astype(bool)
+      kd = losses.kd_loss(logits[:, :-1], t_logits[:, :-1], e.kd_temperature, mask=mask)
+      metrics["kd"] = kd
+      value = value + e.kd_weight * kd
+    if e.entropy_weight > 0:
+      e_sum = sum(losses.entropy_term(q, k) for q, k in
+                  zip(_captured(state, "q_hat"), _captured(state, "k_hat")))
+      ent = losses.entropy_loss_from_sum(e_sum, 1.0)
+      metrics["entropy"] = ent
+      value = value + e.entropy_weight * ent
+    if e.distribution_weight > 0:
+      dist = losses.attention_distribution_loss(
+          _captured(state, "logits"), [jax.lax.stop_gradient(x) for x in
+                                       _captured(t_state, "logits")],
+          published_sign=e.published_sign, weight=1.0)
+      metrics["dist"] = dist
+      value = value + e.distribution_weight * dist
+    return value, metrics
+
+  return loss
+
+
+def qat_config(config):
+  """``config`` for QAT's ``train.run``: quantizer group (own lr, no decay), QAT lr."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  if not c.optim.groups:
+    mult = float(config.quantize.quant_lr_mult)
+    c.optim.groups = [(QUANT_GROUP, mult, 0.0), (rf"(?!{QUANT_GROUP}$).*", 1.0)]
+  if config.quantize.qat_lr:
+    c.optim.lr = float(config.quantize.qat_lr)
+  return c
+
+
+def train_qat(config, workdir, student_config, student_params, teacher_config,
+              teacher_params, *, stop_after=None) -> dict:
+  """QAT of ``student_params`` (calibrated) with ``train.run`` in ``workdir``."""
+  quant = model_lib.quant_of(student_config)
+  return train.run(qat_config(config), workdir, stop_after=stop_after,
+                   model=(student_config, student_params),
+                   loss=make_loss(teacher_config, teacher_params, quant.edgeqat))
+
+
+# ----------------------------------------------------------------------------- job
+def _batches(rows, batch_size, n, seed=0):
+  return [data_lib.batch_at(rows, s, batch_size, seed)["tokens"] for s in range(n)]
+
+
+def base_model(config, workdir):
+  """(float model config, params): ``init.hf_path``, or a pretraining run of
+  ``quantize.base_steps`` steps in ``quantize.base_workdir`` (resumed / reused)."""
+  if config.init.hf_path:
+    return train.model_and_base_params(config)
+  base_dir = config.quantize.base_workdir or os.path.join(workdir, "base")
+  pre = ml_collections.ConfigDict(config.to_dict())
+  steps = int(config.quantize.base_steps)
+  pre.train.steps = steps
+  pre.checkpoint.update(every=steps, enabled=True)
+  out = train.run(pre, base_dir)
+  return experiment.model_config(config), jax.device_get(out["state"].params)
+
+
+def integer_agreement(config, params, batches, calib_batches, output_bits=16,
+                      requant_mode="tflite_optimized", headroom=2.0) -> dict:
+  """Integer path vs the fake-quantized model with the same output grid, on ``batches``.
+
+  Both run ``qconfig.integer_mode(quant)``'s placements (the linear-output grid is
+  calibrated on ``calib_batches`` where missing, its range widened ``headroom``
+  times so held-out values beyond the calibration batches do not clip: one of an
+  int16 grid's 15 bits for 2x). Reports the largest
+  logit difference in output quantization steps (an int8 per-tensor grid over
+  the fake-quant logits' range: (max - min)/255), the greedy next-token agreement
+  and the integer model's held-out loss.
+  """
+  quant = model_lib.quant_of(config)
+  int_q = qc.integer_mode(quant, output_bits, requant_mode)
+  ref_cfg = model_lib.quantized(config, int_q.replace(mode="fake_quant"))
+  int_cfg = model_lib.quantized(config, int_q)
+  before = set(_paths(params))
+  params = calib.calibrate(ref_cfg, params, calib_batches, only_missing=True)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v * headroom if _key(p) not in before and _key(p).endswith("_out/scale")
+      else v, params)
+  diffs, agree, lo, hi, total, count = [], [], np.inf, -np.inf, 0.0, 0.0
+  for tokens in batches:
+    a = np.asarray(model_lib.forward(ref_cfg, params, tokens))
+    b = np.asarray(model_lib.forward(int_cfg, params, tokens))
+    diffs.append(float(np.abs(a - b).max()))
+    agree.append(np.argmax(a, -1) == np.argmax(b, -1))
+    lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+    s, n = train.cross_entropy(jnp.asarray(b), jnp.asarray(tokens))
+    total, count = total + float(s), count + float(n)
+  step = (hi - lo) / 255.0
+  agree = np.concatenate([x.ravel() for x in agree])
+  return {"int_max_logit_diff": max(diffs), "output_step": step,
+          "int_max_diff_steps": max(diffs) / step, "int_greedy_agree_pct": 100 * agree.mean(),
+          "int_positions": int(agree.size), "int_eval_loss": total / max(count, 1.0),
+          "int_eval_ppl": float(np.exp(min(total / max(count, 1.0), 50.0))),
+          "int_requant_mode": requant_mode, "int_output_bits": output_bits}
+
+
+def _key(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _paths(params):
+  return [_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _integer_blocker(quant) -> str | None:
+  """Why a config cannot run in integer mode (None if it can)."""
+  if quant is None:
+    return "full precision"
+  try:
+    qc.integer_mode(quant)
+  except qc.QuantConfigError as e:
+    return str(e)
+  return None
+
+
+def run(config, workdir: str) -> dict:
+  """The ``quant`` job: base model, method at the preset, metrics JSON (module doc)."""
+  experiment.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.perf_counter()
+  q = config.quantize
+  teacher_cfg, teacher_params = base_model(config, workdir)
+  quant = method_quant(config)
+  split = data_lib.load(config.data)
+  bs = config.data.batch_size
+  calib_set = _batches(split.train, bs, q.calib_batches, seed=config.seed + 1)
+  heldout = [b["tokens"] for b in data_lib.eval_batches(split.heldout, bs,
+                                                        max(config.train.eval_batches, 1))]
+  fp = train.evaluate(teacher_cfg, teacher_params, [{"tokens": t} for t in heldout])
+  metrics: dict[str, Any] = {"method": q.method, "preset": config.quant.preset or "w8a8",
+                             "fp_eval_loss": fp["eval_loss"], "fp_eval_ppl": fp["eval_ppl"]}
+  if quant is None:
+    student_cfg, params = teacher_cfg, teacher_params
+  else:
+    student_cfg = model_lib.quantized(teacher_cfg, quant)
+    metrics["quant"] = quant.to_dict()
+    if q.method in TRAINED:
+      init = calib.calibrate(student_cfg, teacher_params, calib_set, q.observer)
+      out = train_qat(config, os.path.join(workdir, "qat"), student_cfg, init, teacher_cfg,
+                      teacher_params)
+      params = jax.device_get(out["state"].params)
+      metrics["qat_losses"] = [out["losses"][0], out["losses"][-1]] if out["losses"] else []
+    else:
+      params = calib.quantize_model(student_cfg, teacher_params, calib_set, q.observer)
+  ev = train.evaluate(student_cfg, params, [{"tokens": t} for t in heldout])
+  metrics.update(eval_loss=ev["eval_loss"], eval_ppl=ev["eval_ppl"], eval_tokens=ev["eval_tokens"])
+  blocker = _integer_blocker(quant)
+  if blocker is None:
+    try:
+      metrics.update(integer_agreement(student_cfg, params, heldout, calib_set, q.output_bits,
+                                       q.requant_mode))
+    except ValueError as e:  # e.g. learned zero points that drifted out of range
+      metrics["integer"] = f"not run: {e}"
+  else:
+    metrics["integer"] = f"not run: {blocker}"
+  metrics["seconds"] = time.perf_counter() - t0
+  with open(os.path.join(workdir, "quant_metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=2, default=float)
+  return metrics
+
+
+# ----------------------------------------------------------------------------- benchmark
+def qat_step_cost(config, n: int = 10, warmup: int = 2) -> dict:
+  """Median wall time of one QAT training step vs one full-precision step.
+
+  Same model (``config.model``), batch (``data.batch_size`` x ``data.seq_len``
+  random tokens) and optimizer; the QAT step is ``quantize.method``'s recipe at
+  ``quant.preset`` (a training method; "edgeqat_ed" when the method is fp/PTQ),
+  student and teacher both evaluated. After ``warmup`` calls of each (the first
+  compiles), the two steps alternate for ``n`` rounds, so a change in machine
+  load hits both alike. Returns milliseconds and their ratio.
+  """
+  model_config = experiment.model_config(config)
+  method = config.quantize.method if config.quantize.method in TRAINED else "edgeqat_ed"
+  sub = ml_collections.ConfigDict(config.to_dict())
+  sub.quantize.method = method
+  quant = method_quant(sub)
+  student_cfg = model_lib.quantized(model_config, quant)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, model_config.vocab_size,
+                        (config.data.batch_size, config.data.seq_len)).astype(np.int32)
+  batch = {"tokens": jnp.asarray(tokens)}
+  params = model_lib.init_params(model_config, jax.random.key(config.seed))
+  student_params = calib.calibrate(student_cfg, params, [tokens])
+  c = qat_config(sub)
+
+  def stepper(cfg, p, loss):
+    groups = optim.groups_from_config(c.optim)
+    trainable = optim.trainable_paths(p, groups)
+    tx = optim.make_optimizer(c.optim, groups, p, 1000)
+    box = [train.TrainState(jnp.zeros((), jnp.int32), p, tx.init(optim.split(p, trainable)[0]))]
+    step = jax.jit(functools.partial(train.train_step, model_config=cfg, tx=tx,
+                                     trainable=trainable, rng=jax.random.key(0), loss=loss))
+
+    def once():
+      t = time.perf_counter()
+      box[0], m = step(box[0], batch)
+      jax.block_until_ready(m["loss"])
+      return time.perf_counter() - t
+    return once
+
+  fp = stepper(model_config, params, None)
+  q = stepper(student_cfg, student_params, make_loss(model_config, params, quant.edgeqat))
+  for _ in range(warmup):
+    fp(), q()
+  times = [(fp(), q()) for _ in range(n)]
+  fp_ms = 1e3 * statistics.median(t[0] for t in times)
+  qat_ms = 1e3 * statistics.median(t[1] for t in times)
+  return {"fp_step_ms": fp_ms, "qat_step_ms": qat_ms, "ratio": qat_ms / fp_ms, "n": n,
+          "method": method, "preset": config.quant.preset or "w8a8",
+          "batch": list(tokens.shape)}

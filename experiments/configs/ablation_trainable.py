@@ -1,0 +1,35 @@
+"""Ablation: the trainable set of the memory fine-tune (gate / gate+attention / all).
+
+  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_trainable.py:tiny \\
+      --workdir=sweeps/trainable
+
+``job=demo`` (default): the S-SFT stage's trainable set (``demo.sft_runs``): the
+gate alone (EdgeInfinite's recipe: a few hundred parameters), the gate plus the
+attention projections, or everything; the gate keeps its own learning rate.
+``job=train``: ``optim.trainable`` of the trainer. Gate-only training only makes
+sense on a pretrained backbone, so give one with ``hf=DIR`` (e.g. the
+``pretrain/hf`` directory of a demo run); without it the model starts random.
+Baseline, arguments and metrics: see ``ablation_base.py``.
+"""
+
+import os
+
+from edgeinfinite_jax import experiment
+
+base = experiment.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "ablation_base.py"))
+SETS = ("gate", "gate+attention", "all")
+
+
+def get_config(arg=None):
+  return base.get_config(arg)
+
+
+def sweep(add, arg=None):
+  add = base.checked(add, arg)
+  for trainable in SETS:
+    add({base.trainable_key(arg): trainable})
+
+
+def metrics(arg=None):
+  return base.metrics(arg)

@@ -1,0 +1,136 @@
+"""Integer mode at model level: agreement with fake-quant, the engine in three numerics
+modes (compile once, integer KV cache), the exported integer step functions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from edgeinfinite_jax import Engine, Scenario, model, qat, state_nbytes, with_memory
+from edgeinfinite_jax.quant import calib, intsim
+from edgeinfinite_jax.quant import qconfig as qc
+from quant_fixtures import fast_compiles, tiny, tokens, trained
+
+L = 8
+
+
+@pytest.fixture(autouse=True)
+def _fast():
+  with fast_compiles():
+    yield
+
+
+@pytest.mark.parametrize("preset, mode", [("w8a8", "tflite_optimized"), ("w4a8", "gemmlowp"),
+                                          ("a16w8", "litert_reference")])
+def test_integer_logits_agree_with_fake_quant_on_held_out_text(preset, mode):
+  """Trained tiny model (80 steps on the embedded corpus), 1024 held-out positions.
+
+  Both sides use the same grids (the int16 linear-output grid included); they differ
+  in the accumulator rescaling (float vs fixed point ``mode``) and dot order."""
+  mc, params, held, cal = trained()
+  qcfg = model.quantized(mc, qc.preset(preset))
+  qp = calib.quantize_model(qcfg, params, cal)
+  got = qat.integer_agreement(qcfg, qp, held, cal, output_bits=16, requant_mode=mode)
+  assert got["int_positions"] == 4 * 8 * 32
+  assert got["int_max_diff_steps"] <= 2.0, got
+  assert got["int_greedy_agree_pct"] >= 99.0, got
+
+
+def _model():
+  base = tiny()
+  params = model.init_params(base, jax.random.key(0))
+  return with_memory(base, params, rng=jax.random.key(1), attention_type="edgeinfinite",
+                     gate="mlp", gate_init_bias=0.0)
+
+
+def _scenario():
+  return Scenario(segment_len=L, n_sink=2, n_window=16, batch_size=1, max_new_tokens=8,
+                  short_threshold=4, max_context=64)
+
+
+def _calibrated(cfg, params, quant):
+  long_cfg = Engine(cfg, params, _scenario(), quant=quant).route_configs["long"]
+  return calib.calibrate(long_cfg, params, [tokens(40, seed=7, batch=2)])
+
+
+def test_engine_in_three_numerics_modes_compiles_once_and_exports_integer_steps(tmp_path):
+  """float / fake_quant on the long route, integer on both routes: one compilation per
+  step function whatever the prompt; integer KV cache; the exported integer steps
+  (int8 weights and cache as inputs) reproduce the engine in a fresh process."""
+  cfg, params = _model()
+  quant = qc.integer_mode(qc.preset("w8a8"))
+  qp = _calibrated(cfg, params, quant.replace(mode="fake_quant"))
+  last, sizes = {}, {}
+  for mode in ("float", "fake_quant", "integer"):
+    engine = Engine(cfg, qp, _scenario(), quant=quant.replace(mode=mode))
+    lengths = (3, 9, 40) if mode == "integer" else (9, 40)  # 3: short route (full attention)
+    for t in lengths:
+      state, logits = engine.prefill(tokens(t, seed=t, batch=1))
+      state, logits = engine.decode(state, np.array([5], np.int32))
+    want = {"prefill_long": 1, "decode_long": 1}
+    if mode == "integer":
+      want.update(prefill_short=1, decode_short=1)
+    assert engine.compile_counts() == want, mode
+    last[mode], sizes[mode] = np.asarray(logits), state_nbytes(state)
+    assert state.caches[0].ring_k.dtype == (np.int8 if mode == "integer" else np.float32)
+  assert sizes["integer"] < sizes["fake_quant"] == sizes["float"]
+  np.testing.assert_allclose(last["integer"], last["fake_quant"], atol=1e-3)
+  assert np.abs(last["fake_quant"] - last["float"]).max() > 1e-3
+
+  manifest = engine.export(str(tmp_path), routes=("long",))  # the integer engine
+  inputs = " ".join(manifest["functions"]["prefill_long"]["inputs"])
+  assert "int8[32,16]" in inputs  # k_proj's kernel as int8 values [hidden, kv_heads*hd]
+  assert "int8[1,2,2,8]" in inputs  # the integer sink cache [batch, sink, kv_heads, hd]
+  assert manifest["model_config"]["quant"]["mode"] == "integer"
+  x = tokens(19, batch=1)
+  state, logits = engine.prefill(x)
+  state, logits = engine.decode(state, x[:, 0])
+  flat, _ = jax.tree.flatten((engine.params, engine.init_state("long")))
+  np.savez(tmp_path / "inputs.npz", *[np.asarray(v) for v in flat], tokens=x)
+  np.save(tmp_path / "want.npy", np.asarray(logits))
+  script = f"""
+import numpy as np
+from jax.tree_util import tree_unflatten
+from edgeinfinite_jax.engine import load_exported
+d = {str(tmp_path)!r}
+prefill, decode = load_exported(d, "prefill_long"), load_exported(d, "decode_long")
+data = np.load(d + "/inputs.npz")
+tokens = data["tokens"]
+leaves = [data[f"arr_{{i}}"] for i in range(len(data.files) - 1)]
+params, state = tree_unflatten(prefill.in_tree, leaves + [0, 0])[0][:2]
+for s in range(0, 19, 8):
+  chunk = np.zeros((1, 8), np.int32); n = min(8, 19 - s); chunk[:, :n] = tokens[:, s:s + n]
+  state, logits = prefill.call(params, state, chunk, np.int32(n))
+state, logits = decode.call(params, state, tokens[:, :1], np.int32(1))
+# the float ops (RoPE, softmax, norms) compile afresh here: equal up to float rounding
+np.testing.assert_allclose(np.asarray(logits), np.load(d + "/want.npy"), atol=1e-5)
+print("OK")
+"""
+  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+  assert json.loads((tmp_path / "manifest.json").read_text())["scenario"]["segment_len"] == L
+
+
+@pytest.mark.parametrize("mode", ["tflite_optimized", "litert_reference"])
+def test_qlinear_matmul_bias_matches_fully_connected(mode):
+  """The model's integer projection (qlinear_matmul + int32 bias, [K, N] weights) is
+  TFLite FULLY_CONNECTED ([N, K] weights) with the same multipliers, bit for bit."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(-128, 128, (6, 40)).astype(np.int8)
+  w = rng.integers(-127, 128, (40, 12)).astype(np.int8)
+  bias = rng.integers(-5000, 5000, (12,)).astype(np.int32)
+  sx, sy = np.float32(0.02), np.float32(0.05)
+  sw = rng.uniform(0.001, 0.01, (12,)).astype(np.float32)
+  got = intsim.qlinear_matmul(x, sx, 3, w, sw, 0, sy, -2, np.int8, mode, bias_q=bias)
+  real = np.float64(sx) * sw.astype(np.float64) / np.float64(sy)
+  m, shift = intsim.quantize_multiplier(real)
+  want = intsim.fully_connected(x, 3, w.T, bias, m, shift, -2, np.int8, mode,
+                                real_multiplier=real)
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match=r"bias_q has shape \(3,\); expected \(\) or \(12,\)"):
+    intsim.qlinear_matmul(x, sx, 3, w, sw, 0, sy, -2, np.int8, mode, bias_q=bias[:3])

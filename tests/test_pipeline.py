@@ -1,0 +1,86 @@
+"""The demo job end to end (``demo.py:tiny``): outputs, resumability, config rules."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from edgeinfinite_jax import experiment, main, pipeline
+from edgeinfinite_jax.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "experiments/configs/demo.py")
+
+
+def tiny(**overrides):
+  config = experiment.load_module(DEMO).get_config("tiny")
+  config.train.progress = False
+  return experiment.apply_overrides(config, overrides)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+  prev = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)  # fast compiles, same numerics
+  try:
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    first = pipeline.run(tiny(), workdir)
+    second = pipeline.run(tiny(), workdir)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", prev)
+  return workdir, first, second
+
+
+def test_demo_writes_metrics_table_plots_and_checkpoints(demo_runs):
+  workdir, first, _ = demo_runs
+  files = set(os.listdir(workdir))
+  assert {"metrics.json", "results.md", "ttft_memory.png", "passkey_heatmap_full.png",
+          "passkey_heatmap_streaming.png", "passkey_heatmap_edgeinfinite.png"} <= files
+  for stage in ("pretrain", "sft_gate", "sft_all"):
+    assert os.listdir(os.path.join(workdir, stage, "checkpoints")), stage
+  assert os.path.exists(os.path.join(workdir, "pretrain", "hf", "config.json"))
+  m = json.load(open(os.path.join(workdir, "metrics.json")))
+  assert set(m["eval"]["passkey"]) == {"full", "streaming", "edgeinfinite", "edgeinfinite[all]"}
+  for g in m["eval"]["passkey"].values():
+    assert len(g["accuracy"]) == 2 and len(g["accuracy"][0]) == 2
+  assert m["eval"]["lengths"][-1] >= 2 * m["eval"]["sft_len"]
+  cost = m["eval"]["cost"]
+  assert cost["edgeinfinite"]["state_bytes"][0] == cost["edgeinfinite"]["state_bytes"][-1]
+  assert cost["full"]["kv_bytes"][-1] > cost["full"]["kv_bytes"][0]
+  assert m["sft"]["gate"]["trainable"] < m["sft"]["all"]["trainable"]
+  assert set(m["quant"]["presets"]) == {"float", "fine_grained", "rtn_per_tensor"}
+  assert m["quant"]["integer_path"]["status"]  # "ok" with agreement %, or why it did not run
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "| edgeinfinite |" in table and "| streaming |" in table and "fine_grained" in table
+
+
+def test_rerun_skips_every_finished_stage(demo_runs):
+  _, first, second = demo_runs
+  assert first["stages_skipped"] == []
+  assert set(second["stages_skipped"]) == {"pretrain", "sft[gate]", "sft[all]", "eval", "quant"}
+  assert second["eval"]["passkey"] == first["eval"]["passkey"]
+  assert second["wall_s"] < first["wall_s"]
+
+
+def test_demo_job_is_registered():
+  assert "demo" in experiment.JOBS and "demo" in main.JOBS
+  assert experiment.load_module(DEMO).get_config().job == "demo"
+
+
+def test_demo_config_errors_name_the_key():
+  with pytest.raises(ConfigError, match="demo.sft_runs"):
+    experiment.validate(tiny(**{"demo.sft_runs": "gate,everything"}))
+  with pytest.raises(ConfigError, match="demo.eval_depths"):
+    experiment.validate(tiny(**{"demo.eval_depths": "0.5,2"}))
+  with pytest.raises(ConfigError, match="demo.quant_presets"):
+    experiment.validate(tiny(**{"demo.quant_presets": "int3"}))
+
+
+def test_sweep_points_are_valid_overrides():
+  module = experiment.load_module(DEMO)
+  points = experiment.sweep_points(module)
+  assert len(points) >= 4
+  for p in points:
+    experiment.validate(experiment.apply_overrides(module.get_config("tiny"), p),
+                        check_paths=False)
