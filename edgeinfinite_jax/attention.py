@@ -66,14 +66,16 @@ def dot_attention(q, k, v, mask):
   Logits and softmax in float32 whatever the compute dtype.
   """
   b, t, h, d = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, t, kh, h // kh, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-  logits = logits / jnp.sqrt(jnp.float32(d))
+  kh, g = k.shape[2], h // k.shape[2]
+  # One [G*T, S] matmul per KV head: XLA:CPU runs this layout 2-3x faster than a
+  # batched btkgd,bskd contraction (measured by the benchmark's profiling).
+  qr = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+  logits = jnp.einsum("bkrd,bskd->bkrs", qr, k, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, kh, g, t, -1) / jnp.sqrt(jnp.float32(d))
   logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, h, d)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kh, g * t, -1)
+  out = jnp.einsum("bkrs,bskd->bkrd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def quantized_dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
