@@ -141,14 +141,7 @@ def parse_cli_value(text: str, current: Any, key: str) -> Any:
 
 
 def _lookup(config, dotted: str):
-  node = config
-  *parents, leaf = dotted.split(".")
-  for p in parents:
-    if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-      raise ConfigError(f"key {dotted!r}: {p!r} is not a config section")
-    node = node[p]
-  if leaf not in node:
-    raise ConfigError(f"key {dotted!r}: no such config key")
+  node, leaf = experiment.key_parent(config, dotted)
   return node[leaf]
 
 
