@@ -187,6 +187,16 @@ def _load_json(path):
   return None
 
 
+def _finished_stage(record, key, path, title):
+  """The saved result of a finished stage (recorded as skipped), or None."""
+  done = _load_json(path)
+  if done:
+    _banner(f"{title} (done)")
+    record["stages_skipped"].append(key)
+    record[key] = done
+  return done
+
+
 def _save_json(path, obj):
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -300,11 +310,8 @@ def stage_eval(config, workdir, base, models, record) -> dict:
   from edgeinfinite_jax import Engine, evaluate
   from edgeinfinite_jax.tokenizer import ByteTokenizer
   path = os.path.join(workdir, "eval.json")
-  done = _load_json(path)
+  done = _finished_stage(record, "eval", path, "stage 3/5: passkey evaluation")
   if done:
-    _banner("stage 3/5: passkey evaluation (done)")
-    record["stages_skipped"].append("eval")
-    record["eval"] = done
     return done
   _banner("stage 3/5: passkey retrieval through the Engine (key outside window + segment)")
   d = config.demo
@@ -359,14 +366,11 @@ def stage_quant(config, workdir, base, models, record) -> dict:
   agreement of its greedy tokens with this dequantized model.
   """
   from edgeinfinite_jax import Engine, evaluate, train
-  from edgeinfinite_jax.quant import ptq, qconfig
+  from edgeinfinite_jax.quant import ptq
   from edgeinfinite_jax.tokenizer import ByteTokenizer
   path = os.path.join(workdir, "quant.json")
-  done = _load_json(path)
+  done = _finished_stage(record, "quant", path, "stage 4/5: quantization")
   if done:
-    _banner("stage 4/5: quantization (done)")
-    record["stages_skipped"].append("quant")
-    record["quant"] = done
     return done
   _banner("stage 4/5: post-training quantization (weights), held-out loss and passkey @8x")
   d = config.demo

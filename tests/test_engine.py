@@ -1,9 +1,6 @@
 """The fixed-shape engine: teacher forcing, compile counts, padding, routes, export."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +9,7 @@ import pytest
 
 from edgeinfinite_jax import ConfigError, Engine, Scenario, model, state_nbytes, with_memory
 from edgeinfinite_jax.config import ModelConfig
+from export_check import assert_exported_matches_engine
 
 VOCAB = 64
 L = 8
@@ -148,32 +146,7 @@ def test_exported_step_functions_reproduce_the_engine_in_a_fresh_process(tmp_pat
   engine = Engine(cfg, params, _scenario())
   manifest = engine.export(str(tmp_path), routes=("long",))
   assert set(manifest["functions"]) == {"prefill_long", "decode_long"}
-  tokens = _tokens(19)
-  state, logits = engine.prefill(tokens)
-  state, logits = engine.decode(state, tokens[:, 0])
-  flat, _ = jax.tree.flatten((params, engine.init_state("long")))
-  np.savez(tmp_path / "inputs.npz", *[np.asarray(x) for x in flat], tokens=tokens)
-  np.save(tmp_path / "want.npy", np.asarray(logits))
-  script = f"""
-import numpy as np, jax, jax.numpy as jnp
-from jax.tree_util import tree_unflatten
-from edgeinfinite_jax.engine import load_exported
-d = {str(tmp_path)!r}
-prefill, decode = load_exported(d, "prefill_long"), load_exported(d, "decode_long")
-data = np.load(d + "/inputs.npz")
-tokens = data["tokens"]
-leaves = [data[f"arr_{{i}}"] for i in range(len(data.files) - 1)]
-params, state = tree_unflatten(prefill.in_tree, leaves + [0, 0])[0][:2]
-for s in range(0, 19, 8):
-  chunk = np.zeros((2, 8), np.int32); n = min(8, 19 - s); chunk[:, :n] = tokens[:, s:s + n]
-  state, logits = prefill.call(params, state, chunk, np.int32(n))
-state, logits = decode.call(params, state, tokens[:, :1], np.int32(1))
-np.testing.assert_allclose(np.asarray(logits), np.load(d + "/want.npy"), atol=1e-5)
-print("OK")
-"""
-  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+  assert_exported_matches_engine(tmp_path, engine, _tokens(19))
   loaded = json.loads((tmp_path / "manifest.json").read_text())
   assert loaded["scenario"]["segment_len"] == L
 

@@ -2,9 +2,6 @@
 modes (compile once, integer KV cache), the exported integer step functions."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 from edgeinfinite_jax import Engine, Scenario, model, qat, state_nbytes, with_memory
 from edgeinfinite_jax.quant import calib, intsim
 from edgeinfinite_jax.quant import qconfig as qc
+from export_check import assert_exported_matches_engine
 from quant_fixtures import fast_compiles, tiny, tokens, trained
 
 L = 8
@@ -86,33 +84,7 @@ def test_engine_in_three_numerics_modes_compiles_once_and_exports_integer_steps(
   assert "int8[32,16]" in inputs  # k_proj's kernel as int8 values [hidden, kv_heads*hd]
   assert "int8[1,2,2,8]" in inputs  # the integer sink cache [batch, sink, kv_heads, hd]
   assert manifest["model_config"]["quant"]["mode"] == "integer"
-  x = tokens(19, batch=1)
-  state, logits = engine.prefill(x)
-  state, logits = engine.decode(state, x[:, 0])
-  flat, _ = jax.tree.flatten((engine.params, engine.init_state("long")))
-  np.savez(tmp_path / "inputs.npz", *[np.asarray(v) for v in flat], tokens=x)
-  np.save(tmp_path / "want.npy", np.asarray(logits))
-  script = f"""
-import numpy as np
-from jax.tree_util import tree_unflatten
-from edgeinfinite_jax.engine import load_exported
-d = {str(tmp_path)!r}
-prefill, decode = load_exported(d, "prefill_long"), load_exported(d, "decode_long")
-data = np.load(d + "/inputs.npz")
-tokens = data["tokens"]
-leaves = [data[f"arr_{{i}}"] for i in range(len(data.files) - 1)]
-params, state = tree_unflatten(prefill.in_tree, leaves + [0, 0])[0][:2]
-for s in range(0, 19, 8):
-  chunk = np.zeros((1, 8), np.int32); n = min(8, 19 - s); chunk[:, :n] = tokens[:, s:s + n]
-  state, logits = prefill.call(params, state, chunk, np.int32(n))
-state, logits = decode.call(params, state, tokens[:, :1], np.int32(1))
-# the float ops (RoPE, softmax, norms) compile afresh here: equal up to float rounding
-np.testing.assert_allclose(np.asarray(logits), np.load(d + "/want.npy"), atol=1e-5)
-print("OK")
-"""
-  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+  assert_exported_matches_engine(tmp_path, engine, tokens(19, batch=1))
   assert json.loads((tmp_path / "manifest.json").read_text())["scenario"]["segment_len"] == L
 
 
