@@ -80,6 +80,21 @@ def test_division_is_correctly_rounded_at_ties():
   np.testing.assert_array_equal(np.asarray(q), np.rint(exact[pick]).astype(np.int16))
 
 
+def test_exact_div_with_a_broadcast_divisor_is_correctly_rounded():
+  # What the quantizers divide by: a per-channel scale broadcast over a weight matrix.
+  x = RNG.standard_normal((300, 64)).astype(np.float32)
+  s = (RNG.uniform(0.001, 0.1, 64)).astype(np.float32)
+  plain = np.asarray(jax.jit(lambda x, s: x / s)(x, s))
+  assert (plain != x / s).any()  # the trap is real: XLA multiplies by 1/s
+  np.testing.assert_array_equal(np.asarray(jax.jit(qz.exact_div)(x, s)), x / s)
+  edge = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0], np.float32)
+  np.testing.assert_array_equal(np.asarray(jax.jit(qz.exact_div)(edge, s[:1])), edge / s[:1])
+  w = RNG.standard_normal(x.shape).astype(np.float32)
+  dx, ds = jax.grad(lambda x, s: jnp.sum(qz.exact_div(x, s) * w), argnums=(0, 1))(x, s)
+  np.testing.assert_allclose(dx, w / s, rtol=1e-6)
+  np.testing.assert_allclose(ds, -(w * x / s.astype(np.float64) ** 2).sum(0), rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- round trip
 SPECS = [QuantSpec(b, symmetric=sym, granularity=g, group_size=16 if g == "per_group" else None)
          for b in (2, 4, 8) for sym in (True, False)
@@ -206,6 +221,20 @@ def test_lsq_per_channel_weights_gradients_and_forward():
   np.testing.assert_allclose(dx, ex, atol=1e-6)
   np.testing.assert_allclose(ds, es.sum(0, keepdims=True), rtol=2e-4, atol=1e-6)
   # Forward equals the plain fake quantizer with the same scale.
+  np.testing.assert_array_equal(lsq.lsq_fake_quant(x, s, None, spec), qz.fake_quant(x, spec, s))
+
+
+def test_lsq_per_group_gradients_sum_over_each_group():
+  spec = QuantSpec(4, granularity="per_group", group_size=4, axis=0)
+  x = RNG.standard_normal((12, 3)).astype(np.float32)
+  w = RNG.standard_normal((12, 3)).astype(np.float32)
+  s = RNG.uniform(0.05, 0.4, (3, 3)).astype(np.float32)  # one step per group of 4 rows
+  dx, ds = jax.grad(lambda x, s: jnp.sum(lsq.lsq_fake_quant(x, s, None, spec) * w),
+                    argnums=(0, 1))(x, s)
+  ex, es, _ = _lsq_analytic(x.astype(np.float64), w, np.repeat(s, 4, 0).astype(np.float64),
+                            0.0, spec, 4)
+  np.testing.assert_allclose(dx, ex, atol=1e-6)
+  np.testing.assert_allclose(ds, es.reshape(3, 4, 3).sum(1), rtol=2e-4, atol=1e-6)
   np.testing.assert_array_equal(lsq.lsq_fake_quant(x, s, None, spec), qz.fake_quant(x, spec, s))
 
 

@@ -195,10 +195,10 @@ class LayerQuant(NamedTuple):
     z = jnp.asarray(p.get("zero_point", 0.0), jnp.float32)
     if self.quant.activation_scales == "learned":
       z = qz.round_int(z, spec.rounding)
-      v = qz._exact_div(x.astype(jnp.float32), s) + z
+      v = qz.exact_div(x.astype(jnp.float32), s) + z
       q = qz.round_int(jnp.clip(v, spec.qmin, spec.qmax), spec.rounding)
     else:
-      q = qz.round_int(qz._exact_div(x.astype(jnp.float32), s), spec.rounding) + z
+      q = qz.round_int(qz.exact_div(x.astype(jnp.float32), s), spec.rounding) + z
       q = jnp.clip(q, spec.qmin, spec.qmax)
     return q.astype(spec.int_dtype), s, z
 

@@ -10,23 +10,16 @@ the same forward values there and in the integer path.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from edgeinfinite_jax.quant.quantizers import (_TINY, _clamp, _div, _fail, _jit, _reduce,
+from edgeinfinite_jax.quant.intsim import exact_div
+from edgeinfinite_jax.quant.quantizers import (_TINY, _fail, _jit, _reduce,
                                                check_scale, compute_qparams, expand_qparams,
                                                round_int)
-
-
-def _round_pass(v, rounding):
-  # Forward value exactly round(v); gradient identity (the stop-gradient pair cancels).
-  return lax.stop_gradient(round_int(v, rounding)) + (v - lax.stop_gradient(v))
-
-
-def _grad_scale(a, g):
-  # Forward value exactly a; gradient multiplied by g.
-  return lax.stop_gradient(a) + (a * g - lax.stop_gradient(a * g))
 
 
 def lsq_grad_factor(x_shape, scale_shape, spec):
@@ -53,15 +46,55 @@ def lsq_fake_quant(x, scale, zero_point, spec):
 def _lsq(x, scale, zero_point, spec):
   scale = jnp.asarray(scale, jnp.float32)
   g = lsq_grad_factor(x.shape, scale.shape, spec)
-  s = expand_qparams(_grad_scale(scale, g), x.shape, spec, "scale")
-  z = 0.0
+  s = expand_qparams(scale, x.shape, spec, "scale")
+  z = jnp.zeros((), jnp.float32)
   if zero_point is not None:
-    zp = jnp.asarray(zero_point, jnp.float32)
-    z = expand_qparams(_grad_scale(_round_pass(zp, spec.rounding), g), x.shape, spec,
-                       "zero_point")
-  v = _div(x.astype(jnp.float32), s) + z
-  q = _round_pass(_clamp(v, float(spec.qmin), float(spec.qmax)), spec.rounding)
-  return ((q - z) * s).astype(x.dtype)
+    z = expand_qparams(jnp.asarray(zero_point, jnp.float32), x.shape, spec, "zero_point")
+  return _lsq_quant(x, s, z, spec, g)
+
+
+# A hand-written VJP: autodiff of the straight-through expression (stop-gradient
+# pairs for the rounding and LSQ's gradient scale) compiles to about ten passes over
+# a weight matrix on XLA:CPU; this is one fused pass forward and one backward. XLA
+# fuses a division only into a consumer that reads it once, hence min/max rather
+# than where() in the forward's clamp (no autodiff goes through it here), and a
+# reciprocal in the backward: exact rounding matters for the forward values only.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lsq_quant(x, s, z, spec, g):
+  zr = round_int(z, spec.rounding)
+  v = exact_div(x.astype(jnp.float32), s) + zr
+  q = round_int(jnp.minimum(jnp.maximum(v, float(spec.qmin)), float(spec.qmax)), spec.rounding)
+  return ((q - zr) * s).astype(x.dtype)
+
+
+def _lsq_fwd(x, s, z, spec, g):
+  return _lsq_quant(x, s, z, spec, g), (x, s, z)
+
+
+def _lsq_bwd(spec, g, res, dy):
+  x, s, z = res
+  zr = round_int(z, spec.rounding)
+  u = x.astype(jnp.float32) * (1.0 / s)
+  v = u + zr
+  dy = dy.astype(jnp.float32)
+  low, high = v < spec.qmin, v > spec.qmax  # the bounds count as inside
+  inside = ~(low | high)
+  dx = jnp.where(inside, dy, 0.0).astype(x.dtype)
+  ds = jnp.where(inside, round_int(v, spec.rounding) - v,
+                 jnp.where(low, spec.qmin - zr, spec.qmax - zr)) * dy
+  dz = jnp.where(inside, 0.0, -s * dy)
+  return dx, g * _sum_to(ds, jnp.shape(s)), g * _sum_to(dz, jnp.shape(z))
+
+
+_lsq_quant.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def _sum_to(t, shape):
+  """Sum ``t`` down to ``shape``, a shape that broadcasts against it."""
+  lead = t.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                    if n == 1 and t.shape[lead + i] != 1)
+  return jnp.sum(t, axis=axes).reshape(shape)
 
 
 @_jit

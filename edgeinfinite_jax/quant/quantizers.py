@@ -15,9 +15,8 @@ Pure functions over arrays; nothing here holds state. Conventions (shared with
   ``zero_point = clip(round(qmin - lo / scale))``.
 * ``q = clip(round(x / scale) + zero_point, qmin, qmax)`` with the rounding named
   in the spec (``half_to_even`` = ONNX / ``jnp.round``; ``half_away_from_zero`` =
-  TFLite ``std::round``). The division is correctly rounded: XLA rewrites
-  ``x / broadcast(s)`` as ``x * (1/s)`` (1 ulp off, flips ties), so, as in
-  intsim, the divisor goes through an optimization barrier.
+  TFLite ``std::round``). The division is correctly rounded (``intsim.exact_div``:
+  XLA would otherwise compile ``x / broadcast(s)`` as ``x * (1/s)``, which flips ties).
 * Scale shapes (what ``compute_qparams`` returns, broadcastable against x except
   per_group): ``per_tensor`` -> ``()``; ``per_channel`` (``axis`` = kept channel
   axis/axes, default -1, the output axis of an ``[in, out]`` kernel) -> keepdims;
@@ -42,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from edgeinfinite_jax.quant.intsim import exact_div
 
 ROUNDINGS = ("half_to_even", "half_away_from_zero")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
@@ -180,21 +181,6 @@ def expand_qparams(p, shape, spec, name="qparams"):
   return p
 
 
-def _exact_div(a, b):
-  # Full-shape divisor behind a barrier: XLA keeps a correctly rounded division.
-  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
-  b = lax.optimization_barrier(jnp.broadcast_to(b, shape))
-  return jnp.broadcast_to(a, shape) / b
-
-
-def _div(a, b):
-  """a / b: correctly rounded forward, ordinary gradient (plain + exact correction)."""
-  plain = a / b
-  exact = _exact_div(lax.stop_gradient(a), lax.stop_gradient(b))
-  # exact and plain differ by <= 1 ulp, so the correction and the sum are exact.
-  return plain + lax.stop_gradient(exact - plain)
-
-
 def round_int(v, rounding):
   """Rounding to integers (float result) in the named mode."""
   if rounding == "half_to_even":
@@ -203,11 +189,6 @@ def round_int(v, rounding):
   # for 0.49999997 (the sum rounds up to 1.0).
   t = jnp.trunc(v)
   return t + jnp.where(jnp.abs(v - t) >= 0.5, jnp.sign(v), 0.0)
-
-
-def _clamp(v, lo, hi):
-  # where() rather than clip: jnp.clip splits the gradient 0.5/0.5 at the bounds.
-  return jnp.where(v < lo, lo, jnp.where(v > hi, hi, v))
 
 
 def _host(v):
@@ -256,14 +237,14 @@ def qparams_from_range(lo, hi, spec):
   lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
   if spec.symmetric:
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if spec.signed else jnp.maximum(hi, 0.0)
-    scale = _exact_div(amax, jnp.float32(spec.qmax))
+    scale = exact_div(amax, jnp.float32(spec.qmax))
   else:
     lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-    scale = _exact_div(hi - lo, jnp.float32(spec.qmax - spec.qmin))
+    scale = exact_div(hi - lo, jnp.float32(spec.qmax - spec.qmin))
   scale = jnp.where(jnp.isfinite(scale) & (scale >= _TINY), scale, 1.0).astype(jnp.float32)
   if spec.symmetric:
     return scale, jnp.zeros(scale.shape, jnp.int32)
-  zp = round_int(spec.qmin - _exact_div(lo, scale), spec.rounding)
+  zp = round_int(spec.qmin - exact_div(lo, scale), spec.rounding)
   zp = jnp.clip(jnp.nan_to_num(zp), spec.qmin, spec.qmax)
   return scale, zp.astype(jnp.int32)
 
@@ -290,7 +271,7 @@ def _quantize_int(x, scale, zero_point, spec):
 
 
 def _quantize(x, scale, zp, spec):
-  r = round_int(_exact_div(x.astype(jnp.float32), scale), spec.rounding)
+  r = round_int(exact_div(x.astype(jnp.float32), scale), spec.rounding)
   # Clip before the cast: XLA's float->int cast saturates, numpy's is undefined.
   return jnp.clip(r + zp, spec.qmin, spec.qmax).astype(spec.int_dtype)
 
