@@ -93,7 +93,8 @@ def quantized_dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
   """``dot_attention`` with quantized Q, K (after RoPE), V and probabilities.
 
   q_pos [T] / k_pos [S]: absolute positions of the rows (token-adaptive masks).
-  Integer mode runs QK^T and PV as integer dots (``quant.apply`` module doc).
+  Integer mode (and fake_quant_dots='exact') runs QK^T and PV as integer dots
+  (``quant.apply`` module doc).
   Returns (out [B, T, H, D] float32, captured dict).
   """
   from edgeinfinite_jax.quant import apply as qapply  # the quant package imports this one
@@ -102,7 +103,7 @@ def quantized_dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
   inv_sqrt_d = 1.0 / jnp.sqrt(jnp.float32(d))
   qx.record("q", q)
   qx.record("k", k)
-  if qx.integer and site_on(qx, "q"):
+  if qx.code_dots and site_on(qx, "q"):
     q_i, sq, zq = qx.qint("q", q)
     k_i, sk, zk = qx.qint("k", k)
     wide = qx.quant.q.bits > 8 or qx.quant.k.bits > 8
@@ -120,7 +121,7 @@ def quantized_dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
   probs = jax.nn.softmax(logits, axis=-1)
   qx.record("attn_probs", probs)
   qx.record("v", v)
-  if qx.integer and site_on(qx, "q"):
+  if qx.code_dots and site_on(qx, "q"):
     p_i, sp, zp = qx.qint("attn_probs", probs)
     v_i, sv, zv = qx.qint("v", v)
     wide = qx.quant.attn_probs.bits > 8 or qx.quant.v.bits > 8

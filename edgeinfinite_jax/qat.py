@@ -258,37 +258,50 @@ def integer_agreement(config, params, batches, calib_batches, output_bits=16,
                       requant_mode="tflite_optimized", headroom=2.0) -> dict:
   """Integer path vs the fake-quantized model with the same output grid, on ``batches``.
 
-  Both run ``qconfig.integer_mode(quant)``'s placements (the linear-output grid is
-  calibrated on ``calib_batches`` where missing, its range widened ``headroom``
+  All three run ``qconfig.integer_mode(quant)``'s placements (the linear-output grid
+  is calibrated on ``calib_batches`` where missing, its range widened ``headroom``
   times so held-out values beyond the calibration batches do not clip: one of an
-  int16 grid's 15 bits for 2x). Reports the largest
-  logit difference in output quantization steps (an int8 per-tensor grid over
-  the fake-quant logits' range: (max - min)/255), the greedy next-token agreement
-  and the integer model's held-out loss.
+  int16 grid's 15 bits for 2x). The reference is fake_quant with exact dots
+  (``fake_quant_dots='exact'``: the quantized function itself, so the difference
+  is the integer path's fixed-point requantization); ``int_vs_float_dots_*`` repeat
+  the comparison against fake_quant's default float32 dots, whose accumulation
+  error adds its own rounding flips. Reports the largest logit difference in output
+  quantization steps (an int8 per-tensor grid over the reference logits' range:
+  (max - min)/255), the greedy next-token agreement and the integer model's
+  held-out loss.
   """
   quant = model_lib.quant_of(config)
   int_q = qc.integer_mode(quant, output_bits, requant_mode)
-  ref_cfg = model_lib.quantized(config, int_q.replace(mode="fake_quant"))
+  ref_cfg = model_lib.quantized(config, int_q.replace(mode="fake_quant", fake_quant_dots="exact"))
+  float_cfg = model_lib.quantized(config, int_q.replace(mode="fake_quant"))
   int_cfg = model_lib.quantized(config, int_q)
   before = set(_paths(params))
-  params = calib.calibrate(ref_cfg, params, calib_batches, only_missing=True)
+  params = calib.calibrate(float_cfg, params, calib_batches, only_missing=True)
   params = jax.tree_util.tree_map_with_path(
       lambda p, v: v * headroom if _key(p) not in before and _key(p).endswith("_out/scale")
       else v, params)
-  diffs, agree, lo, hi, total, count = [], [], np.inf, -np.inf, 0.0, 0.0
+  ref, flt, got, total, count = [], [], [], 0.0, 0.0
   for tokens in batches:
-    a = np.asarray(model_lib.forward(ref_cfg, params, tokens))
-    b = np.asarray(model_lib.forward(int_cfg, params, tokens))
-    diffs.append(float(np.abs(a - b).max()))
-    agree.append(np.argmax(a, -1) == np.argmax(b, -1))
-    lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
-    s, n = train.cross_entropy(jnp.asarray(b), jnp.asarray(tokens))
+    ref.append(np.asarray(model_lib.forward(ref_cfg, params, tokens)))
+    flt.append(np.asarray(model_lib.forward(float_cfg, params, tokens)))
+    got.append(np.asarray(model_lib.forward(int_cfg, params, tokens)))
+    s, n = train.cross_entropy(jnp.asarray(got[-1]), jnp.asarray(tokens))
     total, count = total + float(s), count + float(n)
-  step = (hi - lo) / 255.0
-  agree = np.concatenate([x.ravel() for x in agree])
-  return {"int_max_logit_diff": max(diffs), "output_step": step,
-          "int_max_diff_steps": max(diffs) / step, "int_greedy_agree_pct": 100 * agree.mean(),
-          "int_positions": int(agree.size), "int_eval_loss": total / max(count, 1.0),
+  ref, flt, got = (np.concatenate([x.reshape(-1, x.shape[-1]) for x in v])
+                   for v in (ref, flt, got))
+  step = float(ref.max() - ref.min()) / 255.0
+
+  def compare(a, b):
+    diff = float(np.abs(a - b).max())
+    return diff, diff / step, 100 * float(np.mean(a.argmax(-1) == b.argmax(-1)))
+
+  diff, steps, agree = compare(ref, got)
+  _, f_steps, f_agree = compare(flt, got)
+  return {"int_max_logit_diff": diff, "output_step": step, "int_max_diff_steps": steps,
+          "int_greedy_agree_pct": agree, "int_positions": int(ref.shape[0]),
+          "int_vs_float_dots_max_diff_steps": f_steps,
+          "int_vs_float_dots_greedy_agree_pct": f_agree,
+          "int_eval_loss": total / max(count, 1.0),
           "int_eval_ppl": float(np.exp(min(total / max(count, 1.0), 50.0))),
           "int_requant_mode": requant_mode, "int_output_bits": output_bits}
 

@@ -38,6 +38,21 @@ def test_integer_logits_agree_with_fake_quant_on_held_out_text(preset, mode):
   assert got["int_greedy_agree_pct"] >= 99.0, got
 
 
+def test_exact_dot_reference_isolates_the_requantization():
+  """fake_quant_dots='exact' is the quantized function without float32 accumulation
+  error. Against it, single-rounding requantization (float64, LiteRT's reference
+  kernels) leaves only rare ties, closer than against float dots;
+  the double rounding of TFLite's optimized kernels moves int16 outputs by a step."""
+  mc, params, held, cal = trained()
+  qcfg = model.quantized(mc, qc.preset("w8a8"))
+  qp = calib.quantize_model(qcfg, params, cal)
+  single = qat.integer_agreement(qcfg, qp, held, cal, requant_mode="litert_reference")
+  double = qat.integer_agreement(qcfg, qp, held, cal, requant_mode="tflite_optimized")
+  assert single["int_max_diff_steps"] <= 0.005, single
+  assert single["int_vs_float_dots_max_diff_steps"] > single["int_max_diff_steps"], single
+  assert double["int_max_diff_steps"] >= 10 * single["int_max_diff_steps"], double
+
+
 def _model():
   base = tiny()
   params = model.init_params(base, jax.random.key(0))

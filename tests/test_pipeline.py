@@ -8,6 +8,7 @@ import pytest
 
 from edgeinfinite_jax import experiment, main, pipeline
 from edgeinfinite_jax.config import ConfigError
+from edgeinfinite_jax.quant import qconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "experiments/configs/demo.py")
@@ -50,9 +51,12 @@ def test_demo_writes_metrics_table_plots_and_checkpoints(demo_runs):
   assert cost["full"]["kv_bytes"][-1] > cost["full"]["kv_bytes"][0]
   assert m["sft"]["gate"]["trainable"] < m["sft"]["all"]["trainable"]
   assert set(m["quant"]["presets"]) == {"float", "fine_grained", "rtn_per_tensor"}
-  assert m["quant"]["integer_path"]["status"]  # "ok" with agreement %, or why it did not run
+  ip = m["quant"]["integer_path"]
+  assert ip["status"] == "ok", ip
+  assert set(ip["modes"]) == set(qconfig.REQUANT_MODES)
   table = open(os.path.join(workdir, "results.md")).read()
   assert "| edgeinfinite |" in table and "| streaming |" in table and "fine_grained" in table
+  assert "| litert_reference |" in table and "| tflite_optimized |" in table
 
 
 def test_rerun_skips_every_finished_stage(demo_runs):

@@ -98,6 +98,9 @@ def test_from_dict_preset_with_overrides():
     ({"preset": "w4a8", "weight_scales": "learned", "linear_weights": {
         "granularity": "per_group", "group_size": 32}}, r"weight_scales='learned'"),
     ({"requant_mode": "banker"}, r"requant_mode='banker'"),
+    ({"fake_quant_dots": "fast"}, r"fake_quant_dots='fast'"),
+    ({"preset": "fine_grained", "fake_quant_dots": "exact"},
+     r"linear_weights.granularity='per_group'.*fake_quant_dots='exact'"),
     ({"edgeqat": {"kd_temperature": 0}}, r"edgeqat.kd_temperature=0"),
     ({"edgeqat": {"entropy_weight": -1.0}}, r"edgeqat.entropy_weight=-1.0"),
     ({"preset": "w8a8", "edgeqat": {"adaptive_fraction": 1.0}}, r"adaptive_fraction=1.0"),

@@ -134,6 +134,11 @@ class LayerQuant(NamedTuple):
   def integer(self) -> bool:
     return self.active and self.quant.mode == "integer"
 
+  @property
+  def code_dots(self) -> bool:
+    """Dots over the integer codes: integer mode, or fake_quant_dots='exact'."""
+    return self.integer or (self.active and self.quant.fake_quant_dots == "exact")
+
   def fresh_capture(self) -> "LayerQuant":
     """A copy with its own capture dict (inside scan bodies: tracers must not leak)."""
     return self._replace(cap=None if self.cap is None else {})
@@ -295,7 +300,7 @@ def project(qx: LayerQuant, site_in, site_out, x, kernel, *, equation, n_in, n_c
   are contracted; ``n_contract``: leading axes of the kernel that are.
   """
   spec = getattr(qx.quant, placement) if qx.active else None
-  if qx.integer and spec is not None and site_spec(qx.quant, site_in) is not None:
+  if qx.code_dots and spec is not None and site_spec(qx.quant, site_in) is not None:
     return _integer_project(qx, site_in, site_out, x, kernel, spec, n_in, n_contract, bias,
                             learned_scale, dtype)
   xh = qx.act(site_in, x) if site_in else x
@@ -311,10 +316,20 @@ def project(qx: LayerQuant, site_in, site_out, x, kernel, *, equation, n_in, n_c
 
 def _integer_project(qx, site_in, site_out, x, kernel, spec, n_in, n_contract, bias,
                      learned_scale, dtype):
+  """The projection over integer codes: fixed-point requantization in integer mode,
+  float32 rescaling and the output's fake quantization with fake_quant_dots='exact'."""
   from edgeinfinite_jax.quant import intsim  # numpy/x64 helpers; only integer mode needs them
   lead = x.shape[:x.ndim - n_in]
+  out_shape = lead + tuple(kernel.shape[n_contract:])
   x_q, sx, zx = qx.qint(site_in, x.reshape(lead + (-1,)))
   w_q, sw = integer_weight(spec, kernel, n_contract, learned_scale)
+  if not qx.integer:
+    wide = qx.quant.linear_inputs.bits > 8 or spec.bits > 8
+    y = int_einsum("...k,kn->...n", x_q, zx, w_q, jnp.zeros((), jnp.int32), wide) * (sx * sw)
+    if bias is not None:
+      y = y + bias.reshape(-1).astype(jnp.float32)
+    y = y.astype(dtype).reshape(out_shape)
+    return qx.act(site_out, y) if site_out else y
   out_spec = site_spec(qx.quant, site_out)
   p = qx.params[site_out]
   sy, zy = p["scale"], p.get("zero_point", jnp.zeros((), jnp.float32))
@@ -326,7 +341,7 @@ def _integer_project(qx, site_in, site_out, x, kernel, spec, n_in, n_contract, b
                               zy.astype(jnp.int32), out_spec.int_dtype, qx.quant.requant_mode,
                               bias_q=bias_q)
   y = dequantize(y_q, jnp.asarray(sy, jnp.float32), jnp.asarray(zy, jnp.float32), dtype)
-  return y.reshape(lead + tuple(kernel.shape[n_contract:]))
+  return y.reshape(out_shape)
 
 
 def int_einsum(equation, a_q, a_zp, b_q, b_zp, wide):

@@ -71,7 +71,8 @@ def calibration_config(config):
   off = {p: None for p in ACTIVATION_PLACEMENTS}
   e = dataclasses.replace(q.edgeqat, adaptive_fraction=0.0)
   return model_lib.quantized(config, q.replace(mode="fake_quant", activation_scales="dynamic",
-                                               weight_scales="dynamic", edgeqat=e, **off))
+                                               weight_scales="dynamic", edgeqat=e,
+                                               fake_quant_dots="float", **off))
 
 
 def static_site_specs(config) -> dict[tuple, Any]:

@@ -40,6 +40,15 @@ requantization (``requant_mode``, one of ``intsim.MODES``), and QK^T and PV as
 integer dots; see ``quant/apply.py`` for the exact list of integer and float ops.
 It needs static per-tensor activation scales, per-tensor or per-channel weights
 and a ``linear_outputs`` spec (``integer_mode()`` adds one).
+
+``fake_quant_dots``: how fake_quant mode evaluates the projection and attention
+dots. ``float`` (default; what QAT differentiates): a float32 einsum over the
+dequantized operands. ``exact``: the same dots over the integer codes, accumulated
+exactly and rescaled by the scales in float32, then fake-quantized as usual: the
+same real-valued function without float32 accumulation error, which at an int16
+output grid moves about one output code in ten by one step. It is for evaluation
+(no gradient reaches the codes) and needs integer mode's placements and static
+scales; ``qat.integer_agreement`` uses it as the reference of the integer path.
 Every error names the key, its value and the rule it breaks.
 """
 
@@ -59,6 +68,7 @@ MODES = ("float", "fake_quant", "integer")
 ACTIVATION_SCALES = ("dynamic", "calibrated", "learned")
 WEIGHT_SCALES = ("dynamic", "learned")
 REQUANT_MODES = ("onnx", "gemmlowp", "tflite_optimized", "litert_reference", "xnnpack")
+FAKE_QUANT_DOTS = ("float", "exact")
 STE_MODES = ("plain", "clipped")
 
 
@@ -116,6 +126,7 @@ class QuantConfig:
   activation_scales: str = "dynamic"  # computed per forward / observers (PTQ) / LSQ+
   weight_scales: str = "dynamic"  # min/max per forward (or PTQ kernels) / LSQ
   requant_mode: str = "tflite_optimized"  # integer mode: intsim requantization rounding
+  fake_quant_dots: str = "float"  # "exact": fake_quant dots on the integer codes (see doc)
   ste: str = "plain"
   edgeqat: EdgeQATOptions = EdgeQATOptions()
 
@@ -203,6 +214,8 @@ def validate(c: QuantConfig) -> None:
            f"must be one of {WEIGHT_SCALES}")
   _require(c.requant_mode in REQUANT_MODES, "requant_mode", c.requant_mode,
            f"must be one of {REQUANT_MODES}")
+  _require(c.fake_quant_dots in FAKE_QUANT_DOTS, "fake_quant_dots", c.fake_quant_dots,
+           f"must be one of {FAKE_QUANT_DOTS}")
   _require(isinstance(c.quantize_o_input, bool), "quantize_o_input", c.quantize_o_input,
            "must be a bool")
   for p in PLACEMENTS:
@@ -243,6 +256,8 @@ def validate(c: QuantConfig) -> None:
                "integer mode needs signed symmetric weights (zero point 0, the intsim and "
                "TFLite weight contract)")
     _check_integer(c)
+  elif c.mode == "fake_quant" and c.fake_quant_dots == "exact":
+    _check_integer(c, "fake_quant_dots='exact'")
   e = c.edgeqat
   _require(isinstance(e, EdgeQATOptions), "edgeqat", e, "must be EdgeQATOptions")
   for key in ("entropy_weight", "distribution_weight", "kd_weight", "ce_weight"):
@@ -266,8 +281,9 @@ def validate(c: QuantConfig) -> None:
              "needs activation quantization (linear_inputs is None)")
 
 
-def _check_integer(c: QuantConfig) -> None:
-  rule = "integer mode"
+def _check_integer(c: QuantConfig, rule: str = "integer mode") -> None:
+  """Integer mode's rules; fake_quant with exact dots needs the same codes, but keeps
+  float requantization (so no ``linear_outputs`` grid is required)."""
   w = c.linear_weights
   _require(w is not None, "linear_weights", w, f"{rule} runs the projections on integer weights; "
            "set a spec")
@@ -277,7 +293,7 @@ def _check_integer(c: QuantConfig) -> None:
   _require(w.bits <= 8, "linear_weights.bits", w.bits, f"{rule} holds weights in int8 (2..8 bits)")
   _require(c.linear_inputs is not None, "linear_inputs", None,
            f"{rule} needs quantized projection inputs")
-  _require(c.linear_outputs is not None, "linear_outputs", None,
+  _require(c.linear_outputs is not None or c.mode != "integer", "linear_outputs", None,
            f"{rule} requantizes every int32 accumulator to the linear_outputs grid; set a spec "
            "(qconfig.integer_mode() adds int16)")
   _require(c.activation_scales in ("calibrated", "learned"), "activation_scales",
