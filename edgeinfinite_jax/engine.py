@@ -31,6 +31,7 @@ available here (``forward`` applies them).
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import json
@@ -157,10 +158,8 @@ class Engine:
                           "token-adaptive bits rank the tokens of a whole sequence, which a "
                           "chunked prefill / token-by-token decode cannot reproduce; set 0 "
                           "for the engine (model.forward applies them)")
-      qapply.check_params(config, params)
-      if q.mode == "integer":  # int8 weights once, not re-quantized in every step
-        params = ptq.quantize_params(params, q)
-    self.scenario, self.params = scenario, params
+    self._config = config
+    self.scenario, self.params = scenario, self._prepare(params)
     sc = scenario
     base = dict(segment_len=sc.segment_len, n_sink=0)
     m = config.memory
@@ -181,6 +180,33 @@ class Engine:
     self._prefill = {r: self._jit_step(r, "prefill") for r in self.route_configs}
     self._decode = {r: self._jit_step(r, "decode") for r in self.route_configs}
     self._sample = jax.jit(self._sample_fn)
+
+  def _prepare(self, params):
+    """Checks the static scales; integer mode quantizes the weights once, here."""
+    q = quant_of(self._config)
+    if qapply.active(q):
+      qapply.check_params(self._config, params)
+      if q.mode == "integer":  # int8 weights once, not re-quantized in every step
+        params = ptq.quantize_params(params, q)
+    return params
+
+  def with_params(self, params) -> "Engine":
+    """This engine with other weights of the same shapes (e.g. a fine-tuned or a
+    quantized-then-dequantized copy). The compiled step functions and their
+    trace counters are shared: nothing recompiles."""
+    params = self._prepare(params)
+    want, got = (jax.tree_util.tree_flatten_with_path(jax.eval_shape(lambda p=p: p))[0]
+                 for p in (self.params, params))
+    if [k for k, _ in want] != [k for k, _ in got]:
+      raise ValueError("with_params: the parameter tree differs from the engine's "
+                       f"({len(got)} leaves vs {len(want)}); build a new Engine")
+    for (path, a), (_, b) in zip(want, got):
+      if (a.shape, a.dtype) != (b.shape, b.dtype):
+        raise ValueError(f"with_params: {jax.tree_util.keystr(path)} is {b.shape} {b.dtype}; "
+                         f"the engine compiled for {a.shape} {a.dtype}")
+    new = copy.copy(self)
+    new.params = params
+    return new
 
   # -- step functions ---------------------------------------------------------
 

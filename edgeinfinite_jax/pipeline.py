@@ -328,8 +328,7 @@ def stage_eval(config, workdir, base, models, record) -> dict:
   for method, (mc, params) in eval_models(config, base, models).items():
     if mc not in engines:
       engines[mc] = Engine(mc, params, _scenario(config, method, int(d.eval_batch), max_context))
-    engine = engines[mc]
-    engine.params = params  # the step functions take params as an argument: no recompile
+    engine = engines[mc].with_params(params)  # shares the compiled steps: no recompile
     predict = evaluate.engine_predictor(engine, tok, int(d.digits) + 2)
     t0 = time.perf_counter()
     grid = evaluate.passkey_grid(predict, tok, lengths, depths, int(d.eval_samples),
@@ -388,11 +387,10 @@ def stage_quant(config, workdir, base, models, record) -> dict:
   engine = Engine(mem_config, mem_params, scenario)
 
   def passkey_at_8x(params, label):
-    engine.params = params  # same shapes: the compiled step functions are reused
-    g = evaluate.passkey_grid(evaluate.engine_predictor(engine, tok, int(d.digits) + 2), tok,
-                              [length], depths, int(d.eval_samples), seed=int(d.eval_seed),
-                              digits=int(d.digits), reach=reach, batch_size=int(d.eval_batch),
-                              desc=f"passkey {label}")
+    predict = evaluate.engine_predictor(engine.with_params(params), tok, int(d.digits) + 2)
+    g = evaluate.passkey_grid(predict, tok, [length], depths, int(d.eval_samples),
+                              seed=int(d.eval_seed), digits=int(d.digits), reach=reach,
+                              batch_size=int(d.eval_batch), desc=f"passkey {label}")
     return g["mean"]
 
   names = ["float"] + _csv(d.quant_presets)

@@ -5,7 +5,6 @@ steps on the embedded corpus, so its logits are peaked enough for greedy
 agreement to mean something; cached per process so the quant test files share it.
 """
 
-import contextlib
 import functools
 
 import jax
@@ -15,6 +14,7 @@ from edgeinfinite_jax import data as data_lib
 from edgeinfinite_jax import experiment, optim, train
 from edgeinfinite_jax import model as model_lib
 from edgeinfinite_jax.config import ModelConfig
+from fast_compile import fast_compiles
 
 VOCAB = 64
 SEQ = 32
@@ -27,17 +27,6 @@ def tiny(**kw):
 
 def tokens(t, seed=0, batch=2, vocab=VOCAB):
   return np.random.RandomState(seed).randint(0, vocab, (batch, t)).astype(np.int32)
-
-
-@contextlib.contextmanager
-def fast_compiles():
-  """Fast CPU compiles (as in test_train); numerics are unaffected."""
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", prev)
 
 
 @functools.lru_cache(maxsize=1)

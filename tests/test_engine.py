@@ -66,6 +66,22 @@ def test_compile_once_per_step_function_and_route_whatever_the_length():
                                      "prefill_long": 1, "decode_long": 1}
 
 
+def test_with_params_swaps_weights_without_recompiling():
+  cfg, params = _model("edgeinfinite")
+  other = jax.tree.map(lambda x: x * 1.1, params)
+  engine = Engine(cfg, params, _scenario(batch_size=1))
+  tokens = _tokens(3 * L, batch=1)
+  engine.prefill(tokens)
+  swapped = engine.with_params(other)
+  _, got = swapped.prefill(tokens)
+  assert engine.compile_counts()["prefill_long"] == 1  # shared compiled steps
+  _, want = Engine(cfg, other, _scenario(batch_size=1)).prefill(tokens)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  smaller = jax.tree.map(lambda x: x[..., :1], other)
+  with pytest.raises(ValueError, match=r"with_params: .* is \(.*\) float32; the engine "):
+    engine.with_params(smaller)
+
+
 def test_padding_of_the_final_segment_changes_nothing():
   cfg, params = _model("edgeinfinite")
   engine = Engine(cfg, params, _scenario())

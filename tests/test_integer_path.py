@@ -11,7 +11,8 @@ from edgeinfinite_jax import Engine, Scenario, model, qat, state_nbytes, with_me
 from edgeinfinite_jax.quant import calib, intsim
 from edgeinfinite_jax.quant import qconfig as qc
 from export_check import assert_exported_matches_engine
-from quant_fixtures import fast_compiles, tiny, tokens, trained
+from fast_compile import fast_compiles
+from quant_fixtures import tiny, tokens, trained
 
 L = 8
 

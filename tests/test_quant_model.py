@@ -12,7 +12,8 @@ from edgeinfinite_jax.quant import calib, ptq
 from edgeinfinite_jax.quant import qconfig as qc
 from edgeinfinite_jax.quant.qconfig import QuantConfig, QuantConfigError
 from edgeinfinite_jax.quant.quantizers import QuantSpec
-from quant_fixtures import fast_compiles, tiny, tokens, trained
+from fast_compile import fast_compiles
+from quant_fixtures import tiny, tokens, trained
 
 L = 8
 

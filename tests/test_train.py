@@ -5,7 +5,6 @@ checkpoint at 20) resumed by a fresh ``run`` call share a module fixture, so the
 whole file compiles the step three times.
 """
 
-import contextlib
 import json
 import os
 
@@ -16,6 +15,7 @@ import pytest
 from edgeinfinite_jax import convert, experiment, optim, train
 from edgeinfinite_jax import model as model_lib
 from edgeinfinite_jax.config import ConfigError, ModelConfig
+from fast_compile import fast_compiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -28,17 +28,6 @@ def tiny_config(**overrides):
   config.train.update(steps=STEPS, log_every=5, eval_every=0, eval_batches=1, progress=False)
   config.checkpoint.update(every=10, keep=2)
   return experiment.apply_overrides(config, overrides)
-
-
-@contextlib.contextmanager
-def fast_compiles():
-  """Fast CPU compiles (as in Flax's lm1b test); numerics are unaffected."""
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", prev)
 
 
 @pytest.fixture(scope="module")
