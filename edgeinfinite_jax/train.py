@@ -115,6 +115,25 @@ def _eval_sums(model_config, params, batch):
   return cross_entropy(logits, batch["tokens"], batch.get("loss_mask"))
 
 
+def _trim_metrics(path: str, start: int) -> None:
+  """Drops what a killed run logged after its last checkpoint (the resumed run logs
+  those steps again) and a line cut short by the kill; rewritten atomically."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line).get("step", 0) <= start:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      except json.JSONDecodeError:
+        pass
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
 def evaluate(model_config: ModelConfig, params, batches, batch_sharding=None) -> dict:
   """Token-weighted held-out loss and perplexity over ``batches``."""
   total, count = 0.0, 0.0
@@ -235,7 +254,10 @@ def run(config, workdir: str, *, stop_after: int | None = None, model=None,
   # 8. Loop. Metrics stay on device until a log step (no per-step host sync);
   # then every pending step is checked for NaN/inf, so the error names the step.
   end = steps if stop_after is None else min(steps, stop_after)
-  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_main:
+    _trim_metrics(metrics_path, start)
+  metrics_file = open(metrics_path, "a") if is_main else None
   bar = tqdm(total=steps, initial=start, disable=not (is_main and config.train.progress),
              desc="train", dynamic_ncols=True)
   losses, pending, summary = [], [], {}

@@ -79,6 +79,7 @@ def test_decode_table_and_targets(report):
   assert all(t[2] in ("pass", "FAIL", "not measured") for t in targets)
   # The state-size target is checkable at any scale, and must hold.
   assert targets[1][2] == "pass"
+  assert "median of paired steps, alternating in one process" in targets[3][1]
 
 
 def test_plot_and_raw_results_are_written_and_linked(report):

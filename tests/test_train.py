@@ -60,6 +60,9 @@ def test_resume_reaches_the_same_final_loss(runs):
   assert resumed["losses"] == runs["full"]["losses"][20:]
   assert resumed["final_step"] == STEPS
   assert resumed["eval_loss"] == runs["full"]["eval_loss"]
+  # metrics.jsonl as if never killed: steps 21-25, logged before the kill, appear once
+  logged = [json.loads(l) for l in open(os.path.join(runs["killed_dir"], "metrics.jsonl"))]
+  assert [l["step"] for l in logged if "loss" in l] == list(range(5, STEPS + 1, 5))
   full_state, resumed_state = runs["full"]["state"], resumed["state"]
   for a, b in zip(jax.tree.leaves(full_state), jax.tree.leaves(resumed_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
