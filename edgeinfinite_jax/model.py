@@ -26,11 +26,12 @@ table that maps them onto a device mesh is in ``sharding.py``.
 Quantization: ``quantized(config, quant)`` returns a ``QuantModelConfig`` (a
 ``ModelConfig`` that also carries a frozen ``QuantConfig``; still hashable, so it
 is the static jit argument everywhere a ModelConfig is: ``forward``, ``Engine``,
-``train``). With quant None or mode ``float`` the model runs the float modules
-below unchanged; otherwise ``Block`` / ``Transformer`` use the quantized twins
-in ``quant/modules.py`` (same parameter paths, plus ``.../quant/...`` scales).
-Capturing activations (``apply(..., mutable=["intermediates"])``) also takes
-the twins: they sow ``layers_i/{attn,mlp}/{site}`` (see ``quant/apply.py``).
+``train``). Every layer takes its quantizers from a ``quant.apply.LayerQuant``;
+with quant None or mode ``float`` each of them is the identity, so the modules
+below are the float model unchanged. Quantized, they add static scales under
+``.../quant/...`` (``quant/modules.py``). Capturing activations
+(``apply(..., mutable=["intermediates"])``) sows ``layers_i/{attn,mlp}/{site}``
+(see ``quant/apply.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ import numpy as np
 
 from edgeinfinite_jax import attention
 from edgeinfinite_jax.config import ConfigError, ModelConfig
+from edgeinfinite_jax.quant import apply as qapply
+from edgeinfinite_jax.quant import modules as qm
+from edgeinfinite_jax.quant import ptq
 
 Params = Any
 
@@ -62,7 +66,6 @@ class QuantModelConfig(ModelConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    from edgeinfinite_jax.quant import apply as qapply
     from edgeinfinite_jax.quant.qconfig import QuantConfig
     q = self.quant
     if q is not None and not isinstance(q, QuantConfig):
@@ -153,37 +156,75 @@ class Projection(nn.Module):
 
   Flax's DenseGeneral initialises a flattened kernel, which breaks logical
   partitioning of [hidden, heads, head_dim] kernels; owning the shape avoids it.
-  The bias, if any, covers every output axis of the kernel but the first.
+  The bias, if any, covers every output axis of the kernel but the first; the
+  first ``n_contract`` kernel axes are contracted with as many trailing axes of x.
+  ``qx`` (the layer's ``LayerQuant``) quantizes input, weight and output at the
+  named sites (``quant.apply.project``); with quantization off it is the einsum.
+  The kernel may be a PTQ ``QuantizedTensor``.
   """
   equation: str
   shape: tuple
   axes: tuple
   use_bias: bool
   dtype: Any
+  n_contract: int = 1
+  site_in: str | None = None
+  site_out: str | None = None
+  placement: str = "linear_weights"
 
   @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", _init(self.axes), self.shape, jnp.float32)
-    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+  def __call__(self, x, qx):
+    kernel = qm.kernel(self, "kernel", _init(self.axes), self.shape)
+    bias = None
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                         self.shape[1:], jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+    n_out = int(np.prod(self.shape[self.n_contract:]))
+    learned = qm.learned_weight_scale(self, qx.quant, self.placement, n_out)
+    return qapply.project(qx, self.site_in, self.site_out, x, kernel, equation=self.equation,
+                          n_in=self.n_contract, n_contract=self.n_contract,
+                          placement=self.placement, bias=bias, learned_scale=learned,
+                          dtype=self.dtype)
+
+
+def _dense(features, in_features, axes, dtype, site_in, site_out, name,
+           placement="linear_weights"):
+  """A ``Projection`` with ``nn.Dense``'s parameters ([in, out] kernel, no bias)."""
+  return Projection("...k,kn->...n", (in_features, features), axes, False, dtype, 1, site_in,
+                    site_out, placement, name=name)
+
+
+def _layer_quant(module, config, sites, prev=None, cur=None):
+  """The layer's quantizer context: its static scales (declared under ``quant``) and,
+  when the apply captures ``intermediates``, a dict that collects what it sees."""
+  quant = quant_of(config)
+  scales = qm.QuantParams(qapply.static_sites(quant, sites), name="quant")()
+  capture = {} if module.is_mutable_collection("intermediates") else None
+  return qapply.LayerQuant(quant, scales, prev, cur, capture)
+
+
+def _sow_captured(module, qx):
+  for name, value in (qx.cap or {}).items():
+    module.sow("intermediates", name, value)
 
 
 class Mlp(nn.Module):
+  """SwiGLU. ``low``: this layer's low-bit tokens (token-adaptive bits) or None."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, low=None):
     c, dt = self.config, compute_dtype(self.config)
-    dense = lambda n, f, axes: nn.Dense(f, use_bias=False, dtype=dt, param_dtype=jnp.float32,
-                                        kernel_init=_init(axes), name=n)
-    gate = dense("gate_proj", c.intermediate_size, ("embed", "mlp"))(x)
-    up = dense("up_proj", c.intermediate_size, ("embed", "mlp"))(x)
+    qx = _layer_quant(self, c, qapply.MLP_SITES, cur=low)
+    gate = _dense(c.intermediate_size, c.hidden_size, ("embed", "mlp"), dt, "mlp_input",
+                  "gate_out", "gate_proj")(x, qx)
+    up = _dense(c.intermediate_size, c.hidden_size, ("embed", "mlp"), dt, "mlp_input", "up_out",
+                "up_proj")(x, qx)
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    return dense("down_proj", c.hidden_size, ("mlp", "embed"))(h)
+    out = _dense(c.hidden_size, c.intermediate_size, ("mlp", "embed"), dt, "down_input",
+                 "down_out", "down_proj")(h, qx)
+    _sow_captured(self, qx)
+    return out
 
 
 class Attention(nn.Module):
@@ -191,17 +232,21 @@ class Attention(nn.Module):
 
   Called with ``cache=None`` it runs over a whole sequence starting at position 0
   (training / teacher forcing). Called with a layer cache it processes one chunk
-  (a prefill segment or a decode token) and returns the updated cache.
+  (a prefill segment or a decode token) and returns the updated cache. ``prev``:
+  the previous layer's low-bit tokens (token-adaptive bits). Returns (out,
+  new_cache, this layer's low-bit tokens or None).
   """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, cache=None, chunk=None):
+  def __call__(self, x, positions, cache=None, chunk=None, prev=None):
     c, dt = self.config, compute_dtype(self.config)
+    qx = _layer_quant(self, c, qapply.ATTN_SITES, prev=prev)
 
     def proj(name, heads, heads_axis):
       return Projection("btd,dhk->bthk", (c.hidden_size, heads, c.head_dim),
-                        ("embed", heads_axis, "head_dim"), c.attention_bias, dt, name=name)(x)
+                        ("embed", heads_axis, "head_dim"), c.attention_bias, dt, 1, "attn_input",
+                        f"{name[0]}_out", name=name)(x, qx)
 
     q = proj("q_proj", c.num_heads, "q_heads")
     k = proj("k_proj", c.num_kv_heads, "kv_heads")
@@ -212,15 +257,30 @@ class Attention(nn.Module):
       from edgeinfinite_jax import gate  # local: gate imports nothing from here
       gate_params = gate.declare_params(self, c)
     inv_freq = rope_inv_freq(c)
+    store_int = cache is not None and jnp.issubdtype(cache.ring_k.dtype, jnp.integer)
+    k = qx.kv_write("k", k, dt, store_int)
+    v = qx.kv_write("v", v, dt, store_int)
+    if qapply.adaptive(qx.quant):
+      if cache is not None:
+        raise ValueError("token-adaptive bits rank the tokens of a whole sequence; the "
+                         "engine's chunked path cannot (quant.edgeqat.adaptive_fraction > 0)")
+      qx = qx._replace(cur=qm.adaptive_mask(c, qx, q, k, positions, inv_freq))
+      qx.record("low_bits", qx.cur)
     if cache is None:
-      out = attention.sequence_attention(c, q, k, v, positions, inv_freq, gate_params)
+      out, captured = attention.sequence_attention(c, q, k, v, positions, inv_freq, gate_params,
+                                                   qx)
       new_cache = None
     else:
       out, new_cache = attention.cached_attention(c, cache, chunk, q, k, v, inv_freq,
-                                                  gate_params)
+                                                  gate_params, qx)
+      captured = {}
+    if qx.cap is not None:
+      qx.cap.update(captured)
     out = Projection("bthk,hkd->btd", (c.num_heads, c.head_dim, c.hidden_size),
-                     ("q_heads", "head_dim", "embed"), False, dt, name="o_proj")(out.astype(dt))
-    return out, new_cache
+                     ("q_heads", "head_dim", "embed"), False, dt, 2, "o_input", "o_out",
+                     name="o_proj")(out.astype(dt), qx)
+    _sow_captured(self, qx)
+    return out, new_cache, qx.cur
 
 
 class Block(nn.Module):
@@ -231,18 +291,38 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, cache=None, chunk=None, low=None):
     c, dt = self.config, compute_dtype(self.config)
-    if _quant_active(c) or self.is_mutable_collection("intermediates"):
-      from edgeinfinite_jax.quant import modules as qm  # imports this module
-      h, cache, low = qm.QAttention(c, name="attn")(
-          RMSNorm(c.rms_norm_eps, dt, name="attn_norm")(x), positions, cache, chunk, low)
-      x = x + h
-      x = x + qm.QMlp(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x), low)
-    else:
-      h, cache = Attention(c, name="attn")(RMSNorm(c.rms_norm_eps, dt, name="attn_norm")(x),
-                                           positions, cache, chunk)
-      x = x + h
-      x = x + Mlp(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x))
+    h, cache, low = Attention(c, name="attn")(
+        RMSNorm(c.rms_norm_eps, dt, name="attn_norm")(x), positions, cache, chunk, low)
+    x = x + h
+    x = x + Mlp(c, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="mlp_norm")(x), low)
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache, low
+
+
+class QuantEmbed(nn.Module):
+  """``nn.Embed`` over a fake-quantized table (``embeddings`` placement; also the tied
+  head). The table may be a PTQ ``QuantizedTensor`` (its values have the table's shape)."""
+  num_embeddings: int
+  features: int
+  dtype: Any
+  quant: Any
+
+  def setup(self):
+    self.embedding = self.param("embedding", _init(("vocab", "embed")),
+                                (self.num_embeddings, self.features), jnp.float32)
+
+  def _table(self):
+    table, spec = self.embedding, self.quant.embeddings
+    if spec is None:
+      table = table.dequantize() if isinstance(table, ptq.QuantizedTensor) else table
+    else:
+      table = qapply.fake_weight(self.quant, spec, table, None)
+    return table.astype(self.dtype)
+
+  def __call__(self, tokens):
+    return jnp.take(self._table(), tokens, axis=0)
+
+  def attend(self, query):
+    return jnp.dot(query.astype(self.dtype), self._table().T)
 
 
 class Transformer(nn.Module):
@@ -259,8 +339,7 @@ class Transformer(nn.Module):
     c = self.config
     quant = quant_of(c) if _quant_active(c) else None
     if quant is not None and quant.embeddings is not None:
-      from edgeinfinite_jax.quant import modules as qm
-      self.embed = qm.QEmbed(c.vocab_size, c.hidden_size, compute_dtype(c), quant, name="embed")
+      self.embed = QuantEmbed(c.vocab_size, c.hidden_size, compute_dtype(c), quant, name="embed")
     else:
       self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=compute_dtype(c),
                             param_dtype=jnp.float32,
@@ -268,9 +347,9 @@ class Transformer(nn.Module):
     self.layers = [Block(c, name=f"layers_{i}") for i in range(c.num_layers)]
     self.final_norm = RMSNorm(c.rms_norm_eps, compute_dtype(c), name="final_norm")
     if not c.tie_word_embeddings:
-      if quant is not None and quant.lm_head is not None:
-        from edgeinfinite_jax.quant import modules as qm
-        self.lm_head = qm.head(c, compute_dtype(c))
+      if quant is not None and quant.lm_head is not None:  # weight-quantized
+        self.lm_head = _dense(c.vocab_size, c.hidden_size, ("embed", "vocab"), compute_dtype(c),
+                              None, None, "lm_head", placement="lm_head")
       else:
         self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=compute_dtype(c),
                                 param_dtype=jnp.float32, kernel_init=_init(("embed", "vocab")),
@@ -293,8 +372,7 @@ class Transformer(nn.Module):
       out = self.embed.attend(hidden)
     elif isinstance(self.lm_head, nn.Dense):
       out = self.lm_head(hidden)
-    else:  # the weight-quantized head (quant/modules.head)
-      from edgeinfinite_jax.quant import apply as qapply
+    else:  # the weight-quantized head
       out = self.lm_head(hidden, qapply.LayerQuant(quant_of(self.config)))
     return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
@@ -333,7 +411,6 @@ def forward(config: ModelConfig, params: Params, tokens, quant=None) -> jax.Arra
     raise ValueError(f"tokens: expected an int array [batch, time], got {tokens.dtype}"
                      f"{list(tokens.shape)}")
   if _quant_active(config):
-    from edgeinfinite_jax.quant import apply as qapply
     qapply.check_params(config, params)
     m = config.memory
     n_keys = m.n_sink + m.n_window + m.segment_len if m.segmented else tokens.shape[1]

@@ -1,8 +1,8 @@
 """A QuantConfig applied inside the model: per-layer quantizer context, projections, checks.
 
-The model calls into this module only when a ``QuantConfig`` is active (mode
-``fake_quant`` or ``integer``) or when activations are captured; otherwise it
-runs its float code untouched (bit-identical to a model without quantization).
+Every layer of the model takes its quantizers from a ``LayerQuant``; with no
+active ``QuantConfig`` (None or mode ``float``) each of them is the identity and
+the layer is the float model.
 
 Sites. Every quantized activation has a site name, per layer (``ptq.ACTIVATION_SITES``
 maps each to its QuantConfig placement)::
@@ -82,7 +82,8 @@ def site_spec(quant: QuantConfig | None, site: str) -> QuantSpec | None:
   return getattr(quant, ptq.ACTIVATION_SITES[site])
 
 
-def _adaptive(quant) -> bool:
+def adaptive(quant) -> bool:
+  """Token-adaptive bit widths are on."""
   return active(quant) and quant.edgeqat.adaptive_fraction > 0
 
 
@@ -91,7 +92,7 @@ def low_spec(quant: QuantConfig, spec: QuantSpec) -> QuantSpec:
 
 
 def high_spec(quant: QuantConfig, site: str, spec: QuantSpec) -> QuantSpec:
-  if _adaptive(quant) and site in PREV_MASK_SITES + CUR_MASK_SITES:
+  if adaptive(quant) and site in PREV_MASK_SITES + CUR_MASK_SITES:
     return spec.replace(bits=quant.edgeqat.adaptive_bits[0])
   return spec
 
@@ -106,7 +107,7 @@ def static_sites(quant: QuantConfig | None, sites) -> tuple[tuple[str, QuantSpec
     if spec is None:
       continue
     out.append((site, high_spec(quant, site, spec)))
-    if _adaptive(quant) and site in PREV_MASK_SITES + CUR_MASK_SITES:
+    if adaptive(quant) and site in PREV_MASK_SITES + CUR_MASK_SITES:
       out.append((site + "_lo", low_spec(quant, spec)))
   return tuple(out)
 
