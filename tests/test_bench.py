@@ -35,11 +35,12 @@ def _number(cell: str) -> float:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
-  # --no-qat: the QAT step-cost row compiles two training steps (tens of seconds);
-  # its rendering is checked below on a hand-made result. --jobs 4: the four methods
-  # run side by side (the timings of a smoke run mean nothing anyway).
+  # --no-qat: the QAT step-cost row compiles two training steps (tens of seconds); its
+  # rendering is checked below on a hand-made result. --repeats 2: every prompt read
+  # twice, as a full run does. --jobs 4: the four methods run side by side (the
+  # timings of a smoke run mean nothing anyway).
   args = ["--quick", "--lengths", ",".join(map(str, LENGTHS)), "--no-qat", "--jobs", "4",
-          "--out", str(out)]
+          "--repeats", "2", "--out", str(out)]
   proc = subprocess.run([sys.executable, "-m", "edgeinfinite_jax.bench", *args],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,6 +91,8 @@ def test_plot_and_raw_results_are_written_and_linked(report):
     assert os.path.getsize(out.parent / link) > 0
   results = json.loads((out.parent / "benchmarks/results.json").read_text())
   assert {r["method"] for r in results["prefill"]} == set(bench.METHODS)
+  for r in results["prefill"]:  # --repeats 2: the fastest of two reads
+    assert len(r["ttft_runs_s"]) == 2 and r["ttft_s"] == min(r["ttft_runs_s"])
   assert "## QAT step cost\n\nSkipped: --no-qat." in md
 
 
