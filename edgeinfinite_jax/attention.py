@@ -32,7 +32,7 @@ K/V reach these functions already quantized on write (kv_cache), in both paths.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

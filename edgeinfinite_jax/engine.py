@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import functools
 import json
 import os
 from typing import Any
