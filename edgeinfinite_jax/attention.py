@@ -105,12 +105,10 @@ def quantized_dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
   qx.record("k", k)
   if qx.code_dots and site_on(qx, "q"):
     q_i, sq, zq = qx.qint("q", q)
-    k_i, sk, zk = qx.qint("k", k)
-    wide = qx.quant.q.bits > 8 or qx.quant.k.bits > 8
-    acc = qapply.int_einsum("btkgd,bskd->bkgts", q_i.reshape(b, t, kh, h // kh, d), zq, k_i, zk,
-                            wide)
-    logits = acc * (sq * sk) * inv_sqrt_d
-    q_hat, k_hat = (qapply.dequantize(*a, q.dtype) for a in ((q_i, sq, zq), (k_i, sk, zk)))
+    k_codes = qx.qint("k", k)
+    logits = qapply.code_dot("btkgd,bskd->bkgts", (q_i.reshape(b, t, kh, h // kh, d), sq, zq),
+                             k_codes) * inv_sqrt_d
+    q_hat, k_hat = (qapply.dequantize(*a, q.dtype) for a in ((q_i, sq, zq), k_codes))
   else:
     q_hat, k_hat = qx.act("q", q, q_pos), qx.act("k", k, k_pos)
     logits = grouped_logits(q_hat, k_hat)
@@ -122,11 +120,8 @@ def quantized_dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
   qx.record("attn_probs", probs)
   qx.record("v", v)
   if qx.code_dots and site_on(qx, "q"):
-    p_i, sp, zp = qx.qint("attn_probs", probs)
-    v_i, sv, zv = qx.qint("v", v)
-    wide = qx.quant.attn_probs.bits > 8 or qx.quant.v.bits > 8
-    acc = qapply.int_einsum("bkgts,bskd->btkgd", p_i, zp, v_i, zv, wide)
-    out = (acc * (sp * sv)).reshape(b, t, h, d)
+    out = qapply.code_dot("bkgts,bskd->btkgd", qx.qint("attn_probs", probs),
+                          qx.qint("v", v)).reshape(b, t, h, d)
   else:
     out = grouped_mix(qx.act("attn_probs", probs), qx.act("v", v, k_pos))
   return out, qx.cap or {}

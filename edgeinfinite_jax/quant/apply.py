@@ -325,8 +325,7 @@ def _integer_project(qx, site_in, site_out, x, kernel, spec, n_in, n_contract, b
   x_q, sx, zx = qx.qint(site_in, x.reshape(lead + (-1,)))
   w_q, sw = integer_weight(spec, kernel, n_contract, learned_scale)
   if not qx.integer:
-    wide = qx.quant.linear_inputs.bits > 8 or spec.bits > 8
-    y = int_einsum("...k,kn->...n", x_q, zx, w_q, jnp.zeros((), jnp.int32), wide) * (sx * sw)
+    y = code_dot("...k,kn->...n", (x_q, sx, zx), (w_q, sw, 0))
     if bias is not None:
       y = y + bias.reshape(-1).astype(jnp.float32)
     y = y.astype(dtype).reshape(out_shape)
@@ -345,18 +344,25 @@ def _integer_project(qx, site_in, site_out, x, kernel, spec, n_in, n_contract, b
   return y.reshape(out_shape)
 
 
-def int_einsum(equation, a_q, a_zp, b_q, b_zp, wide):
-  """Σ (a - a_zp)(b - b_zp), accumulated exactly in int32 (int64 when ``wide``, with x64
-  enabled locally as intsim does), returned as float32 for the float rescaling."""
-  def acc(dtype):
-    a = a_q.astype(dtype) - a_zp.astype(dtype)
-    b = b_q.astype(dtype) - b_zp.astype(dtype)
-    return jnp.einsum(equation, a, b, preferred_element_type=dtype).astype(jnp.float32)
+def code_dot(equation, a, b):
+  """``einsum(equation)`` of two quantized operands given as (codes, scale, zero point)
+  (``LayerQuant.qint``): Σ (a - z_a)(b - z_b) accumulated exactly, in int32, or int64
+  (x64 enabled locally, as intsim does) when either holds 16-bit codes; then rescaled
+  by s_a·s_b in float32."""
+  (a_q, a_s, a_zp), (b_q, b_s, b_zp) = a, b
+  wide = max(jnp.iinfo(a_q.dtype).bits, jnp.iinfo(b_q.dtype).bits) > 8
 
-  if not wide:
-    return acc(jnp.int32)
-  with jax.enable_x64(True):
-    return acc(jnp.int64)
+  def acc(dtype):
+    x = a_q.astype(dtype) - jnp.asarray(a_zp).astype(dtype)
+    y = b_q.astype(dtype) - jnp.asarray(b_zp).astype(dtype)
+    return jnp.einsum(equation, x, y, preferred_element_type=dtype).astype(jnp.float32)
+
+  if wide:
+    with jax.enable_x64(True):
+      total = acc(jnp.int64)
+  else:
+    total = acc(jnp.int32)
+  return total * (a_s * b_s)
 
 
 # ----------------------------------------------------------------------------- checks
