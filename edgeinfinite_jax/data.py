@@ -316,7 +316,7 @@ def _mix_tasks(split: Split, data_config, tokenizer) -> Split:
 
   def mixed(rows, salt):
     n_task = int(round(len(rows) * float(c.task_mix)))
-    mask = (rows != tokenizer.pad_id).astype(np.float32)
+    mask = np.ones(rows.shape, np.float32)  # packed text has no padding
     if n_task == 0:
       return MaskedRows(rows, mask)
     t = task_rows(task_samples(c, tokenizer, n_task, seed + salt, length=c.seq_len), c.seq_len,

@@ -193,7 +193,7 @@ def make_loss(teacher_config, teacher_params, options: EdgeQATOptions):
       t_logits = jax.lax.stop_gradient(t_logits)
     if e.kd_weight > 0:
       lm = batch.get("loss_mask")
-      mask = (tokens[:, 1:] != train.PAD_ID) if lm is None else lm[:, 1:].astype(bool)
+      mask = None if lm is None else lm[:, 1:].astype(bool)
       kd = losses.kd_loss(logits[:, :-1], t_logits[:, :-1], e.kd_temperature, mask=mask)
       metrics["kd"] = kd
       value = value + e.kd_weight * kd

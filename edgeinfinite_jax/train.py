@@ -37,9 +37,6 @@ from edgeinfinite_jax import optim
 from edgeinfinite_jax import sharding
 from edgeinfinite_jax.config import ConfigError, ModelConfig
 
-PAD_ID = 256  # ByteTokenizer.pad_id: never a target when no loss_mask is given
-
-
 class TrainState(NamedTuple):
   step: jax.Array   # int32 scalar: optimizer updates done so far
   params: Any       # {"params": ...}, trainable and frozen leaves
@@ -54,10 +51,12 @@ def cross_entropy(logits, tokens, loss_mask=None):
 
   ``logits[:, t]`` predicts ``tokens[:, t+1]``; ``loss_mask[:, t]`` (1 = count)
   selects which *target* tokens count, so answer-only losses mark the answer
-  tokens. Without a mask, every non-pad target counts.
+  tokens. Without a mask every target counts: padding is the data's business
+  (``data.MaskedRows``), never guessed from a token id, because in a real
+  vocabulary the pad id is often a real token (SmolLM2 pads with ``<|endoftext|>``).
   """
   targets = tokens[:, 1:]
-  mask = (targets != PAD_ID) if loss_mask is None else loss_mask[:, 1:].astype(bool)
+  mask = jnp.ones(targets.shape, bool) if loss_mask is None else loss_mask[:, 1:].astype(bool)
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   mask = mask.astype(jnp.float32)
