@@ -34,6 +34,7 @@ import collections
 import copy
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -45,7 +46,7 @@ import numpy as np
 from edgeinfinite_jax import attention
 from edgeinfinite_jax import memory as memory_lib
 from edgeinfinite_jax.config import ConfigError, ModelConfig
-from edgeinfinite_jax.model import Transformer, compute_dtype, quant_of, quantized
+from edgeinfinite_jax.model import Transformer, check_tokens, compute_dtype, quant_of, quantized
 from edgeinfinite_jax.quant import apply as qapply
 from edgeinfinite_jax.quant import ptq
 
@@ -72,14 +73,15 @@ class Scenario:
   max_context: int = 8192  # capacity of a full-attention cache on the long route
 
   def __post_init__(self):
+    # bool is an int subclass, but True is no size: refused like any other non-int.
     for key in ("segment_len", "batch_size", "max_new_tokens", "max_context"):
       v = getattr(self, key)
-      if not isinstance(v, int) or v <= 0:
-        raise ConfigError(f"Scenario.{key}={v!r}: must be a positive integer")
+      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"Scenario.{key}={v!r}: must be a positive integer (int)")
     for key in ("n_sink", "n_window", "short_threshold"):
       v = getattr(self, key)
-      if not isinstance(v, int) or v < 0:
-        raise ConfigError(f"Scenario.{key}={v!r}: must be a non-negative integer")
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f"Scenario.{key}={v!r}: must be a non-negative integer (int)")
     if self.n_window % self.segment_len:
       raise ConfigError(f"Scenario.n_window={self.n_window}: must be a multiple of "
                         f"segment_len={self.segment_len}")
@@ -145,6 +147,24 @@ class Engine:
   is one XLA compilation). ``quant``: a QuantConfig to run with (see module doc);
   its rules, the scales in ``params`` and the integer accumulator depths of the
   scenario are checked here, before anything compiles.
+
+  Call contract:
+
+  * ``prefill(tokens)``: integer ``[batch, time]``, ``batch == Scenario.batch_size``,
+    ``time >= 1``, ids in ``[0, vocab_size)`` (``model.check_tokens``, the rule
+    ``forward`` applies). Returns a new ``EngineState`` and float32 logits
+    ``[batch, vocab]`` of the last token.
+  * ``decode(state, token)``: integer ``[batch]``; the state must come from this
+    engine (same batch, route and cache shapes) and not be consumed. Returns a new
+    state and ``[batch, vocab]`` logits.
+  * Donation: ``decode`` donates ``state`` to the step function, which writes the
+    new state into its buffers (no copy of the caches per token). Afterwards the
+    state passed in is consumed: every array in it is deleted, and passing it again
+    raises a ValueError that says so. Keep using the returned state. To decode one
+    state more than once (branching, beam search), pass ``donate=False`` (decodes a
+    copy; the original stays valid) or take ``copy_state(state)`` first; neither
+    compiles anything more. Nothing else is donated: tokens, params and logits
+    stay the caller's, and ``prefill`` builds its own state.
   """
 
   def __init__(self, config: ModelConfig, params, scenario: Scenario, quant=None):
@@ -176,6 +196,7 @@ class Engine:
     for route, cfg in self.route_configs.items():
       qapply.check_attention_depth(cfg, self.n_sink[route] + self.ring_len[route])
     self._traces = collections.Counter()
+    self._state_avals = {}  # route -> [(path, ShapeDtypeStruct)] of init_state(route)
     self._prefill = {r: self._jit_step(r, "prefill") for r in self.route_configs}
     self._decode = {r: self._jit_step(r, "decode") for r in self.route_configs}
     self._sample = jax.jit(self._sample_fn)
@@ -250,18 +271,43 @@ class Engine:
     return "short" if prompt_len <= self.scenario.short_threshold else "long"
 
   def _check_tokens(self, tokens, ndim, what):
-    tokens = np.asarray(tokens)
-    if tokens.ndim != ndim or not np.issubdtype(tokens.dtype, np.integer):
-      raise ValueError(f"{what}: expected an integer array of rank {ndim}, got "
-                       f"{tokens.dtype}{list(tokens.shape)}")
+    tokens = check_tokens(tokens, self.route_configs["short"].vocab_size, what, ndim)
     if tokens.shape[0] != self.scenario.batch_size:
       raise ValueError(f"{what}: batch {tokens.shape[0]} != Scenario.batch_size="
                        f"{self.scenario.batch_size}")
-    vocab = self.route_configs["short"].vocab_size
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-      raise ValueError(f"{what}: ids must lie in [0, {vocab}), got [{tokens.min()}, "
-                       f"{tokens.max()}]")
-    return tokens.astype(np.int32)
+    return tokens
+
+  def _check_state(self, state, what):
+    """A live state of this engine's shapes; a mismatch would fail deep inside the
+    step function (dynamic_update_slice), a consumed one with 'Buffer deleted'."""
+    if not isinstance(state, EngineState) or state.route not in self.route_configs:
+      raise ValueError(f"{what}: expected an EngineState made by this engine's prefill or "
+                       f"init_state, got {type(state).__name__}"
+                       + (f" with route {state.route!r}" if isinstance(state, EngineState)
+                          else ""))
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    if any(isinstance(x, jax.Array) and x.is_deleted() for _, x in leaves):
+      raise ValueError(f"{what}: this state was donated to an earlier decode call and is "
+                       "consumed; decode the state that call returned, or branch with "
+                       "decode(state, token, donate=False) / copy_state(state)")
+    batch = state.caches[0].ring_k.shape[0] if state.caches else None
+    if batch != self.scenario.batch_size:
+      raise ValueError(f"{what}: batch {batch} != Scenario.batch_size="
+                       f"{self.scenario.batch_size} (a state from another engine?)")
+    route = state.route
+    if route not in self._state_avals:
+      self._state_avals[route] = jax.tree_util.tree_flatten_with_path(
+          jax.eval_shape(lambda: self.init_state(route)))[0]
+    want = self._state_avals[route]
+    if [p for p, _ in leaves] != [p for p, _ in want]:
+      raise ValueError(f"{what}: its tree ({len(leaves)} arrays) is not this engine's "
+                       f"{route} state ({len(want)}); a state from another model?")
+    for (path, x), (_, a) in zip(leaves, want):
+      if (tuple(jnp.shape(x)), jnp.result_type(x)) != (a.shape, a.dtype):
+        raise ValueError(f"{what}: {jax.tree_util.keystr(path)} is "
+                         f"{jnp.result_type(x)}{list(jnp.shape(x))}; this engine's {route} "
+                         f"route holds {a.dtype}{list(a.shape)} (a state from an engine "
+                         "with another Scenario or model?)")
 
   def _limit(self, route):
     """Most tokens a route can hold (None: unbounded, memory absorbs the rest)."""
@@ -273,8 +319,6 @@ class Engine:
     """Reads a prompt [batch, time] (time >= 1); returns (state, last-token logits)."""
     tokens = self._check_tokens(tokens, 2, "prefill tokens")
     t = tokens.shape[1]
-    if t < 1:
-      raise ValueError("prefill tokens: need at least one token")
     route = self.route_for(t)
     limit = self._limit(route)
     if limit is not None and t > limit:
@@ -289,21 +333,46 @@ class Engine:
       state, logits = self._prefill[route](self.params, state, padded[:, s:s + L], n_valid)
     return state, logits
 
-  def decode(self, state: EngineState, token):
-    """Reads one token per row [batch]; returns (state, logits [batch, vocab])."""
+  def decode(self, state: EngineState, token, *, donate: bool = True):
+    """Reads one token per row [batch]; returns (state, logits [batch, vocab]).
+
+    ``donate=True`` consumes ``state`` (its buffers become the new state's, see the
+    class doc); ``donate=False`` leaves it valid, at the cost of one copy of it.
+    """
     token = self._check_tokens(token, 1, "decode token")
+    self._check_state(state, "decode state")
     limit = self._limit(state.route)
     if limit is not None and int(state.length) + 1 > limit:
       raise ValueError(f"decode: the {state.route} route's cache holds {limit} tokens; "
                        f"state already has {int(state.length)}")
+    if not donate:
+      state = jax.tree.map(jnp.copy, state)  # the copy is donated; the caller's stays live
     return self._decode[state.route](self.params, state, token[:, None], jnp.int32(1))
 
+  def copy_state(self, state: EngineState) -> EngineState:
+    """A copy of ``state`` in new buffers: decoding (and so donating) one of the two
+    leaves the other valid. Copies arrays only; compiles no step function."""
+    self._check_state(state, "copy_state")
+    return jax.tree.map(jnp.copy, state)
+
   def generate(self, tokens, max_new_tokens=None, *, temperature=0.0, top_k=0, rng=None):
-    """Greedy (temperature 0) or sampled continuation, [batch, max_new_tokens]."""
+    """Greedy (temperature 0) or sampled continuation, [batch, max_new_tokens].
+
+    ``temperature``: a finite number >= 0 (0 = greedy); ``top_k``: an int >= 0 (0 = the
+    whole vocabulary). Anything else raises ValueError naming it (the sampler would
+    otherwise fall back to greedy without a word).
+    """
     n = self.scenario.max_new_tokens if max_new_tokens is None else max_new_tokens
-    if not 0 < n <= self.scenario.max_new_tokens:
-      raise ValueError(f"max_new_tokens={n}: must be in [1, Scenario.max_new_tokens="
+    if (not isinstance(n, (int, np.integer)) or isinstance(n, bool)
+        or not 0 < n <= self.scenario.max_new_tokens):
+      raise ValueError(f"max_new_tokens={n!r}: must be an int in [1, Scenario.max_new_tokens="
                        f"{self.scenario.max_new_tokens}]")
+    if (not isinstance(temperature, (int, float, np.integer, np.floating))
+        or isinstance(temperature, bool) or not math.isfinite(temperature) or temperature < 0):
+      raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 "
+                       "(0 = greedy)")
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
+      raise ValueError(f"top_k={top_k!r}: must be an int >= 0 (0 = no top-k cut)")
     rng = jax.random.key(0) if rng is None else rng
     state, logits = self.prefill(tokens)
     out = []

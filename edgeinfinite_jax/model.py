@@ -395,27 +395,78 @@ def logical_axes(config: ModelConfig) -> Params:
   return nn.get_partition_spec(boxed)
 
 
-def forward(config: ModelConfig, params: Params, tokens, quant=None) -> jax.Array:
-  """Logits float32 ``[batch, time, vocab]`` for int32 ``tokens[batch, time]``.
+def check_tokens(tokens, vocab_size: int, what: str = "tokens", ndim: int = 2):
+  """Token ids as int32, checked: the one rule for ``forward`` and the ``Engine``.
+
+  ``tokens`` must be an integer array of rank ``ndim`` (``[batch, time]``; ``[batch]``
+  for a decode step) with no empty axis. Concrete ids must lie in ``[0, vocab_size)``:
+  past the end the embedding gather returns NaN, and a negative id counts from the end
+  (-1 is ``vocab_size - 1``), both silently. Traced tokens (inside the caller's
+  ``jax.jit``) get the shape and dtype checks only; ``check_token_range`` checks their
+  values under ``checkify``. Returns a numpy array, or the tracer, cast to int32.
+  """
+  traced = isinstance(tokens, jax.core.Tracer)
+  if not traced:
+    tokens = np.asarray(tokens)
+  layout = "[batch, time]" if ndim == 2 else "[batch]" if ndim == 1 else f"rank {ndim}"
+  if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{what}: expected an integer array of rank {ndim} {layout}, got "
+                     f"{tokens.dtype}{list(tokens.shape)}")
+  if 0 in tokens.shape:
+    raise ValueError(f"{what}: shape {list(tokens.shape)} is empty; need at least one row "
+                     "and one token per row")
+  if traced:
+    return tokens.astype(jnp.int32)
+  lo, hi = tokens.min(), tokens.max()
+  if lo < 0 or hi >= vocab_size:
+    raise ValueError(f"{what}: ids must lie in [0, {vocab_size}), got [{lo}, {hi}]")
+  return tokens.astype(np.int32)
+
+
+def check_token_range(tokens, vocab_size: int, what: str = "tokens") -> None:
+  """In-graph ``check_tokens`` range rule: a ``jax.experimental.checkify`` check, so the
+  function that calls it must be wrapped in ``checkify.checkify`` (JAX refuses to stage
+  the check otherwise, saying so)."""
+  from jax.experimental import checkify
+  checkify.check(jnp.all((tokens >= 0) & (tokens < vocab_size)),
+                 f"{what}: ids must lie in [0, {vocab_size}), got [{{lo}}, {{hi}}]",
+                 lo=jnp.min(tokens), hi=jnp.max(tokens))
+
+
+def forward(config: ModelConfig, params: Params, tokens, quant=None, *,
+            checked: bool = False) -> jax.Array:
+  """Logits float32 ``[batch, time, vocab]`` for integer ``tokens[batch, time]``.
 
   The sequence starts at position 0. A base model (``attention_type="full"``,
   what ``load_hf`` returns) uses full causal attention; a model made by
   ``with_memory`` runs its training path (segmented, with memory). ``quant`` (a
   QuantConfig) runs it quantized (same as passing ``quantized(config, quant)``);
   scales in ``params`` and accumulator depths are checked before compiling.
+
+  Inputs (``check_tokens``, the rule the ``Engine`` applies too): ``tokens`` must be
+  an integer array of rank 2 with at least one row and one token, else ValueError.
+  Concrete ids outside ``[0, vocab_size)`` raise ValueError. Under the caller's
+  ``jax.jit`` the ids are tracers: shape and dtype are still checked, the values
+  cannot be, and an id past the vocabulary gives NaN logits while a negative one
+  counts from the end. ``checked=True`` adds the range check to the computation as a
+  ``jax.experimental.checkify`` check; wrap the jitted function in
+  ``checkify.checkify`` and throw its error::
+
+    f = jax.jit(checkify.checkify(lambda p, t: forward(config, p, t, checked=True)))
+    err, logits = f(params, tokens)
+    err.throw()  # JaxRuntimeError (a ValueError) naming the bad id range
   """
   if quant is not None:
     config = quantized(config, quant)
-  tokens = jnp.asarray(tokens)
-  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens: expected an int array [batch, time], got {tokens.dtype}"
-                     f"{list(tokens.shape)}")
+  tokens = check_tokens(tokens, config.vocab_size)
+  if checked and isinstance(tokens, jax.core.Tracer):
+    check_token_range(tokens, config.vocab_size)
   if _quant_active(config):
     qapply.check_params(config, params)
     m = config.memory
     n_keys = m.n_sink + m.n_window + m.segment_len if m.segmented else tokens.shape[1]
     qapply.check_attention_depth(config, n_keys)
-  return _forward_jit(config, params, tokens.astype(jnp.int32))
+  return _forward_jit(config, params, tokens)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -176,6 +176,10 @@ def test_bad_inputs_are_rejected_before_any_work():
     engine.prefill(np.full((2, 5), VOCAB, np.int32))
   with pytest.raises(ValueError, match="rank 2"):
     engine.prefill(np.zeros((5,), np.int32))
+  with pytest.raises(ValueError, match=r"shape \[2, 0\] is empty"):
+    engine.prefill(np.zeros((2, 0), np.int32))
+  with pytest.raises(ValueError, match=r"decode token: ids must lie in \[0, 64\), got \[-1, 3\]"):
+    engine.decode(engine.init_state("short"), np.array([-1, 3]))
   with pytest.raises(ValueError, match="capacity 128"):
     engine.prefill(_tokens(200))
   with pytest.raises(ConfigError, match="n_window=10"):
@@ -184,3 +188,75 @@ def test_bad_inputs_are_rejected_before_any_work():
     Scenario.preset("chat")
   assert engine.compile_count() == 0
   assert Scenario.preset("qa").n_window > Scenario.preset("summarization").n_window
+
+
+def test_one_state_branches_two_ways_without_donation():
+  """decode donates its state (class doc); donate=False and copy_state keep one prefilled
+  state usable twice (branching, beam search), equal to two independent runs, and
+  compile nothing more."""
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, _scenario())
+  prompt, nxt = _tokens(19), _tokens(4, seed=9)
+  a, b = nxt[:, 0], nxt[:, 1]
+  state, _ = engine.prefill(prompt)
+  kept_a, logits_a = engine.decode(state, a, donate=False)  # state stays valid
+  copy = engine.copy_state(state)
+  kept_b, logits_b = engine.decode(state, b)  # donated: consumed
+  with pytest.raises(ValueError, match="donated to an earlier decode call"):
+    engine.decode(state, a)
+  _, logits_b2 = engine.decode(copy, b, donate=False)
+  kept_a, logits_a = engine.decode(kept_a, nxt[:, 2])  # the branches go on separately
+  kept_b, logits_b = engine.decode(kept_b, nxt[:, 3])
+  assert engine.compile_counts() == {"prefill_long": 1, "decode_long": 1}
+
+  for first, second, got in ((a, nxt[:, 2], logits_a), (b, nxt[:, 3], logits_b)):
+    fresh = Engine(cfg, params, _scenario())
+    s, _ = fresh.prefill(prompt)
+    s, _ = fresh.decode(s, first)
+    _, want = fresh.decode(s, second)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  fresh = Engine(cfg, params, _scenario())
+  _, want_b = fresh.decode(fresh.prefill(prompt)[0], b)
+  np.testing.assert_array_equal(np.asarray(logits_b2), np.asarray(want_b))
+
+
+def test_a_state_from_another_engine_is_refused_by_name():
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, _scenario())
+  one_row, _ = Engine(cfg, params, _scenario(batch_size=1)).prefill(_tokens(19, batch=1))
+  with pytest.raises(ValueError, match=r"decode state: batch 1 != Scenario.batch_size=2"):
+    engine.decode(one_row, np.zeros((2,), np.int32))
+  wide, _ = Engine(cfg, params, _scenario(n_window=32)).prefill(_tokens(19))
+  with pytest.raises(ValueError, match=r"ring_k is float32\[2, 40, 2, 8\]; this engine's "
+                                       r"long route holds float32\[2, 24, 2, 8\]"):
+    engine.decode(wide, np.zeros((2,), np.int32))
+  with pytest.raises(ValueError, match="expected an EngineState"):
+    engine.copy_state({"caches": []})
+  assert engine.compile_count() == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature=nan: must be a finite number >= 0"),
+    (dict(temperature=-0.5), "temperature=-0.5: must be a finite number >= 0"),
+    (dict(temperature="1"), "temperature='1'"),
+    (dict(top_k=-5), "top_k=-5: must be an int >= 0"),
+    (dict(top_k=2.5), "top_k=2.5"),
+    (dict(top_k=True), "top_k=True"),
+    (dict(max_new_tokens=2.5), "max_new_tokens=2.5: must be an int"),
+])
+def test_generate_refuses_invalid_sampling_parameters(kwargs, message):
+  """They used to fall back to greedy decoding without a word."""
+  cfg, params = _model("full")
+  engine = Engine(cfg, params, _scenario())
+  with pytest.raises(ValueError, match=message):
+    engine.generate(_tokens(5), **{"max_new_tokens": 2, **kwargs})
+  assert engine.compile_count() == 0
+
+
+def test_scenario_sizes_must_be_ints_not_bools():
+  with pytest.raises(ConfigError, match=r"Scenario.batch_size=True: must be a positive integer"):
+    Scenario(batch_size=True)
+  with pytest.raises(ConfigError, match=r"Scenario.n_sink=False: must be a non-negative"):
+    Scenario(n_sink=False)
+  with pytest.raises(ConfigError, match=r"Scenario.segment_len='16'"):
+    Scenario(segment_len="16")

@@ -29,7 +29,12 @@ Conventions
   ``fully_connected`` takes TFLite's weight layout ``w [N, K]`` with zero point 0.
 - Validation runs on concrete (numpy / python / committed jax) values before any
   computation. Values traced by a caller's ``jax.jit`` skip the value checks (scale > 0,
-  zero-point range, bias magnitude); dtype, shape and mode checks always run.
+  zero-point range, bias magnitude); dtype, shape and mode checks always run. Debug mode:
+  ``quantize`` / ``dequantize`` with ``checked=True`` check a traced scale (finite, > 0)
+  and zero point (in range) inside the computation with ``jax.experimental.checkify``;
+  wrap the jitted function in ``checkify.checkify`` and throw its error (without the
+  wrapper JAX refuses to stage the check, saying so). Unchecked, a zero or negative
+  traced scale saturates every value silently.
 """
 
 from __future__ import annotations
@@ -87,6 +92,27 @@ def _check_int(name, value, lo, hi, what):
 def _check_zp(name, zp, dtype):
     lo, hi = _int_range("dtype", dtype)
     _check_int(name, zp, lo, hi, f"the {jnp.dtype(dtype).name} range")
+
+
+def _checked_in_graph(scale, zero_point, dtype):
+    """``checked=True``: the value checks of traced scale / zero point as checkify checks
+    (see the module doc). Called outside ``_x64``: checkify's error state keeps the
+    caller's integer width, and an int64 one inside x64 would not merge with it."""
+    from jax.experimental import checkify
+    if _host(scale) is None:
+        f = jnp.asarray(scale, jnp.float32)
+        checkify.check(jnp.all(jnp.isfinite(f) & (f > 0)),
+                       "scale must be finite and > 0 in float32; got values in [{lo}, {hi}]",
+                       lo=jnp.min(f), hi=jnp.max(f))
+    if _host(zero_point) is None:
+        lo, hi = _int_range("dtype", dtype)
+        z = jnp.asarray(zero_point)
+        ok = (z >= lo) & (z <= hi)
+        if not jnp.issubdtype(z.dtype, jnp.integer):
+            ok = ok & (jnp.floor(z) == z)
+        checkify.check(jnp.all(ok), f"zero_point must be integers in the "
+                       f"{jnp.dtype(dtype).name} range [{lo}, {hi}]; got values in "
+                       "[{zlo}, {zhi}]", zlo=jnp.min(z), zhi=jnp.max(z))
 
 
 def _check_shape(name, value, n):
@@ -272,13 +298,21 @@ def _mult_args(multiplier, shift, real_multiplier):
 
 
 # ----------------------------------------------------------------------------- public API
-@_x64
-def quantize(x, scale, zero_point, dtype, rounding="half_to_even"):
+def quantize(x, scale, zero_point, dtype, rounding="half_to_even", *, checked=False):
     """q = saturate(round(f32(x) / f32(scale)) + zero_point) as `dtype`.
 
     scale / zero_point broadcast against x (per tensor, or per axis with singleton dims
     elsewhere, e.g. scale[:, None]). NaN maps to 0 (XLA's cast), not a runtime's value.
+    ``checked``: check traced scale / zero point under checkify (module doc).
     """
+    if checked:
+        _int_range("dtype", dtype)  # a bad dtype is named before any check is staged
+        _checked_in_graph(scale, zero_point, dtype)
+    return _quantize(x, scale, zero_point, dtype, rounding)
+
+
+@_x64
+def _quantize(x, scale, zero_point, dtype, rounding):
     _choice("rounding", rounding, ROUNDINGS)
     lo, hi = _int_range("dtype", dtype)
     _check_scale("scale", scale)
@@ -302,9 +336,18 @@ def _quantize_jit(x, scale, zp, dtype, rounding, lo, hi):
     return jnp.clip(r + zp.astype(jnp.float32), lo, hi).astype(dtype)
 
 
+def dequantize(q, scale, zero_point, *, checked=False):
+    """float32 (q - zero_point) * scale, as ONNX DequantizeLinear computes it.
+
+    ``checked``: check traced scale / zero point under checkify (module doc).
+    """
+    if checked:
+        _checked_in_graph(scale, zero_point, q.dtype if hasattr(q, "dtype") else np.asarray(q).dtype)
+    return _dequantize(q, scale, zero_point)
+
+
 @_x64
-def dequantize(q, scale, zero_point):
-    """float32 (q - zero_point) * scale, as ONNX DequantizeLinear computes it."""
+def _dequantize(q, scale, zero_point):
     q = jnp.asarray(q)
     _check_scale("scale", scale)
     _check_zp("zero_point", zero_point, q.dtype)
