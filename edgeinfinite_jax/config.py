@@ -13,6 +13,8 @@ every error names the offending key, its value and the rule it breaks.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import Any, Mapping
 
 ATTENTION_TYPES = ("full", "streaming", "edgeinfinite")
@@ -28,6 +30,40 @@ class ConfigError(ValueError):
   """A configuration value breaks a rule; the message names key, value and rule."""
 
 
+def _require(ok: bool, key: str, value: Any, rule: str):
+  if not ok:
+    raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)  # True is no size
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Annotation (a string: ``from __future__ import annotations``) -> (test, expected type).
+_TYPE_RULES = {
+    "int": (_is_int, "must be an int"),
+    "float": (_is_number, "must be a finite number (float or int)"),
+    "bool": (lambda v: isinstance(v, bool), "must be a bool"),
+    "str": (lambda v: isinstance(v, str), "must be a str"),
+    "RopeScaling": (lambda v: isinstance(v, RopeScaling), "must be a RopeScaling"),
+    "MemoryConfig": (lambda v: isinstance(v, MemoryConfig), "must be a MemoryConfig"),
+}
+
+
+def check_types(obj, where: str) -> None:
+  """Every field of a config dataclass holds its annotated type (ConfigError naming the
+  key, the value and the type). Runs before the value rules, which would otherwise fail
+  with a bare TypeError (``'16' > 0``) or let NaN through (every comparison is False)."""
+  for f in dataclasses.fields(obj):
+    test, rule = _TYPE_RULES.get(f.type, (None, None))
+    if test is not None:
+      _require(test(getattr(obj, f.name)), f"{where}.{f.name}", getattr(obj, f.name), rule)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Hugging Face ``rope_scaling`` / ``rope_parameters`` (types: linear, llama3)."""
@@ -36,6 +72,9 @@ class RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    check_types(self, "model.rope_scaling")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +116,9 @@ class MemoryConfig:
   remat: bool = True
   truncate_every: int = 0
   force_gate: str = "none"
+
+  def __post_init__(self):
+    check_types(self, "model.memory")  # the value rules need the model: ``validate``
 
   @property
   def window_blocks(self) -> int:
@@ -123,10 +165,34 @@ class ModelConfig:
     return self.num_heads // self.num_kv_heads
 
   def replace(self, **changes) -> "ModelConfig":
+    _reject_unknown(type(self), changes, "model")
     return dataclasses.replace(self, **changes)
 
   def with_memory(self, **changes) -> "ModelConfig":
+    _reject_unknown(MemoryConfig, changes, "model.memory")
     return self.replace(memory=dataclasses.replace(self.memory, **changes))
+
+  def check_sequence_length(self, seq_len: int, key: str = "data.seq_len") -> None:
+    """Training sequences of ``seq_len`` tokens against ``max_position_embeddings``.
+
+    Full attention sees every position 0..seq_len-1: past max_position_embeddings it
+    runs on RoPE angles the model was not built for, and a saved config would claim a
+    shorter context than it was trained on, so that is a ConfigError (raise
+    model.max_position_embeddings to train longer from scratch). A segmented model
+    with ``rope_positions='absolute'`` exists to read past it, but its local branch
+    sees those positions too: a warning. ``cache_relative`` positions stay below
+    n_sink + n_window + segment_len whatever the length.
+    """
+    limit, m = self.max_position_embeddings, self.memory
+    if seq_len <= limit or (m.segmented and m.rope_positions == "cache_relative"):
+      return
+    _require(m.segmented, key, seq_len,
+             f"exceeds model.max_position_embeddings={limit} with full attention; raise "
+             "max_position_embeddings or shorten the sequences")
+    warnings.warn(f"{key}={seq_len} exceeds model.max_position_embeddings={limit}: the "
+                  f"{m.attention_type} model's local branch sees absolute positions the "
+                  "base model never saw (rope_positions='cache_relative' keeps them "
+                  "bounded)", stacklevel=2)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -159,13 +225,9 @@ def _reject_unknown(cls, d, where):
                       f"valid keys: {', '.join(sorted(known))}")
 
 
-def _require(ok: bool, key: str, value: Any, rule: str):
-  if not ok:
-    raise ConfigError(f"{key}={value!r}: {rule}")
-
-
 def validate(c: ModelConfig) -> None:
   """Checks every rule of a model config; raises ConfigError naming the key."""
+  check_types(c, "model")
   for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
               "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
     v = getattr(c, key)

@@ -292,6 +292,7 @@ def validate(config, n_devices: int | None = None, check_paths: bool = True) -> 
              "must be >= 259, the byte tokenizer's vocabulary (data.tokenizer='byte')")
   if not config.init.hf_path:  # (with a checkpoint the architecture comes from its file)
     check_trainable(config, m)
+    m.check_sequence_length(config.data.seq_len)
   if config.job == "quant":
     from edgeinfinite_jax import qat
     qat.validate(config)

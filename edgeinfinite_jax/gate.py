@@ -85,7 +85,10 @@ def with_memory(config: ModelConfig, params, *, rng, **memory_options):
   ``memory_options`` are ``MemoryConfig`` fields (attention_type defaults to
   ``edgeinfinite``; gate, update_rule, mem_uses_rope, rope_positions, sizes...).
   Gate parameters are added under ``layers_i/attn/memory_gate`` and start with
-  the memory switched off; the backbone parameters are shared, not copied.
+  the memory switched off; the backbone parameters are shared, not copied. An
+  unknown option, or one of the wrong type (``segment_len='16'``, a bool for a size,
+  a NaN bias), raises ConfigError naming the option and the expected type before
+  anything is initialised.
   """
   memory_options.setdefault("attention_type", "edgeinfinite")
   new_config = config.with_memory(**memory_options)

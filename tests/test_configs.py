@@ -6,13 +6,14 @@ the test stays fast as config files are added.
 
 import glob
 import os
+import warnings
 
 import jax
 import pytest
 
-from edgeinfinite_jax import experiment, main
+from edgeinfinite_jax import experiment, main, with_memory
 from edgeinfinite_jax import model as model_lib
-from edgeinfinite_jax.config import ConfigError
+from edgeinfinite_jax.config import ConfigError, MemoryConfig, ModelConfig, RopeScaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py")))
@@ -94,3 +95,70 @@ def test_validate_names_key_and_rule():
 
 def test_jobs_registry_matches():
   assert set(main.JOBS) == set(experiment.JOBS)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(segment_len="16"), r"model.memory.segment_len='16': must be an int"),
+    (dict(n_window=True), r"model.memory.n_window=True: must be an int"),
+    (dict(gate_init_bias=float("nan")), r"model.memory.gate_init_bias=nan: must be a finite number"),
+    (dict(eps=float("inf")), r"model.memory.eps=inf: must be a finite number"),
+    (dict(remat="yes"), r"model.memory.remat='yes': must be a bool"),
+    (dict(gate=3), r"model.memory.gate=3: must be a str"),
+    (dict(segmnt_len=16), r"unknown key\(s\) model.memory.segmnt_len; valid keys: .*segment_len"),
+])
+def test_memory_options_name_the_option_and_its_type(options, message):
+  """with_memory(segment_len='16') used to raise TypeError: '>' not supported, and NaN
+  passed every rule (each comparison with NaN is False)."""
+  base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4,
+                     num_kv_heads=2)
+  params = model_lib.abstract_params(base)  # the option is refused before params are read
+  with pytest.raises(ConfigError, match=message):
+    with_memory(base, params, rng=jax.random.key(1), **options)
+  with pytest.raises(ConfigError, match=message):
+    base.with_memory(**options)
+  if "segmnt_len" not in options:
+    with pytest.raises(ConfigError, match=message):
+      MemoryConfig(**options)
+    with pytest.raises(ConfigError, match=message):
+      ModelConfig.from_dict({"memory": options})
+
+
+def test_model_fields_name_their_type():
+  cases = [
+      (dict(vocab_size=True), r"model.vocab_size=True: must be an int"),
+      (dict(num_heads=4.0), r"model.num_heads=4.0: must be an int"),
+      (dict(rope_theta=float("nan")), r"model.rope_theta=nan: must be a finite number"),
+      (dict(tie_word_embeddings=1), r"model.tie_word_embeddings=1: must be a bool"),
+      (dict(memory={"segment_len": 8}), r"model.memory=\{'segment_len': 8\}: must be a MemoryConfig"),
+      (dict(rope_scaling=RopeScaling(factor=2)), None),
+  ]
+  for kwargs, message in cases:
+    if message is None:
+      ModelConfig(**kwargs)  # an int where a float is expected is fine
+      continue
+    with pytest.raises(ConfigError, match=message):
+      ModelConfig(**kwargs)
+  with pytest.raises(ConfigError, match=r"model.rope_scaling.factor='2': must be a finite"):
+    RopeScaling(factor="2")
+  with pytest.raises(ConfigError, match=r"unknown key\(s\) model.hidden; valid keys"):
+    ModelConfig().replace(hidden=3)
+
+
+def test_seq_len_beyond_the_models_positions():
+  """data.seq_len above model.max_position_embeddings used to pass without a word."""
+  base = experiment.apply_overrides(experiment.base_config(),
+                                    {"model.max_position_embeddings": 64, "data.seq_len": 65})
+  with pytest.raises(ConfigError, match=r"data.seq_len=65: exceeds model.max_position_"
+                                        r"embeddings=64 with full attention"):
+    experiment.validate(base, n_devices=1)
+  memory = experiment.apply_overrides(base, {"model.memory.attention_type": "edgeinfinite",
+                                             "model.memory.segment_len": 16,
+                                             "model.memory.n_window": 32})
+  with pytest.warns(UserWarning, match=r"data.seq_len=65 exceeds model.max_position_"
+                                       r"embeddings=64: the edgeinfinite model's local"):
+    experiment.validate(memory, n_devices=1)
+  relative = experiment.apply_overrides(memory, {"model.memory.rope_positions": "cache_relative"})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    experiment.validate(relative, n_devices=1)
+    experiment.validate(experiment.apply_overrides(base, {"data.seq_len": 64}), n_devices=1)
