@@ -195,16 +195,21 @@ class LayerQuant(NamedTuple):
     division, rounding, clip, and, for learned sites, LSQ's ``round(x/s + z)``).
     """
     self.record(site, x)
+    return self.codes(site, lambda s: qz.exact_div(x.astype(jnp.float32), s))
+
+  def codes(self, site, quotient):
+    """``qint`` of a value given by ``quotient(s)`` = value / s (s: the site's float32
+    scale), so a caller may form the quotient more precisely than float32 allows."""
     spec = site_spec(self.quant, site)
     p = self.params[site]
     s = jnp.asarray(p["scale"], jnp.float32)
     z = jnp.asarray(p.get("zero_point", 0.0), jnp.float32)
     if self.quant.activation_scales == "learned":
       z = qz.round_int(z, spec.rounding)
-      v = qz.exact_div(x.astype(jnp.float32), s) + z
+      v = quotient(s) + z
       q = qz.round_int(jnp.clip(v, spec.qmin, spec.qmax), spec.rounding)
     else:
-      q = qz.round_int(qz.exact_div(x.astype(jnp.float32), s), spec.rounding) + z
+      q = qz.round_int(quotient(s), spec.rounding) + z
       q = jnp.clip(q, spec.qmin, spec.qmax)
     return q.astype(spec.int_dtype), s, z
 
@@ -317,19 +322,36 @@ def project(qx: LayerQuant, site_in, site_out, x, kernel, *, equation, n_in, n_c
 
 def _integer_project(qx, site_in, site_out, x, kernel, spec, n_in, n_contract, bias,
                      learned_scale, dtype):
-  """The projection over integer codes: fixed-point requantization in integer mode,
-  float32 rescaling and the output's fake quantization with fake_quant_dots='exact'."""
+  """The projection over integer codes: fixed-point requantization in integer mode; with
+  fake_quant_dots='exact', the output grid's code of the exact real value (one rounding
+  of a float64 quotient), dequantized as fake quantization would."""
   from edgeinfinite_jax.quant import intsim  # numpy/x64 helpers; only integer mode needs them
   lead = x.shape[:x.ndim - n_in]
   out_shape = lead + tuple(kernel.shape[n_contract:])
   x_q, sx, zx = qx.qint(site_in, x.reshape(lead + (-1,)))
   w_q, sw = integer_weight(spec, kernel, n_contract, learned_scale)
   if not qx.integer:
-    y = code_dot("...k,kn->...n", (x_q, sx, zx), (w_q, sw, 0))
-    if bias is not None:
-      y = y + bias.reshape(-1).astype(jnp.float32)
-    y = y.astype(dtype).reshape(out_shape)
-    return qx.act(site_out, y) if site_out else y
+    with jax.enable_x64(True):  # int64 accumulators (16-bit codes); the float64 rescaling
+      acc = code_acc("...k,kn->...n", (x_q, sx, zx), (w_q, sw, 0))
+      y = acc.astype(jnp.float32) * (sx * sw)  # code_dot's float32 rescaling
+      if bias is not None:
+        y = y + bias.reshape(-1).astype(jnp.float32)
+      y = y.astype(dtype).reshape(out_shape)
+      if not site_out or site_spec(qx.quant, site_out) is None:
+        return y
+      # The output code of acc·s_x·s_w (+ bias) over s_y, rounded once: the quotient is
+      # formed in float64. Fake-quantizing the float32 ``y`` would round three times
+      # (s_x·s_w, the product, the division) and move the codes that lie within ~2^-24
+      # (relative) of a rounding boundary, a few per thousand at an int16 grid: which ones
+      # depends on the last bits of weights and scales, and so on XLA's compile options
+      # and the machine, and the reference would stop being the quantized function.
+      qx.record(site_out, y)
+      f64 = lambda v: jnp.asarray(v, jnp.float64)
+      real = acc.astype(jnp.float64) * (f64(sx) * f64(sw))
+      if bias is not None:
+        real = real + bias.reshape(-1).astype(jnp.float64)
+      q, s, z = qx.codes(site_out, lambda s: qz.exact_div(real, f64(s)))
+    return dequantize(q, s, z, dtype).reshape(out_shape)
   out_spec = site_spec(qx.quant, site_out)
   p = qx.params[site_out]
   sy, zy = p["scale"], p.get("zero_point", jnp.zeros((), jnp.float32))
@@ -349,20 +371,26 @@ def code_dot(equation, a, b):
   (``LayerQuant.qint``): Σ (a - z_a)(b - z_b) accumulated exactly, in int32, or int64
   (x64 enabled locally, as intsim does) when either holds 16-bit codes; then rescaled
   by s_a·s_b in float32."""
-  (a_q, a_s, a_zp), (b_q, b_s, b_zp) = a, b
-  wide = max(jnp.iinfo(a_q.dtype).bits, jnp.iinfo(b_q.dtype).bits) > 8
-
-  def acc(dtype):
-    x = a_q.astype(dtype) - jnp.asarray(a_zp).astype(dtype)
-    y = b_q.astype(dtype) - jnp.asarray(b_zp).astype(dtype)
-    return jnp.einsum(equation, x, y, preferred_element_type=dtype).astype(jnp.float32)
-
-  if wide:
+  if _wide(a, b):
     with jax.enable_x64(True):
-      total = acc(jnp.int64)
+      total = code_acc(equation, a, b).astype(jnp.float32)
   else:
-    total = acc(jnp.int32)
-  return total * (a_s * b_s)
+    total = code_acc(equation, a, b).astype(jnp.float32)
+  return total * (a[1] * b[1])
+
+
+def _wide(a, b) -> bool:
+  return max(jnp.iinfo(a[0].dtype).bits, jnp.iinfo(b[0].dtype).bits) > 8
+
+
+def code_acc(equation, a, b):
+  """The integer accumulator of ``code_dot``: int32, or int64 when either operand holds
+  16-bit codes (int64 needs x64: call it inside ``jax.enable_x64``)."""
+  (a_q, _, a_zp), (b_q, _, b_zp) = a, b
+  dtype = jnp.int64 if _wide(a, b) else jnp.int32
+  x = a_q.astype(dtype) - jnp.asarray(a_zp).astype(dtype)
+  y = b_q.astype(dtype) - jnp.asarray(b_zp).astype(dtype)
+  return jnp.einsum(equation, x, y, preferred_element_type=dtype)
 
 
 # ----------------------------------------------------------------------------- checks
