@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
           "eval_every": 200,        # 0 = only at the end
           "eval_batches": 4,
           "progress": True,         # tqdm progress bar
+          "fresh": False,           # move a recorded run aside (workdir/previous/), start over
       },
       "checkpoint": {
           "every": 500,             # save every k steps (and always at the end)

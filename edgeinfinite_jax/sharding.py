@@ -222,10 +222,18 @@ def maybe_initialize_distributed(config) -> bool:
   Must run before anything touches the JAX backend. Empty / -1 / 0 values are
   left for JAX to auto-detect (SLURM, TPU pods, Open MPI, ...). Returns whether
   it initialised.
+
+  CPU processes need a cross-process collectives library or every collective
+  across hosts fails, so ``jax_cpu_collectives_implementation`` is set to
+  ``gloo`` (bundled with jaxlib) unless it already names one (e.g. ``mpi``);
+  accelerator backends ignore it. That is what makes a run of several CPU
+  processes on one machine (README: two processes on 127.0.0.1) work.
   """
   d = config.get("distributed") if hasattr(config, "get") else None
   if not d or not d.get("initialize", False):
     return False
+  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=d.get("coordinator_address") or None,
       num_processes=d.get("num_processes") or None,

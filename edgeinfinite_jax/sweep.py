@@ -34,6 +34,13 @@ may not name a swept key.
 * **Parallel.** ``--parallel N`` runs N at once (each in its own process;
   with N > 1 ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set for the runs
   unless the environment sets it, so that GPU runs can share a device).
+* **One launcher, no orphans.** The launcher holds ``DIR/.lock`` while it runs
+  (a second launcher on ``DIR`` stops, naming the first one's PID; each run's
+  trainer locks its own directory the same way). Runs start in their own
+  process group with a parent-death signal (Linux ``PR_SET_PDEATHSIG``): a
+  launcher killed even with SIGKILL takes its runs with it, so a rerun never
+  finds an orphaned trainer still writing to a run directory. An interrupt
+  (Ctrl-C, SIGTERM) stops each run's whole process group.
 
 The launcher process itself only validates, on the CPU backend: it never
 holds the accelerator that the runs need. Python API: ``plan`` (validate and
@@ -68,6 +75,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from edgeinfinite_jax import experiment
+from edgeinfinite_jax import workdir as workdir_lib
 from edgeinfinite_jax.config import ConfigError
 
 DONE = "DONE"
@@ -445,8 +453,38 @@ def _tail(path: str, n: int = 15) -> str:
   return "\n".join("    | " + l for l in lines[-n:])
 
 
+# The first thing a run executes on Linux (``-I -S``: a bare interpreter, no site
+# imports): ask the kernel for SIGKILL when the launcher dies (prctl
+# PR_SET_PDEATHSIG = 1; it survives exec), give up if the launcher is already
+# gone, then exec the run's own command in place (same PID, same environment).
+# Doing this in the child before exec, rather than in a ``preexec_fn``, keeps
+# the fork safe: the launcher has threads (its pool, JAX's), and Python code run
+# between fork and exec in a threaded process can deadlock.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:\n"
+    "  raise OSError(ctypes.get_errno(), 'prctl(PR_SET_PDEATHSIG) failed')\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "  sys.exit('sweep: the launcher died before this run started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def _child_argv(argv: Sequence[str]) -> list[str]:
+  """``argv`` as the launcher executes it: on Linux behind ``_DIE_WITH_PARENT``,
+  so the run dies with the launcher, even one killed with SIGKILL (no handler of
+  the launcher's can run then; only the kernel can end the run)."""
+  if not sys.platform.startswith("linux"):
+    return list(argv)
+  return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+
+
 class _Launcher:
-  """Runs subprocesses, remembering them so an interrupt can stop them."""
+  """Runs subprocesses, remembering them so an interrupt can stop them.
+
+  Each run gets its own process group (``start_new_session``), so stopping it
+  stops whatever it started too, and dies with the launcher (``_child_argv``).
+  """
 
   def __init__(self, env):
     self.env, self.procs, self.lock, self.stopping = env, set(), threading.Lock(), False
@@ -465,8 +503,9 @@ class _Launcher:
       with self.lock:
         if self.stopping:
           return -signal.SIGTERM, 0.0
-        proc = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=self.env)
+        proc = subprocess.Popen(_child_argv(run.argv), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=self.env, start_new_session=True)
         self.procs.add(proc)
       try:
         rc = proc.wait()
@@ -480,25 +519,45 @@ class _Launcher:
       self.stopping = True
       procs = list(self.procs)
     for p in procs:
-      if p.poll() is None:
-        p.terminate()
+      _signal_group(p, signal.SIGTERM)
     for p in procs:
       try:
         p.wait(timeout=10)
       except subprocess.TimeoutExpired:
-        p.kill()
+        _signal_group(p, signal.SIGKILL)
+        p.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+  """``sig`` to the run's process group (the run and anything it started)."""
+  try:
+    os.killpg(proc.pid, sig)
+  except ProcessLookupError:  # already gone, with its group
+    pass
 
 
 def execute(sweep: Sweep, parallel: int = 1, progress: bool = True, out=None) -> dict:
   """Runs the selected runs that are not done; returns ``{"ran", "skipped", "failed"}``.
 
   Writes ``DONE`` (success) or ``FAILED`` (exit status) into each run
-  directory, then the results tables (``aggregate``).
+  directory, then the results tables (``aggregate``). Holds ``<workdir>/.lock``
+  throughout: SweepError, naming the holder's PID, if another launcher has it.
   """
-  from tqdm.auto import tqdm
   if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
     raise SweepError(f"--parallel={parallel!r}: must be a positive integer")
   out = out or sys.stdout
+  try:
+    lock = workdir_lib.Lock(sweep.workdir, "sweep launcher").acquire()
+  except workdir_lib.WorkdirError as e:
+    raise SweepError(f"--workdir={sweep.workdir}: {e}") from None
+  try:
+    return _execute(sweep, parallel, progress, out)
+  finally:
+    lock.release()
+
+
+def _execute(sweep: Sweep, parallel: int, progress: bool, out) -> dict:
+  from tqdm.auto import tqdm
   _check_state(sweep)
   _save_state(sweep)
   todo = [r for r in sweep.selected if not r.done]

@@ -1,8 +1,9 @@
 """The training loop: one linear, top-to-bottom ``run`` (big_vision style).
 
-mesh -> data -> ``eval_shape`` of init -> shardings -> ``jit(init,
-out_shardings)`` -> ``jit(train_step, donate)`` -> resume from orbax -> loop
-(progress bar, JSON-lines metrics, held-out eval, checkpoints).
+lock the workdir -> check its record -> mesh -> data -> ``eval_shape`` of init ->
+shardings -> ``jit(init, out_shardings)`` -> ``jit(train_step, donate)`` -> resume
+from the newest intact orbax checkpoint -> loop (progress bar, JSON-lines metrics,
+held-out eval, checkpoints with checksum manifests).
 
 Reusable building blocks for later stages: ``make_train_state``,
 ``train_step``, ``loss_fn`` / ``cross_entropy``, ``evaluate`` and
@@ -13,6 +14,15 @@ Determinism: the batch of step s is a pure function of (seed, s)
 checkpointed whole, so the same seed and config give identical losses, and a
 run resumed from a checkpoint reaches the same final loss as an uninterrupted
 one.
+
+Workdir contract (``workdir.py``): one trainer per workdir (``<workdir>/.lock``);
+``config.json`` records the run its checkpoints and metrics belong to, and a
+config that would change that run stops before anything is written
+(``train.fresh`` moves the old run to ``previous/<timestamp>/`` instead); a
+checkpoint whose files fail their sha256 manifest, or that orbax cannot read, is
+moved to ``checkpoints/corrupt-<step>`` and the one before it is restored.
+Multi-process runs decide all of this on process 0, which alone writes files
+other than orbax's.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -35,6 +46,7 @@ from edgeinfinite_jax import experiment
 from edgeinfinite_jax import model as model_lib
 from edgeinfinite_jax import optim
 from edgeinfinite_jax import sharding
+from edgeinfinite_jax import workdir as workdir_lib
 from edgeinfinite_jax.config import ConfigError, ModelConfig
 
 class TrainState(NamedTuple):
@@ -173,12 +185,111 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
                                options=options)
 
 
+# ----------------------------------------------------------------------------- workdir
+
+
+def _from_main(value: int) -> int:
+  """Process 0's ``value`` on every process (one process: ``value``)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _main_decides(fn, workdir: str):
+  """``fn()`` on process 0 only; a WorkdirError / CheckpointError it raises is
+  raised on every process (the others point to process 0's message), so no
+  process goes on into a collective the others never reach."""
+  error, result = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except (workdir_lib.WorkdirError, workdir_lib.CheckpointError) as e:
+      error = e
+  if not _from_main(int(error is None)):
+    raise error or workdir_lib.WorkdirError(
+        f"workdir {workdir}: process 0 stopped the run; its output says why")
+  return result
+
+
+def _prepare_workdir(workdir: str, config, model_config: ModelConfig, fresh: bool) -> None:
+  """Process 0: refuse a config that changes the recorded run (or, ``fresh``,
+  move that run aside), then record this one."""
+  config_json = config.to_json_best_effort(indent=2, sort_keys=True)
+  if fresh:
+    moved = workdir_lib.move_aside(workdir)
+    if moved:
+      print(f"train.fresh: moved the previous run of {workdir} to {moved}", flush=True)
+  else:
+    # defaults: a workdir recorded before a key existed resumes under its default
+    workdir_lib.check_run(workdir, json.loads(config_json), model_config.to_dict(),
+                          experiment.base_config().to_dict(), ModelConfig().to_dict())
+  workdir_lib.write_record(workdir, config_json, model_config.to_dict())
+
+
+def _reject(directory: str, step: int, reason: str, rejected: list) -> None:
+  moved = workdir_lib.quarantine(directory, step)
+  rejected.append(f"step {step}: {reason} (moved to {moved})")
+  print(f"warning: checkpoint {os.path.join(directory, str(step))} is bad: {reason}; moved "
+        f"to {moved}; falling back to the checkpoint before it", file=sys.stderr, flush=True)
+
+
+def _pick_checkpoint(directory: str, rejected: list) -> int:
+  """Process 0: the newest step whose manifest verifies (-1: none saved yet);
+  failing ones are moved aside. Raises CheckpointError when steps existed but
+  none is intact: a workdir with checkpoints never silently starts over."""
+  for step in workdir_lib.checkpoint_steps(directory):
+    reason = workdir_lib.verify(os.path.join(directory, str(step)))
+    if reason is None:
+      return step
+    _reject(directory, step, reason, rejected)
+  if rejected:
+    raise workdir_lib.CheckpointError(
+        f"no intact checkpoint in {directory}; every one was moved aside (never deleted):\n  "
+        + "\n  ".join(rejected)
+        + "\nRestore one by hand (move a corrupt-<step> back to <step>) or start over with "
+          "train.fresh=True")
+  return -1
+
+
+def _restore(workdir: str, config, abstract_state):
+  """(manager, state) from the newest intact checkpoint; (None, None) if none.
+
+  A step whose checksum manifest fails is skipped for the one before it. A
+  step without a manifest that orbax cannot read is skipped the same way in a
+  one-process run; with a manifest that verifies, or with several processes
+  (which must agree on one step), such a failure stops the run with orbax's
+  reason in one line.
+  """
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  rejected: list[str] = []
+  while True:
+    step = _main_decides(lambda: _pick_checkpoint(directory, rejected), workdir)
+    step = _from_main(-1 if step is None else step)  # None: not process 0
+    if step < 0:
+      return None, None
+    mngr = checkpoint_manager(workdir, config)
+    try:
+      return mngr, mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # orbax / TensorStore errors come in many types
+      mngr.close()
+      step_dir = os.path.join(directory, str(step))
+      reason = f"orbax cannot restore it: {workdir_lib.one_line(e)}"
+      if workdir_lib.has_manifest(step_dir):
+        raise workdir_lib.CheckpointError(
+            f"checkpoint {step_dir}: {reason}; its files match their sha256 manifest, so it "
+            "is intact but does not fit this run (model or optimizer shapes?)") from e
+      if jax.process_count() > 1:
+        raise workdir_lib.CheckpointError(f"checkpoint {step_dir}: {reason}") from e
+      _reject(directory, step, reason, rejected)
+
+
 # ----------------------------------------------------------------------------- run
 
 
 def run(config, workdir: str, *, stop_after: int | None = None, model=None,
-        loss=None) -> dict:
-  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
+        loss=None, fresh: bool | None = None) -> dict:
+  """Trains ``config`` in ``workdir``, resuming from its latest intact checkpoint.
 
   ``stop_after`` ends the loop after that many total steps without a final
   save, as a preemption would (the schedule still follows ``train.steps``);
@@ -187,14 +298,35 @@ def run(config, workdir: str, *, stop_after: int | None = None, model=None,
   Hooks for other trainers (QAT, ``qat.py``): ``model=(model_config,
   base_params)`` replaces ``model_and_base_params(config)``; ``loss`` replaces
   ``loss_fn`` (see ``train_step``); extra scalar metrics are logged too.
+
+  The workdir holds one run (module docstring): WorkdirError when another
+  process holds ``<workdir>/.lock`` (naming its PID) or when ``config`` would
+  change the recorded run (naming each key: recorded -> now; a higher
+  ``train.steps`` extends a run and is no change). ``fresh`` (default
+  ``config.train.fresh``) moves the recorded run to
+  ``<workdir>/previous/<timestamp>/`` and starts over. CheckpointError when
+  checkpoints exist but none is intact.
   """
   experiment.validate(config)  # every rule, before anything is compiled
+  if fresh is None:
+    fresh = bool(config.train.get("fresh", False))
+  # Process 0 holds the lock for the whole run; every process learns whether it got it.
+  lock = _main_decides(lambda: workdir_lib.Lock(workdir, "trainer").acquire(), workdir)
+  try:
+    return _run(config, workdir, stop_after, model, loss, fresh)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(config, workdir, stop_after, model, loss, fresh) -> dict:
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   steps, seed = config.train.steps, config.seed
+
+  # 0. The model, then the workdir's record: a config that changes the recorded
+  # run stops here, before anything is compiled or written.
+  model_config, base_params = model if model is not None else model_and_base_params(config)
+  _main_decides(lambda: _prepare_workdir(workdir, config, model_config, fresh), workdir)
 
   # 1. Mesh.
   mesh = sharding.make_mesh(config)
@@ -209,7 +341,6 @@ def run(config, workdir: str, *, stop_after: int | None = None, model=None,
                                    host_rows)
 
   # 3. Shapes first: nothing is allocated until the shardings are known.
-  model_config, base_params = model if model is not None else model_and_base_params(config)
   groups = optim.groups_from_config(config.optim)
   abstract_params = model_lib.abstract_params(model_config)
   trainable = optim.trainable_paths(abstract_params, groups)
@@ -234,15 +365,17 @@ def run(config, workdir: str, *, stop_after: int | None = None, model=None,
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=0)
 
-  # 7. Resume from the latest checkpoint, restored straight into its shardings.
-  mngr = checkpoint_manager(workdir, config) if config.checkpoint.enabled else None
-  latest = mngr.latest_step() if mngr else None
+  # 7. Resume from the newest intact checkpoint, restored straight into its
+  # shardings (also with checkpoint.enabled=False: that only stops saving).
   with sharding.activation_context(mesh, rules):
-    if latest is None:
+    mngr, state = _restore(workdir, config, _abstract(state_shapes, state_sh))
+    if state is None:
       state = jax.jit(init, out_shardings=state_sh)(init_rng, base_params)
-    else:
-      state = mngr.restore(latest, args=ocp.args.StandardRestore(
-          _abstract(state_shapes, state_sh)))
+  if mngr is not None and not config.checkpoint.enabled:
+    mngr.close()
+    mngr = None
+  elif mngr is None and config.checkpoint.enabled:
+    mngr = checkpoint_manager(workdir, config)
   start = int(jax.device_get(state.step))
   if is_main:
     share = optim.summary(abstract_params, groups)
@@ -261,11 +394,23 @@ def run(config, workdir: str, *, stop_after: int | None = None, model=None,
              desc="train", dynamic_ncols=True)
   losses, pending, summary = [], [], {}
   last_time, last_tokens = time.perf_counter(), 0.0
+  unsealed = []  # saved steps whose checksum manifest is not written yet
 
   def write(record):
     if metrics_file:
       metrics_file.write(json.dumps(record) + "\n")
       metrics_file.flush()
+
+  def seal():
+    """Waits for orbax to commit the pending saves, then (process 0) writes each
+    one's sha256 manifest; until then a save is restorable but unverified."""
+    mngr.wait_until_finished()
+    if is_main:
+      for s in unsealed:
+        step_dir = os.path.join(str(mngr.directory), str(s))
+        if os.path.isdir(step_dir):
+          workdir_lib.write_manifest(step_dir)
+    unsealed.clear()
 
   try:
     for step in range(start, end):
@@ -306,11 +451,14 @@ def run(config, workdir: str, *, stop_after: int | None = None, model=None,
         write({"step": done, **ev})
         summary.update(ev)
       if mngr and (done % config.checkpoint.every == 0 or is_last):
+        if unsealed:
+          seal()  # orbax would wait for the previous save here anyway
         mngr.save(done, args=ocp.args.StandardSave(state))
+        unsealed.append(done)
   finally:
     bar.close()
     if mngr:
-      mngr.wait_until_finished()
+      seal()
       mngr.close()
     if metrics_file:
       metrics_file.close()

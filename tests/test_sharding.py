@@ -111,3 +111,27 @@ def test_mesh_shape_rules():
     sharding.mesh_shape({"data": 2, "fsdp": 1, "tensor": 1}, 8)
   with pytest.raises(ConfigError, match="unknown mesh axis mesh.pipeline"):
     sharding.mesh_shape({"pipeline": 2}, 8)
+
+
+def test_distributed_init_uses_gloo_cpu_collectives(monkeypatch):
+  """Without a CPU collectives library, cross-process collectives of CPU processes
+  fail; the init path picks gloo (test_multiprocess.py runs it for real)."""
+  import ml_collections
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(
+      (kw, jax.config.jax_cpu_collectives_implementation)))
+  config = ml_collections.ConfigDict({"distributed": {
+      "initialize": False, "coordinator_address": "127.0.0.1:1234", "num_processes": 2,
+      "process_id": 1}})
+  previous = jax.config.jax_cpu_collectives_implementation
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", None)
+    assert not sharding.maybe_initialize_distributed(config) and calls == []
+    config.distributed.initialize = True
+    assert sharding.maybe_initialize_distributed(config)
+    jax.config.update("jax_cpu_collectives_implementation", "mpi")  # a choice is kept
+    sharding.maybe_initialize_distributed(config)
+  finally:
+    jax.config.update("jax_cpu_collectives_implementation", previous)
+  args = {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
+  assert calls == [(args, "gloo"), (args, "mpi")]

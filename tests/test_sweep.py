@@ -17,6 +17,7 @@ import time
 import pytest
 
 from edgeinfinite_jax import sweep
+from edgeinfinite_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,6 +185,75 @@ def test_parallel_runs_at_once(tmp_path, monkeypatch):
       == ["r0", "r1", "r2"]
   assert time.perf_counter() - start < 4.0  # not 3 x 1.5 s one after the other
   assert open(f"{work}/r0/env").read() == "false"  # runs can share a GPU
+
+
+# ----------------------------------------------------------------------------- one launcher, no orphans
+
+# A launcher process running one fake run (``CHILD``) through sweep.execute.
+LAUNCHER = textwrap.dedent("""
+    import sys
+    from edgeinfinite_jax import sweep
+    work, child = sys.argv[1], sys.argv[2]
+    run = sweep.Run(0, "r", {"x": 1}, [sys.executable, "-c", child, work + "/r"], work + "/r")
+    sweep.execute(sweep.Sweep("fake.py", work, [run], [run], ["x"], [], {}), progress=False)
+""")
+# A run that locks its directory as a trainer does, says its PID, and runs on.
+CHILD = ("import fcntl, os, sys, time; d = sys.argv[1]; f = open(d + '/.lock', 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); "
+         "open(d + '/child.pid', 'w').write(str(os.getpid())); time.sleep(120)")
+# The rerun's run: exits 0 only if no orphan holds the directory's lock.
+RERUN = ("import fcntl, sys; f = open(sys.argv[1] + '/.lock', 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, unreaped
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigkilled_launcher_takes_its_run_along(tmp_path):
+  work = str(tmp_path / "work")
+  pid_file = os.path.join(work, "r", "child.pid")
+  launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, work, CHILD], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  child = None
+  try:
+    deadline = time.time() + 60
+    while not (os.path.exists(pid_file) and open(pid_file).read()):
+      assert launcher.poll() is None and time.time() < deadline, "the run never started"
+      time.sleep(0.05)
+    child = int(open(pid_file).read())
+    launcher.send_signal(signal.SIGKILL)  # no handler runs: only the kernel can help
+    launcher.wait()
+    deadline = time.time() + 5
+    while _alive(child) and time.time() < deadline:
+      time.sleep(0.05)
+    assert not _alive(child), f"run {child} outlived its SIGKILLed launcher"
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+    if child and _alive(child):
+      os.kill(child, signal.SIGKILL)
+  # A rerun finds the run directory free (no orphan holds its lock) and the run redone.
+  run = sweep.Run(0, "r", {"x": 1}, [sys.executable, "-c", RERUN, f"{work}/r"], f"{work}/r")
+  s = sweep.Sweep("fake.py", work, [run], [run], ["x"], [], {})
+  assert sweep.execute(s, progress=False, out=open(os.devnull, "w"))["ran"] == ["r"]
+
+
+def test_second_launcher_on_a_sweep_dir_is_refused(tmp_path):
+  work = str(tmp_path / "work")
+  run = sweep.Run(0, "r", {"x": 1}, [sys.executable, "-c", "pass"], f"{work}/r")
+  s = sweep.Sweep("fake.py", work, [run], [run], ["x"], [], {})
+  with workdir_lib.Lock(work, "sweep launcher"):
+    with pytest.raises(sweep.SweepError, match=rf"--workdir={work}: .*locked by PID "
+                                               rf"{os.getpid()} \(sweep launcher on "):
+      sweep.execute(s, progress=False, out=open(os.devnull, "w"))
+  assert not os.path.exists(f"{work}/r")  # nothing was launched
+  assert sweep.execute(s, progress=False, out=open(os.devnull, "w"))["ran"] == ["r"]
 
 
 # ----------------------------------------------------------------------------- end to end
