@@ -70,12 +70,13 @@ _KEYS = (
 _IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
-def _template_re(t: str) -> re.Pattern:
+def template_re(t: str) -> re.Pattern:
+  """A name template with ``{i}`` (layer index) as an anchored regex."""
   return re.compile(re.escape(t).replace(re.escape("{i}"), r"(\d+)") + "$")
 
 
-_HF_TO_OURS = [(_template_re(h), o, k) for h, o, k in _KEYS]
-_OURS_TO_HF = [(_template_re(o), h, k) for h, o, k in _KEYS]
+_HF_TO_OURS = [(template_re(h), o, k) for h, o, k in _KEYS]
+_OURS_TO_HF = [(template_re(o), h, k) for h, o, k in _KEYS]
 
 
 def _lookup(name, table):
@@ -86,7 +87,12 @@ def _lookup(name, table):
   return None, None
 
 
-def _hf_shape(kind: str, ours: tuple) -> tuple:
+def hf_to_ours(name: str) -> tuple[str | None, str | None]:
+  """(our parameter path, transform kind) of a Hugging Face tensor name; (None, None) if unknown."""
+  return _lookup(name, _HF_TO_OURS)
+
+
+def hf_shape(kind: str, ours: tuple) -> tuple:
   """The HF tensor shape that converts to our parameter shape ``ours``."""
   if kind == "copy":
     return tuple(ours)
@@ -99,7 +105,7 @@ def _hf_shape(kind: str, ours: tuple) -> tuple:
   return (int(np.prod(ours)),)  # flat bias
 
 
-def _to_ours(kind: str, w: np.ndarray, ours: tuple) -> np.ndarray:
+def to_ours(kind: str, w: np.ndarray, ours: tuple) -> np.ndarray:
   w = np.asarray(w, np.float32)
   return np.ascontiguousarray((w if kind in ("copy", "flat") else w.T).reshape(ours))
 
@@ -130,6 +136,11 @@ _HARMLESS = frozenset({
     "add_cross_attention", "tie_encoder_decoder", "pruned_heads", "finetuning_task",
     "task_specific_params", "prefix", "tf_legacy_loss", "use_bfloat16",
     "_attn_implementation_autoset", "cross_attention_hidden_size",
+    # metadata real checkpoints carry (SmolLM2, Llama, Qwen2, Mistral, TinyLlama configs)
+    "_model_name_or_path", "unk_token_id", "is_llama_config", "transformers.js_config",
+    "bad_words_ids", "begin_suppress_tokens", "suppress_tokens", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "output_scores",
 })
 # Keys this module reads (and checks) itself.
 _HANDLED = frozenset({
@@ -137,7 +148,7 @@ _HANDLED = frozenset({
     "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
     "max_position_embeddings", "tie_word_embeddings", "rope_theta", "rope_scaling",
     "rope_parameters", "hidden_act", "attention_bias", "mlp_bias", "pretraining_tp",
-    "sliding_window", "use_sliding_window", "layer_types",
+    "sliding_window", "use_sliding_window", "layer_types", "rope_interleaved",
 })
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads")
@@ -193,6 +204,8 @@ def config_from_hf(hf: Mapping[str, Any], dtype: Any = jnp.float32) -> ModelConf
     errors.append(f"{k}={d[k]!r}: {why}; refusing rather than ignoring it")
   if d.get("hidden_act", "silu") != "silu":
     errors.append(f"hidden_act={d['hidden_act']!r}: only 'silu' (SwiGLU) is implemented")
+  if d.get("rope_interleaved", False):
+    errors.append("rope_interleaved=True: only the rotate_half RoPE layout is implemented")
   if d.get("mlp_bias", False):
     errors.append("mlp_bias=True: MLP biases are not implemented")
   if (d.get("pretraining_tp") or 1) > 1:
@@ -277,14 +290,14 @@ def _weight_files(path: str) -> list[str]:
                           "(only safetensors checkpoints are supported)")
 
 
-def _flatten(tree, prefix=""):
+def flatten(tree, prefix=""):
   out = {}
   for k, v in tree.items():
-    out.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, Mapping) else {prefix + k: v})
+    out.update(flatten(v, f"{prefix}{k}/") if isinstance(v, Mapping) else {prefix + k: v})
   return out
 
 
-def _unflatten(flat):
+def unflatten(flat):
   tree = {}
   for path, v in flat.items():
     *parents, leaf = path.split("/")
@@ -295,48 +308,86 @@ def _unflatten(flat):
   return tree
 
 
-def load_hf(path: str, dtype: Any = jnp.float32):
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def check_finite(flat: Mapping[str, np.ndarray], where: str, allow_non_finite: bool) -> None:
+  """Refuses NaN/inf weights by name (a corrupt or badly converted file), unless allowed."""
+  bad = [f"{k} ({int(np.sum(~np.isfinite(v)))} of {v.size} values)" for k, v in flat.items()
+         if not np.all(np.isfinite(v))]
+  if bad and not allow_non_finite:
+    raise CheckpointError(f"{where}: non-finite weights in {len(bad)} tensor(s): "
+                          f"{', '.join(bad)} (pass allow_non_finite=True to load them anyway)")
+
+
+def load_hf(path: str, dtype: Any = jnp.float32, *, allow_non_finite: bool = False):
   """``(config, {"params": ...})`` from an HF checkpoint directory.
 
   ``dtype`` is the compute dtype recorded in ``config.dtype``; parameters are
   always float32 (bf16/f16 tensors are upcast). Raises ConfigError for an
-  unsupported config and CheckpointError listing every missing, unexpected or
-  mis-shaped tensor.
+  unsupported config and CheckpointError listing every missing, unexpected,
+  mis-shaped or non-float tensor (checked on the file headers, before any
+  tensor is read), naming a weight file that cannot be read (truncated, not
+  safetensors), and naming tensors with NaN/inf values unless
+  ``allow_non_finite``.
   """
   with open(os.path.join(path, "config.json")) as f:
     config = config_from_hf(json.load(f), dtype)
   expected = {k: tuple(v.shape)
-              for k, v in _flatten(model_lib.abstract_params(config)["params"]).items()}
-  flat, errors, lm_head = {}, [], None
+              for k, v in flatten(model_lib.abstract_params(config)["params"]).items()}
+  plan, errors, lm_head = [], [], None
   for file in _weight_files(path):
-    with safe_open(file, framework="numpy") as f:
-      for name in f.keys():
-        ours, kind = _lookup(name, _HF_TO_OURS)
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-          lm_head = f.get_tensor(name)
-          continue
-        if ours is None or ours not in expected:
-          if not _IGNORED_HF.match(name):
-            errors.append(f"{name}: unexpected tensor (no parameter of this config reads it)")
-          continue
-        shape = tuple(f.get_slice(name).get_shape())
-        want = _hf_shape(kind, expected[ours])
-        if shape != want:
-          errors.append(f"{name}: shape {list(shape)}, expected {list(want)} (for {ours})")
-          continue
-        flat[ours] = _to_ours(kind, f.get_tensor(name), expected[ours])
-  for ours in sorted(set(expected) - set(flat)):
+    try:
+      with safe_open(file, framework="numpy") as f:
+        names = {name: f.get_slice(name) for name in f.keys()}
+        infos = {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in names.items()}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+      raise CheckpointError(f"{file}: cannot read the safetensors header ({e}); a truncated "
+                            "or corrupt file?") from None
+    for name, (shape, dt) in infos.items():
+      ours, kind = _lookup(name, _HF_TO_OURS)
+      if name == "lm_head.weight" and config.tie_word_embeddings:
+        plan.append((file, name, None, None))
+        continue
+      if ours is None or ours not in expected:
+        if not _IGNORED_HF.match(name):
+          errors.append(f"{name}: unexpected tensor (no parameter of this config reads it)")
+        continue
+      want = hf_shape(kind, expected[ours])
+      if shape != want:
+        errors.append(f"{name}: shape {list(shape)}, expected {list(want)} (for {ours})")
+      elif dt not in _FLOAT_DTYPES:
+        errors.append(f"{name}: dtype {dt}, expected a float type ({', '.join(_FLOAT_DTYPES)})")
+      else:
+        plan.append((file, name, ours, kind))
+  planned = {ours for _, _, ours, _ in plan}
+  for ours in sorted(set(expected) - planned):
     hf = _lookup(ours, _OURS_TO_HF)[0]
     if not any(e.startswith(f"{hf}:") for e in errors):
       errors.append(f"{hf}: missing tensor (needed for {ours}, shape "
-                    f"{list(_hf_shape(_lookup(ours, _OURS_TO_HF)[1], expected[ours]))})")
+                    f"{list(hf_shape(_lookup(ours, _OURS_TO_HF)[1], expected[ours]))})")
   if errors:
     raise CheckpointError(f"{path}: {len(errors)} bad tensor(s):\n  " + "\n  ".join(errors))
+  flat = {}
+  for file in sorted({p[0] for p in plan}):
+    try:
+      with safe_open(file, framework="numpy") as f:
+        for _, name, ours, kind in (p for p in plan if p[0] == file):
+          if ours is None:
+            lm_head = f.get_tensor(name)
+          else:
+            flat[ours] = to_ours(kind, f.get_tensor(name), expected[ours])
+    except CheckpointError:
+      raise
+    except Exception as e:
+      raise CheckpointError(f"{file}: cannot read tensor data ({e}); a truncated or corrupt "
+                            "file?") from None
+  check_finite(flat, path, allow_non_finite)
   if lm_head is not None and not np.array_equal(np.asarray(lm_head, np.float32),
                                                 flat["embed/embedding"]):
     warnings.warn(f"{path}: lm_head.weight differs from model.embed_tokens.weight but "
                   "tie_word_embeddings is true; ignoring lm_head.weight as transformers does")
-  params = jax.tree.map(jnp.asarray, _unflatten(flat))
+  params = jax.tree.map(jnp.asarray, unflatten(flat))
   return config, {"params": params}
 
 
@@ -354,7 +405,7 @@ def save_hf(config: ModelConfig, params, path: str, *, max_shard_bytes: int = 2 
   saved (with a warning naming the dropped parameters); pass
   ``drop_memory_gate=False`` to raise instead.
   """
-  flat = _flatten(params["params"] if "params" in params else params)
+  flat = flatten(params["params"] if "params" in params else params)
   gate = sorted(k for k in flat if "memory_gate" in k)
   if gate and not drop_memory_gate:
     raise ValueError(f"save_hf: {len(gate)} memory-gate parameter(s) (e.g. {gate[0]}) have no "

@@ -68,7 +68,7 @@ def _max_diff(a, b):
 
 
 def _assert_same_params(a, b):
-  fa, fb = convert._flatten(a["params"]), convert._flatten(b["params"])
+  fa, fb = convert.flatten(a["params"]), convert.flatten(b["params"])
   assert sorted(fa) == sorted(fb)
   for k in fa:
     assert fa[k].dtype == jnp.float32, k

@@ -304,3 +304,13 @@ def test_second_trainer_in_a_workdir_is_refused(tmp_path):
                        match=rf"is locked by PID {os.getpid()} \(another trainer on "):
       train.run(tiny_config(), workdir)
   assert os.listdir(workdir) == [workdir_lib.LOCK]
+
+
+def test_no_mask_counts_every_target_even_the_byte_pad_id():
+  """Without a loss_mask every target counts: id 256 is a real token in a real vocabulary."""
+  logits = jax.random.normal(jax.random.key(1), (1, 4, 300))
+  tokens = np.array([[256, 256, 7, 256]])
+  total, count = train.cross_entropy(logits, tokens)
+  logp = jax.nn.log_softmax(logits, -1)
+  expect = -(logp[0, 0, 256] + logp[0, 1, 7] + logp[0, 2, 256])
+  assert float(count) == 3 and float(total) == pytest.approx(float(expect), rel=1e-6)
