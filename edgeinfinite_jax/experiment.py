@@ -95,7 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
           "num_processes": 0,       # 0 = auto-detect
           "process_id": -1,         # -1 = auto-detect
       },
-      "init": {"hf_path": ""},      # HF checkpoint directory to start from
+      "init": {"hf_path": "",       # HF checkpoint directory to start from, or
+               "gguf": ""},         # a .gguf file or a named model (models.MODELS: smollm2)
       "demo": demo_defaults(),      # job "demo" (pipeline.py): its stages' settings
       "quant": quant_defaults(),    # a QuantConfig (preset + overrides), see quant/qconfig.py
       "quantize": quantize_defaults(),  # job "quant" (qat.py): method, base model, calibration
@@ -262,6 +263,7 @@ def validate(config, n_devices: int | None = None, check_paths: bool = True) -> 
   traced or compiled.
   """
   from edgeinfinite_jax import data as data_lib
+  from edgeinfinite_jax import models
   from edgeinfinite_jax import optim as optim_lib
   from edgeinfinite_jax import sharding as sharding_lib
 
@@ -288,10 +290,11 @@ def validate(config, n_devices: int | None = None, check_paths: bool = True) -> 
   sizes = sharding_lib.mesh_shape(config.mesh, n_devices)
   shards = sizes["data"] * sizes["fsdp"]
   data_lib.validate(config.data, n_batch_shards=shards, check_paths=check_paths)
-  if config.data.tokenizer == "byte" and not config.init.hf_path:
+  pretrained = bool(models.init_source(config.init))
+  if config.data.tokenizer == "byte" and not pretrained:
     _require(m.vocab_size >= 259, "model.vocab_size", m.vocab_size,
              "must be >= 259, the byte tokenizer's vocabulary (data.tokenizer='byte')")
-  if not config.init.hf_path:  # (with a checkpoint the architecture comes from its file)
+  if not pretrained:  # (with a checkpoint the architecture comes from its file)
     check_trainable(config, m)
     m.check_sequence_length(config.data.seq_len)
   if config.job == "quant":
@@ -300,7 +303,5 @@ def validate(config, n_devices: int | None = None, check_paths: bool = True) -> 
   if config.job == "demo":
     from edgeinfinite_jax import pipeline
     pipeline.validate(config)
-  if config.init.hf_path and check_paths:
-    _require(os.path.isfile(os.path.join(config.init.hf_path, "config.json")),
-             "init.hf_path", config.init.hf_path,
-             "must be a Hugging Face checkpoint directory with a config.json")
+  if check_paths:
+    models.validate_init(config.init)

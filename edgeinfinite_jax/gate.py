@@ -15,9 +15,12 @@ regexes can select them alone.
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from edgeinfinite_jax.config import ModelConfig
 
@@ -100,3 +103,49 @@ def with_memory(config: ModelConfig, params, *, rng, **memory_options):
       attn = dict(inner[layer]["attn"], memory_gate=gate_params["params"])
       inner[layer] = dict(inner[layer], attn=attn)
   return new_config, {**params, "params": inner}
+
+
+def gate_params(params) -> dict[str, jax.Array]:
+  """The gate's leaves of ``params`` as ``{"layers_i/attn/memory_gate/name": array}``."""
+  out = {}
+  for layer, sub in params["params"].items():
+    for name, leaf in sub.get("attn", {}).get("memory_gate", {}).items():
+      out[f"{layer}/attn/memory_gate/{name}"] = leaf
+  return out
+
+
+def save_gate(params, path: str) -> None:
+  """Writes the gate's parameters (the only trained part of an EdgeInfinite model) to ``.npz``.
+
+  A few kilobytes: small enough to commit next to the command that trained it.
+  """
+  leaves = gate_params(params)
+  if not leaves:
+    raise ValueError("save_gate: these params have no memory gate (not a with_memory model)")
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, **{k: np.asarray(v) for k, v in leaves.items()})
+  os.replace(tmp, path)  # atomic: a killed writer leaves the old file intact
+
+
+def load_gate(params, path: str):
+  """``params`` with the gate leaves replaced by those saved at ``path`` (names and shapes checked)."""
+  want = gate_params(params)
+  with np.load(path) as f:
+    got = {k: f[k] for k in f.files}
+  if set(got) != set(want):
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    raise ValueError(f"{path}: gate parameters do not match this model's gate (missing "
+                     f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                     f"{extra[:3]}{'...' if len(extra) > 3 else ''}); same gate form and "
+                     "layer count?")
+  for k, v in want.items():
+    if got[k].shape != v.shape:
+      raise ValueError(f"{path}: {k} has shape {list(got[k].shape)}, this model's gate "
+                       f"{list(v.shape)}")
+  inner = dict(params["params"])
+  for k, v in got.items():
+    layer, _, _, name = k.split("/")
+    attn = dict(inner[layer]["attn"])
+    attn["memory_gate"] = dict(attn["memory_gate"], **{name: jnp.asarray(v, jnp.float32)})
+    inner[layer] = dict(inner[layer], attn=attn)
+  return {**params, "params": inner}

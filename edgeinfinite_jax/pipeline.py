@@ -8,7 +8,7 @@ the training stages resume from their orbax checkpoints):
 1. ``pretrain``: ``train.run`` of the base model (``config.model``, full
    attention) on ``config.data`` (the embedded corpus, optionally mixed with
    passkey-style rows, ``demo.pretrain_task_mix``), then exported as a Hugging
-   Face checkpoint (``DIR/pretrain/hf``). With ``config.init.hf_path`` the stage
+   Face checkpoint (``DIR/pretrain/hf``). With ``config.init.hf_path`` (or ``init.gguf``) the stage
    is skipped and that checkpoint is the base model.
 2. ``sft_<set>``: segmented SFT (reference §4.4) per trainable set of
    ``demo.sft_runs`` ("gate", "gate+attention", "all"): ``train.run`` from the
@@ -155,13 +155,14 @@ def _groups(run: str, gate_lr: float, lr: float) -> list:
   return [(GATE_RE, 1.0, 0.0), (rf"(?!{GATE_RE}$).*", other)]
 
 
-def sft_config(config, run: str, hf_path: str) -> ml_collections.ConfigDict:
-  """The ``train`` config of one S-SFT stage (trainable set ``run``)."""
+def sft_config(config, run: str, base: str) -> ml_collections.ConfigDict:
+  """The ``train`` config of one S-SFT stage (trainable set ``run``) from weights ``base``."""
+  from edgeinfinite_jax import models
   d = config.demo
   c = _copy(config)
   c.job = "train"
   c.model.memory.update(dict(d.memory))
-  c.init.hf_path = hf_path
+  models.set_init(c.init, base)
   c.data.update(source="task", seq_len=int(d.sft_len), batch_size=int(d.sft_batch),
                 tasks=d.sft_tasks, task_length=0, task_samples=int(d.sft_samples),
                 task_digits=int(d.digits), task_mix=0.0)
@@ -228,13 +229,14 @@ def _run_training(stage_config, workdir):
 
 
 def stage_pretrain(config, workdir, record):
-  """-> (base model config, base params, HF checkpoint path)."""
-  from edgeinfinite_jax import convert
-  if config.init.hf_path:
-    _banner(f"stage 1/5: base model from {config.init.hf_path} (no pretraining)")
-    base_config, params = convert.load_hf(config.init.hf_path)
-    record["pretrain"] = {"hf_path": config.init.hf_path, "skipped": True}
-    return base_config, params, config.init.hf_path
+  """-> (base model config, base params, where they came from: init source or HF dir)."""
+  from edgeinfinite_jax import convert, models
+  source = models.init_source(config.init)
+  if source:
+    _banner(f"stage 1/5: base model from {source} (no pretraining)")
+    base_config, params, _ = models.load(source, tokenizer=False)
+    record["pretrain"] = {"init": source, "skipped": True}
+    return base_config, params, source
   stage_dir = os.path.join(workdir, "pretrain")
   hf_dir = os.path.join(stage_dir, "hf")
   done = _load_json(os.path.join(stage_dir, "summary.json"))
@@ -253,7 +255,7 @@ def stage_pretrain(config, workdir, record):
   return base_config, params, hf_dir
 
 
-def stage_sft(config, workdir, hf_path, record) -> dict:
+def stage_sft(config, workdir, base, record) -> dict:
   """-> {run: (model config, params)} for every trainable set of demo.sft_runs."""
   from edgeinfinite_jax import model as model_lib
   from edgeinfinite_jax import optim
@@ -266,7 +268,7 @@ def stage_sft(config, workdir, hf_path, record) -> dict:
     _banner(f"stage 2/5: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}"
             + (" (done; restoring the checkpoint)" if done else ""))
     t0 = time.perf_counter()
-    sc = sft_config(config, run, hf_path)
+    sc = sft_config(config, run, base)
     model_config, params, summary = _run_training(sc, stage_dir)
     if done:
       summary = {**done, "skipped": True}
@@ -543,8 +545,8 @@ def run(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   record: dict[str, Any] = {"stages_skipped": []}
   prev = _load_json(os.path.join(workdir, "metrics.json")) or {}
-  base_config, base_params, hf_path = stage_pretrain(config, workdir, record)
-  models = stage_sft(config, workdir, hf_path, record)
+  base_config, base_params, base_source = stage_pretrain(config, workdir, record)
+  models = stage_sft(config, workdir, base_source, record)
   base = (base_config, base_params)
   stage_eval(config, workdir, base, models, record)
   stage_quant(config, workdir, base, models, record)

@@ -23,7 +23,7 @@ forward (``quant.edgeqat.adaptive_fraction``). The quantizer parameters form the
 own trainable group (``.*/quant/.*``, lr x ``quantize.quant_lr_mult``, no weight
 decay) unless ``optim.groups`` is set.
 
-The ``quant`` job (``run``): a float base model (``init.hf_path``, or a short
+The ``quant`` job (``run``): a float base model (``init.hf_path`` / ``init.gguf``, or a short
 pretraining run on the configured data, reused from ``quantize.base_workdir``),
 then one method of ``METHODS`` at ``quant.preset``, then held-out perplexity and
 the integer-vs-fake-quant agreement written to ``quant_metrics.json``.
@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 
 from edgeinfinite_jax import data as data_lib
-from edgeinfinite_jax import experiment, optim, train
+from edgeinfinite_jax import experiment, models, optim, train
 from edgeinfinite_jax import model as model_lib
 from edgeinfinite_jax.config import ConfigError
 from edgeinfinite_jax.quant import calib, losses
@@ -71,7 +71,7 @@ def defaults() -> dict:
   """The ``quantize`` section (job ``quant``)."""
   return {
       "method": "fp",               # one of METHODS
-      "base_steps": 200,            # pretraining of the float base (no init.hf_path)
+      "base_steps": 200,            # pretraining of the float base (no init)
       "base_workdir": "",           # where that run lives ("" = <workdir>/base; reused)
       "calib_batches": 4,           # calibration / LSQ-init batches (training split)
       "observer": "minmax",         # calib.OBSERVERS
@@ -241,9 +241,9 @@ def _batches(rows, batch_size, n, seed=0):
 
 
 def base_model(config, workdir):
-  """(float model config, params): ``init.hf_path``, or a pretraining run of
+  """(float model config, params): ``init.hf_path`` / ``init.gguf``, or a pretraining run of
   ``quantize.base_steps`` steps in ``quantize.base_workdir`` (resumed / reused)."""
-  if config.init.hf_path:
+  if models.init_source(config.init):
     return train.model_and_base_params(config)
   base_dir = config.quantize.base_workdir or os.path.join(workdir, "base")
   pre = ml_collections.ConfigDict(config.to_dict())

@@ -182,7 +182,7 @@ def _finish(task: str, tokenizer: Tokenizer, parts: list[tuple[str, list[int]]],
             add_bos: bool, add_eos: bool) -> Sample:
   """Concatenates named prompt parts + answer; records where part ``needle`` sits."""
   ids: list[int] = []
-  if add_bos and tokenizer.bos_id is not None:
+  if _uses_bos(tokenizer, add_bos):
     ids.append(int(tokenizer.bos_id))
   spans: dict[str, tuple[int, int]] = {}
   for name, part in parts:
@@ -205,8 +205,13 @@ def _finish(task: str, tokenizer: Tokenizer, parts: list[tuple[str, list[int]]],
                 k0, k1, meta)
 
 
+def _uses_bos(tokenizer: Tokenizer, add_bos: bool) -> bool:
+  # add_bos=True asks for the tokenizer's own rule: a GGUF tokenizer may say "no BOS".
+  return add_bos and tokenizer.bos_id is not None and getattr(tokenizer, "add_bos", True)
+
+
 def _special_len(tokenizer: Tokenizer, add_bos: bool, add_eos: bool) -> int:
-  return int(add_bos and tokenizer.bos_id is not None) + int(add_eos and tokenizer.eos_id is not None)
+  return int(_uses_bos(tokenizer, add_bos)) + int(add_eos and tokenizer.eos_id is not None)
 
 
 def _random_word(rng: np.random.Generator, syllables: int) -> str:

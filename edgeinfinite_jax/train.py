@@ -158,16 +158,17 @@ def evaluate(model_config: ModelConfig, params, batches, batch_sharding=None) ->
 
 
 def model_and_base_params(config) -> tuple[ModelConfig, Any]:
-  """The model config and, with ``init.hf_path``, the HF weights to start from.
+  """The model config and, with ``init.hf_path`` / ``init.gguf``, the weights to start from.
 
-  With a checkpoint, the architecture comes from its ``config.json``; the
-  experiment's ``model.memory`` and ``model.dtype`` are applied on top.
+  With a checkpoint, the architecture comes from its file; the experiment's
+  ``model.memory`` and ``model.dtype`` are applied on top.
   """
   model_config = experiment.model_config(config)
-  if not config.init.hf_path:
+  from edgeinfinite_jax import models  # lazy: checkpoint readers only when needed
+  source = models.init_source(config.init)
+  if not source:
     return model_config, None
-  from edgeinfinite_jax import convert  # lazy: safetensors etc. only when needed
-  base_config, base = convert.load_hf(config.init.hf_path, dtype=model_config.dtype)
+  base_config, base, _ = models.load(source, model_config.dtype, tokenizer=False)
   model_config = base_config.replace(memory=model_config.memory, dtype=model_config.dtype)
   return model_config, base
 

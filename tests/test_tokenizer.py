@@ -37,11 +37,14 @@ def test_load_local_hf_tokenizer(tmp_path):
   path = hf_fixtures.make_hf_tokenizer(tmp_path / "tok")
   tok = load_tokenizer(path)
   assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 10)
-  ids = tok.encode("hello world jax !")
+  ids = tok.encode("hello world jax !", add_bos=True)
   assert ids == [1, 4, 5, 6, 9]
   assert tok.encode("flax memory", add_bos=False) == [7, 8]
   assert tok.decode(ids + [2]) == "hello world jax !"
-  assert tok.encode("unseen") == [1, 3]
+  assert tok.encode("unseen", add_bos=True) == [1, 3]
+  # By default BOS follows the tokenizer's own add_bos_token (this one: none set).
+  assert tok.add_bos == bool(getattr(tok.hf, "add_bos_token", True))
+  assert tok.encode("unseen") == ([1] if tok.add_bos else []) + [3]
 
 
 def test_load_errors(tmp_path):
