@@ -44,11 +44,16 @@ and a ``linear_outputs`` spec (``integer_mode()`` adds one).
 ``fake_quant_dots``: how fake_quant mode evaluates the projection and attention
 dots. ``float`` (default; what QAT differentiates): a float32 einsum over the
 dequantized operands. ``exact``: the same dots over the integer codes, accumulated
-exactly and rescaled by the scales in float32, then fake-quantized as usual: the
-same real-valued function without float32 accumulation error, which at an int16
-output grid moves about one output code in ten by one step. It is for evaluation
-(no gradient reaches the codes) and needs integer mode's placements and static
-scales; ``qat.integer_agreement`` uses it as the reference of the integer path.
+exactly (int32, or int64 with 16-bit codes). A projection's output code is then one
+rounding of a float64 quotient of the exact accumulator (acc·s_x·s_w, plus bias,
+over the output scale): the output grid's code of the exact value, as float64
+single-rounding requantization (``litert_reference``) computes it. The attention
+dots (QK^T, PV) are still rescaled by s_a·s_b in float32, then fake-quantized as
+usual. Unlike ``float`` dots it has no float32 accumulation error, which moves some
+int16 output codes by one step (about 1 in 2000 for a K = 128 projection). It is
+for evaluation (no gradient reaches the codes) and needs integer mode's placements
+and static scales; ``qat.integer_agreement`` uses it as the reference of the
+integer path.
 Every error names the key, its value and the rule it breaks.
 """
 
