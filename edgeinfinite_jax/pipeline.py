@@ -41,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edgeinfinite_jax import experiment
+from edgeinfinite_jax import workdir as workdir_lib
 from edgeinfinite_jax.config import ConfigError
 
 GATE_RE = r".*/memory_gate/.*"
@@ -199,10 +200,8 @@ def _finished_stage(record, key, path, title):
 
 
 def _save_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=float)
-  os.replace(tmp, path)  # atomic: a stage's output exists only once complete
+  # atomic: a stage's output exists only once complete
+  workdir_lib.write_atomic(path, json.dumps(obj, indent=2, default=float))
 
 
 def _banner(text):

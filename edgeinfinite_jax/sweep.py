@@ -368,15 +368,6 @@ def _select(runs: list[Run], only) -> list[Run]:
 # ----------------------------------------------------------------------------- state files
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _check_state(sweep: Sweep) -> None:
   """A workdir holds one sweep: same config and common overrides on every rerun."""
   path = os.path.join(sweep.workdir, STATE)
@@ -393,7 +384,7 @@ def _check_state(sweep: Sweep) -> None:
 
 def _save_state(sweep: Sweep) -> None:
   os.makedirs(sweep.workdir, exist_ok=True)
-  _write_atomic(os.path.join(sweep.workdir, STATE), json.dumps({
+  workdir_lib.write_atomic(os.path.join(sweep.workdir, STATE), json.dumps({
       "config": sweep.config, "overrides": sweep.overrides,
       "runs": [{"index": r.index, "name": r.name, "point": r.point, "command": r.command}
                for r in sweep.runs]}, indent=2, default=str))
@@ -578,7 +569,7 @@ def _execute(sweep: Sweep, parallel: int, progress: bool, out) -> dict:
     rc, seconds = launcher.run(run)
     if rc == 0:
       metrics = final_metrics(run.workdir)
-      _write_atomic(os.path.join(run.workdir, DONE), json.dumps({
+      workdir_lib.write_atomic(os.path.join(run.workdir, DONE), json.dumps({
           "command": run.command, "point": run.point, "seconds": round(seconds, 2),
           "finished": datetime.datetime.now().isoformat(timespec="seconds"),
           "metrics": metrics}, indent=2, default=str))
@@ -586,7 +577,7 @@ def _execute(sweep: Sweep, parallel: int, progress: bool, out) -> dict:
       ran.append(run)
     else:
       if not launcher.stopping:
-        _write_atomic(os.path.join(run.workdir, FAILED),
+        workdir_lib.write_atomic(os.path.join(run.workdir, FAILED),
                       json.dumps({"command": run.command, "returncode": rc}) + "\n")
       say(f"[FAILED {run.index}] {run.name}: exit status {rc}; log "
           f"{os.path.join(run.workdir, LOG)}\n{_tail(os.path.join(run.workdir, LOG))}")
@@ -649,9 +640,9 @@ def aggregate(sweep: Sweep, out=None) -> list[dict[str, Any]]:
   writer.writeheader()
   writer.writerows({k: (cli_value(v) if k in sweep.swept_keys and v != "" else v)
                     for k, v in row.items()} for row in rows)
-  _write_atomic(os.path.join(sweep.workdir, "results.csv"), buf.getvalue())
+  workdir_lib.write_atomic(os.path.join(sweep.workdir, "results.csv"), buf.getvalue())
   md = markdown_table(rows, [c for c in columns if c != "run"])
-  _write_atomic(os.path.join(sweep.workdir, "results.md"),
+  workdir_lib.write_atomic(os.path.join(sweep.workdir, "results.md"),
                 f"# Sweep `{sweep.config}`\n\n{md}\n")
   if out is not None:
     print(f"\n{md}\nresults: {os.path.join(sweep.workdir, 'results.csv')} and results.md",

@@ -139,10 +139,7 @@ def _trim_metrics(path: str, start: int) -> None:
           keep.append(line if line.endswith("\n") else line + "\n")
       except json.JSONDecodeError:
         pass
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  workdir_lib.write_atomic(path, "".join(keep))
 
 
 def evaluate(model_config: ModelConfig, params, batches, batch_sharding=None) -> dict:

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 from typing import Any, Iterable, Mapping
 
 LOCK = ".lock"
@@ -122,8 +123,12 @@ class Lock:
 
 
 def write_atomic(path: str, text: str) -> None:
-  """``path`` holds either its old content or ``text``, never a torn mix."""
-  tmp = f"{path}.tmp.{os.getpid()}"
+  """``path`` holds either its old content or ``text``, never a torn mix.
+
+  The temporary name carries the process and thread, so concurrent writers
+  (the sweep's threads, several hosts on a shared disk) never share one.
+  """
+  tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
   with open(tmp, "w") as f:
     f.write(text)
     f.flush()
