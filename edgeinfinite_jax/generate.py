@@ -68,7 +68,8 @@ def stream(engine: engine_lib.Engine, tokenizer, ids: Sequence[int], max_new_tok
   """Greedy answer to ``ids``, written to ``out`` as it is decoded; returns the timings.
 
   Stops at the tokenizer's EOS. The first call compiles (see module doc), so
-  warm up with ``warm_up`` before timing.
+  warm up with ``warm_up`` before timing. A ``full`` engine's cache must hold the
+  prompt plus ``max_new_tokens`` (``main`` sizes ``Scenario.max_context`` so).
   """
   tokens = np.asarray([ids], np.int32)
   t0 = time.perf_counter()
@@ -86,11 +87,10 @@ def stream(engine: engine_lib.Engine, tokenizer, ids: Sequence[int], max_new_tok
       out.write(text[len(shown):])
       out.flush()
       shown = text
-    if i + 1 < max_new_tokens and int(state.length) < (engine._limit(state.route) or 1 << 62):
-      state, logits = engine.decode(state, token)
-      token = np.asarray(logits.argmax(-1), np.int32)
-    else:
+    if i + 1 == max_new_tokens:
       break
+    state, logits = engine.decode(state, token)
+    token = np.asarray(logits.argmax(-1), np.int32)
   decode_s = time.perf_counter() - t1
   out.write("\n")
   return {"prompt_tokens": len(ids), "new_tokens": len(new), "route": state.route,
