@@ -17,6 +17,12 @@ printed. ``--attention``:
   S-SFT (an ``.npz`` written by ``save_gate``); without it the gate keeps its
   initialisation (memory nearly off), so it answers like ``streaming``.
 
+``--rope-positions`` (segmented kinds): ``cache_relative`` (the default here, as
+in StreamingLLM) numbers the visible cache [sink; window; segment] from 0, so a
+30k-token document never shows the model a position beyond its trained context;
+``absolute`` keeps token indices (past 8192 SmolLM2 then sees positions it was
+never trained on, and answers with newlines).
+
 The step functions are compiled on a short warm-up prompt first, so the reported
 time to first token is the prefill of the real prompt, not XLA's compile time
 (reported separately).
@@ -36,7 +42,7 @@ import numpy as np
 from edgeinfinite_jax import engine as engine_lib
 from edgeinfinite_jax import gate as gate_lib
 from edgeinfinite_jax import models
-from edgeinfinite_jax.config import ATTENTION_TYPES
+from edgeinfinite_jax.config import ATTENTION_TYPES, ROPE_POSITIONS
 
 SCENARIOS = tuple(sorted(engine_lib.PRESETS))
 
@@ -50,12 +56,14 @@ def prompt_ids(tokenizer, document: str, question: str) -> list[int]:
 
 
 def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, *,
-                 gate_path: str | None = None) -> engine_lib.Engine:
+                 gate_path: str | None = None,
+                 rope_positions: str = "cache_relative") -> engine_lib.Engine:
   """An Engine for ``attention`` on a base model (``with_memory`` for the segmented kinds)."""
   if attention != "full":
     config, params = gate_lib.with_memory(
         config, params, rng=jax.random.key(0), attention_type=attention,
-        segment_len=scenario.segment_len, n_sink=scenario.n_sink, n_window=scenario.n_window)
+        segment_len=scenario.segment_len, n_sink=scenario.n_sink, n_window=scenario.n_window,
+        rope_positions=rope_positions)
     if gate_path:
       params = gate_lib.load_gate(params, gate_path)
   elif gate_path:
@@ -123,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="default: the scenario's")
   p.add_argument("--scenario", default="qa", choices=SCENARIOS)
   p.add_argument("--gate", default=None, help="trained gate parameters (.npz), edgeinfinite only")
+  p.add_argument("--rope-positions", "--rope_positions", default="cache_relative",
+                 choices=ROPE_POSITIONS, help="streaming/edgeinfinite: see the module doc")
   return p
 
 
@@ -146,11 +156,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   scenario = engine_lib.Scenario.preset(
       args.scenario, max_new_tokens=n_new,
       max_context=base.capacity(len(ids) + n_new))  # only the full route uses it
-  engine = build_engine(config, params, args.attention, scenario, gate_path=args.gate)
+  engine = build_engine(config, params, args.attention, scenario, gate_path=args.gate,
+                        rope_positions=args.rope_positions)
   print(f"{args.model}: {config.num_layers} layers, hidden {config.hidden_size}, loaded in "
         f"{load_s:.1f} s; {args.file}: {len(ids)} prompt tokens; attention={args.attention}, "
         f"scenario {args.scenario} (segment {scenario.segment_len}, sink {scenario.n_sink}, "
-        f"window {scenario.n_window})", file=sys.stderr)
+        f"window {scenario.n_window}"
+        + (f", {args.rope_positions} positions)" if args.attention != "full" else ")"),
+        file=sys.stderr)
   compile_s = warm_up(engine, len(ids))
   print(f"compiled in {compile_s:.1f} s\n", file=sys.stderr)
   stats = stream(engine, tokenizer, ids, n_new)

@@ -49,6 +49,8 @@ def main(argv=None):
   p.add_argument("--window", type=int, default=256)
   p.add_argument("--sink", type=int, default=4)
   p.add_argument("--gate", default=None, help="trained gate (.npz), edgeinfinite only")
+  p.add_argument("--rope-positions", default="cache_relative",
+                 choices=("cache_relative", "absolute"))
   p.add_argument("--min-distance", type=int, default=None)
   p.add_argument("--seed", type=int, default=1234)
   p.add_argument("--out", default=None, help="JSON file for the results")
@@ -72,7 +74,7 @@ def main(argv=None):
                                         desc=f"full {n}"))
   else:
     eng = generate.build_engine(config, params, a.attention, scenario(8192),  # (unused)
-                                gate_path=a.gate)
+                                gate_path=a.gate, rope_positions=a.rope_positions)
     reach = a.min_distance if a.min_distance is not None else evaluate.local_reach(
         a.segment, a.window)
     predict = evaluate.engine_predictor(eng, tokenizer, a.new_tokens)
@@ -83,6 +85,7 @@ def main(argv=None):
             "depths": a.depths, "samples": a.samples, "accuracy": acc,
             "examples": {k: v for r in rows for k, v in r["examples"].items()},
             "segment": a.segment, "window": a.window, "sink": a.sink, "gate": a.gate,
+            "rope_positions": a.rope_positions,
             "wall_s": time.perf_counter() - t0, "devices": str(jax.devices()[0])}
   head = "| length | " + " | ".join(f"depth {d:.0%}" for d in a.depths) + " | all |"
   lines = [head, "|---" * (len(a.depths) + 2) + "|"]
