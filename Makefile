@@ -33,8 +33,11 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/python -m edgeinfinite_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# Random test order (pytest-randomly) with the seed printed first: SEED=N make test replays an order.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "test order: pytest-randomly seed $$seed (replay: SEED=$$seed make test)"; \
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -p randomly --randomly-seed=$$seed
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m edgeinfinite_jax.bench
