@@ -72,13 +72,14 @@ def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, 
 
 
 def stream(engine: engine_lib.Engine, tokenizer, ids: Sequence[int], max_new_tokens: int, *,
-           out: TextIO = sys.stdout) -> dict:
+           out: TextIO | None = None) -> dict:
   """Greedy answer to ``ids``, written to ``out`` as it is decoded; returns the timings.
 
   Stops at the tokenizer's EOS. The first call compiles (see module doc), so
   warm up with ``warm_up`` before timing. A ``full`` engine's cache must hold the
   prompt plus ``max_new_tokens`` (``main`` sizes ``Scenario.max_context`` so).
   """
+  out = sys.stdout if out is None else out  # looked up per call: callers may redirect it
   tokens = np.asarray([ids], np.int32)
   t0 = time.perf_counter()
   state, logits = engine.prefill(tokens)
