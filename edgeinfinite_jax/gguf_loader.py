@@ -330,7 +330,7 @@ def _plan(header: GGUFHeader, config: ModelConfig):
   return plan, expected
 
 
-def _dequantize(header: GGUFHeader, info: TensorInfo, buf) -> np.ndarray:
+def _dequantize(info: TensorInfo, buf) -> np.ndarray:
   rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
   raw = np.asarray(buf[info.offset:info.offset + info.nbytes]).reshape(rows, -1)
   return gguf.quants.dequantize(raw, info.qtype).astype(np.float32).reshape(info.shape)
@@ -353,7 +353,7 @@ def load_gguf(path: str, dtype: Any = jnp.float32, *, allow_non_finite: bool = F
   with open(header.path, "rb") as f:
     buf = np.memmap(f, np.uint8, "r")
     for name, (ours, kind, _) in plan.items():
-      w = _dequantize(header, header.tensors[name], buf)
+      w = _dequantize(header.tensors[name], buf)
       if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
         w = unpermute_qk(w, config.num_heads if ".attn_q." in name else config.num_kv_heads)
       flat[ours] = convert.to_ours(kind, w, expected[ours])
