@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m edgeinfinite_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(BIN)/python -m edgeinfinite_jax.cli.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # Random test order (pytest-randomly) with the seed printed first: SEED=N make test replays an order.
 test: $(VENV)/.installed-test

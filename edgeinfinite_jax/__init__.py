@@ -11,29 +11,28 @@ Public API (stable; documented in README.md):
 * ``Scenario``, ``Engine``, ``state_nbytes``
 """
 
-from edgeinfinite_jax.config import ConfigError, MemoryConfig, ModelConfig, RopeScaling
-from edgeinfinite_jax.engine import Engine, EngineState, Scenario, state_nbytes
-from edgeinfinite_jax.gate import with_memory
-from edgeinfinite_jax.model import forward, init_params
-from edgeinfinite_jax.tokenizer import load_tokenizer
+from edgeinfinite_jax.model.config import ConfigError, MemoryConfig, ModelConfig, RopeScaling
+from edgeinfinite_jax.engine.engine import Engine, EngineState, Scenario, state_nbytes
+from edgeinfinite_jax.model.gate import with_memory
+from edgeinfinite_jax.model.transformer import forward, init_params
+from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
+from edgeinfinite_jax.checkpoints import hf as convert
+from edgeinfinite_jax.checkpoints import gguf as gguf_loader
 
 
 def load_hf(path, dtype=None):
   """Loads a Hugging Face Llama-family checkpoint directory; see convert.load_hf."""
-  from edgeinfinite_jax import convert  # transformers-free, but only when asked for
   return convert.load_hf(path) if dtype is None else convert.load_hf(path, dtype=dtype)
 
 
 def load_gguf(path, dtype=None, **kwargs):
   """Loads a llama.cpp GGUF file (llama / qwen2), dequantized; see gguf_loader.load_gguf."""
-  from edgeinfinite_jax import gguf_loader  # numpy-only, but only when asked for
   return gguf_loader.load_gguf(path, **kwargs) if dtype is None else gguf_loader.load_gguf(
       path, dtype, **kwargs)
 
 
 def save_hf(config, params, path, **kwargs):
   """Writes a checkpoint directory that transformers loads; see convert.save_hf."""
-  from edgeinfinite_jax import convert
   return convert.save_hf(config, params, path, **kwargs)
 
 

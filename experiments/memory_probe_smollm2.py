@@ -30,9 +30,10 @@ import time
 import jax
 import numpy as np
 
-from edgeinfinite_jax import gate as gate_lib
-from edgeinfinite_jax import models, tasks
-from edgeinfinite_jax.model import forward
+from edgeinfinite_jax.model import gate as gate_lib
+from edgeinfinite_jax.checkpoints import models
+from edgeinfinite_jax.data import tasks
+from edgeinfinite_jax.model.transformer import forward
 
 
 def key_scores(logits, sample) -> tuple[float, bool]:

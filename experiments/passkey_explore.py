@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from edgeinfinite_jax import model as model_lib
-from edgeinfinite_jax import optim, tasks, train
-from edgeinfinite_jax.config import ModelConfig
-from edgeinfinite_jax.tokenizer import ByteTokenizer
+from edgeinfinite_jax.model import transformer as model_lib
+from edgeinfinite_jax.train import optim, trainer as train
+from edgeinfinite_jax.data import tasks
+from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer
 
 A = dict(hidden=128, inter=256, layers=2, heads=2, kv=2, seg=64, win=64, sink=4, train_len=512,
          steps=300, batch=8, lr=3e-3, rule="delta", gate="per_head_scalar", rope=0, digits=5,

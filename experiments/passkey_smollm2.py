@@ -25,8 +25,10 @@ import time
 
 import jax
 
-from edgeinfinite_jax import engine as engine_lib
-from edgeinfinite_jax import evaluate, generate, models
+from edgeinfinite_jax.engine import engine as engine_lib
+from edgeinfinite_jax.eval import passkey as evaluate
+from edgeinfinite_jax.cli import generate
+from edgeinfinite_jax.checkpoints import models
 
 
 def _floats(s):

@@ -10,10 +10,11 @@ import functools
 import jax
 import numpy as np
 
-from edgeinfinite_jax import data as data_lib
-from edgeinfinite_jax import experiment, optim, train
-from edgeinfinite_jax import model as model_lib
-from edgeinfinite_jax.config import ModelConfig
+from edgeinfinite_jax.data import corpus as data_lib
+from edgeinfinite_jax import configs
+from edgeinfinite_jax.train import optim, trainer as train
+from edgeinfinite_jax.model import transformer as model_lib
+from edgeinfinite_jax.model.config import ModelConfig
 from fast_compile import fast_compiles
 
 VOCAB = 64
@@ -32,12 +33,12 @@ def tokens(t, seed=0, batch=2, vocab=VOCAB):
 @functools.lru_cache(maxsize=1)
 def trained(steps=80):
   """(model config, params, held-out batches, calibration batches), byte vocabulary."""
-  config = experiment.base_config()
+  config = configs.base_config()
   config.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2)
   config.data.update(seq_len=SEQ, batch_size=8, max_bytes=300_000)
   config.optim.update(lr=3e-3, warmup_steps=10)
-  mc = experiment.model_config(config)
+  mc = configs.model_config(config)
   split = data_lib.load(config.data)
   groups = optim.groups_from_config(config.optim)
   params = model_lib.init_params(mc, jax.random.key(0))

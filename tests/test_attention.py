@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import attention, memory, model
-from edgeinfinite_jax.config import ModelConfig
-from edgeinfinite_jax.gate import with_memory
+from edgeinfinite_jax.model import attention, memory, transformer as model
+from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.model.gate import with_memory
+from edgeinfinite_jax.model import rope as rope_lib
 
 EPS = 1e-6
 
@@ -80,7 +81,7 @@ def naive_segmented(cfg, q, k, v, inv_freq, gate_bias):
   b, t, h, d = q.shape
   kh = k.shape[2]
   groups = h // kh
-  rope = lambda x, p: np.asarray(model.apply_rope(jnp.asarray(x)[None], jnp.asarray(p)[None],
+  rope = lambda x, p: np.asarray(rope_lib.apply_rope(jnp.asarray(x)[None], jnp.asarray(p)[None],
                                                   inv_freq))[0]
   out = np.zeros((b, t, h, d))
   for i in range(b):
@@ -137,7 +138,7 @@ def test_segmented_layer_matches_naive_definition(typ, rule, positions, mem_rope
   t = 22  # 6 segments, the last partial: several evictions
   q, k, v = (rng.randn(1, t, n, 8).astype(np.float32) for n in (4, 2, 2))
   gate_params = {"bias": jnp.full((4,), 0.3)}
-  inv_freq = model.rope_inv_freq(cfg)
+  inv_freq = rope_lib.rope_inv_freq(cfg)
   pos = jnp.arange(t)[None]
   got = attention.sequence_attention(cfg, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pos,
                                      inv_freq, gate_params if cfg.memory.uses_memory else None)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from edgeinfinite_jax import bench
+from edgeinfinite_jax.bench import suite as bench
 
 LENGTHS = (64, 128)
 

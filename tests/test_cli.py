@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from edgeinfinite_jax import main
+from edgeinfinite_jax.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "experiments/configs/pretrain_tiny.py:tiny"  # relative to ROOT, the subprocess's cwd
@@ -15,7 +15,7 @@ def test_unknown_override_is_one_line_naming_the_nearest_key(tmp_path):
   """ml_collections used to print a 55-line traceback ending in AttributeError."""
   workdir = tmp_path / "run"
   proc = subprocess.run(
-      [sys.executable, "-m", "edgeinfinite_jax.main", f"--config={TINY}",
+      [sys.executable, "-m", "edgeinfinite_jax.cli.main", f"--config={TINY}",
        f"--workdir={workdir}", "--config.optim.lrr=1e-3"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -11,17 +11,20 @@ import warnings
 import jax
 import pytest
 
-from edgeinfinite_jax import experiment, main, with_memory
-from edgeinfinite_jax import model as model_lib
-from edgeinfinite_jax.config import ConfigError, MemoryConfig, ModelConfig, RopeScaling
+from edgeinfinite_jax import configs
+from edgeinfinite_jax.jobs import registry
+from edgeinfinite_jax.cli import main
+from edgeinfinite_jax import with_memory
+from edgeinfinite_jax.model import transformer as model_lib
+from edgeinfinite_jax.model.config import ConfigError, MemoryConfig, ModelConfig, RopeScaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py")))
 
 
 def _check(config):
-  experiment.validate(config, n_devices=1, check_paths=False)
-  shapes = model_lib.abstract_params(experiment.model_config(config))
+  registry.validate(config, n_devices=1, check_paths=False)
+  shapes = model_lib.abstract_params(configs.model_config(config))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
   assert jax.tree.leaves(shapes)
 
@@ -32,41 +35,38 @@ def test_there_are_config_files():
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_and_sweep_build(path):
-  module = experiment.load_module(path)
+  module = configs.load_module(path)
   config = module.get_config()
   _check(config)
-  for point in experiment.sweep_points(module):
-    _check(experiment.apply_overrides(config, point))
+  for point in configs.sweep_points(module):
+    _check(configs.apply_overrides(config, point))
 
 
 def test_pretrain_tiny_variants():
-  module = experiment.load_module(os.path.join(ROOT, "experiments/configs/pretrain_tiny.py"))
+  module = configs.load_module(os.path.join(ROOT, "experiments/configs/pretrain_tiny.py"))
   tiny = module.get_config("tiny")
   assert tiny.model.hidden_size == 32 and tiny.train.steps == 60
   assert module.get_config("runlocal").to_dict() == tiny.to_dict()
   assert module.get_config("tiny,lr=0.01,steps=5").optim.lr == 0.01
-  points = experiment.sweep_points(module, "tiny")
+  points = configs.sweep_points(module, "tiny")
   assert len(points) == 4 and all("optim.lr" in p for p in points)
   for point in points:
-    _check(experiment.apply_overrides(tiny, point))
-  cmds = experiment.sweep_commands(os.path.join(ROOT, "experiments/configs/pretrain_tiny.py"),
-                                   "tiny")
-  assert len(cmds) == 4 and "--config.optim.lr=" in cmds[0]
+    _check(configs.apply_overrides(tiny, point))
 
 
 def test_parse_arg():
-  a = experiment.parse_arg("tiny,lr=1e-3,layers=4", tiny=False, lr=3e-4, layers=2, name="x")
+  a = configs.parse_arg("tiny,lr=1e-3,layers=4", tiny=False, lr=3e-4, layers=2, name="x")
   assert a.tiny is True and a.lr == 1e-3 and a.layers == 4 and a.name == "x"
   with pytest.raises(ConfigError, match="unknown key 'nope'"):
-    experiment.parse_arg("nope=1", tiny=False)
+    configs.parse_arg("nope=1", tiny=False)
   with pytest.raises(ConfigError, match="'layers' is not a flag"):
-    experiment.parse_arg("layers", layers=2)
+    configs.parse_arg("layers", layers=2)
   with pytest.raises(ConfigError, match="must be a int"):
-    experiment.parse_arg("layers=x", layers=2)
+    configs.parse_arg("layers=x", layers=2)
 
 
 def test_validate_names_key_and_rule():
-  base = experiment.base_config()
+  base = configs.base_config()
   cases = [
       ("data.seq_len", 0, "data.seq_len=0: must be a positive integer"),
       ("train.steps", -5, "train.steps=-5: must be a positive integer"),
@@ -78,23 +78,23 @@ def test_validate_names_key_and_rule():
   ]
   for key, value, message in cases:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-      experiment.validate(experiment.apply_overrides(base, {key: value}), n_devices=1)
-  bad = experiment.base_config()
+      registry.validate(configs.apply_overrides(base, {key: value}), n_devices=1)
+  bad = configs.base_config()
   bad.unknown_section = 1
   with pytest.raises(ConfigError, match="unknown top-level key.*unknown_section"):
-    experiment.validate(bad, n_devices=1)
-  bad = experiment.base_config()
+    registry.validate(bad, n_devices=1)
+  bad = configs.base_config()
   bad.data.batch_size = 6
   with pytest.raises(ConfigError, match="data.batch_size=6: must be divisible by .* 4"):
-    experiment.validate(bad, n_devices=4)
-  bad = experiment.base_config()
+    registry.validate(bad, n_devices=4)
+  bad = configs.base_config()
   bad.mesh.tensor = 3
   with pytest.raises(ConfigError, match="mesh.data=-1"):
-    experiment.validate(bad, n_devices=4)
+    registry.validate(bad, n_devices=4)
 
 
-def test_jobs_registry_matches():
-  assert set(main.JOBS) == set(experiment.JOBS)
+def test_jobs_registry_matches_the_schema():
+  assert tuple(registry.JOBS) == configs.JOB_NAMES
 
 
 @pytest.mark.parametrize("options, message", [
@@ -146,19 +146,19 @@ def test_model_fields_name_their_type():
 
 def test_seq_len_beyond_the_models_positions():
   """data.seq_len above model.max_position_embeddings used to pass without a word."""
-  base = experiment.apply_overrides(experiment.base_config(),
+  base = configs.apply_overrides(configs.base_config(),
                                     {"model.max_position_embeddings": 64, "data.seq_len": 65})
   with pytest.raises(ConfigError, match=r"data.seq_len=65: exceeds model.max_position_"
                                         r"embeddings=64 with full attention"):
-    experiment.validate(base, n_devices=1)
-  memory = experiment.apply_overrides(base, {"model.memory.attention_type": "edgeinfinite",
+    registry.validate(base, n_devices=1)
+  memory = configs.apply_overrides(base, {"model.memory.attention_type": "edgeinfinite",
                                              "model.memory.segment_len": 16,
                                              "model.memory.n_window": 32})
   with pytest.warns(UserWarning, match=r"data.seq_len=65 exceeds model.max_position_"
                                        r"embeddings=64: the edgeinfinite model's local"):
-    experiment.validate(memory, n_devices=1)
-  relative = experiment.apply_overrides(memory, {"model.memory.rope_positions": "cache_relative"})
+    registry.validate(memory, n_devices=1)
+  relative = configs.apply_overrides(memory, {"model.memory.rope_positions": "cache_relative"})
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    experiment.validate(relative, n_devices=1)
-    experiment.validate(experiment.apply_overrides(base, {"data.seq_len": 64}), n_devices=1)
+    registry.validate(relative, n_devices=1)
+    registry.validate(configs.apply_overrides(base, {"data.seq_len": 64}), n_devices=1)

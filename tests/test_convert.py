@@ -21,8 +21,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hf_fixtures  # noqa: E402
-from edgeinfinite_jax import convert, model  # noqa: E402
-from edgeinfinite_jax.config import ConfigError, ModelConfig, RopeScaling  # noqa: E402
+from edgeinfinite_jax.checkpoints import hf as convert  # noqa: E402
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig, RopeScaling  # noqa: E402
 
 ATOL = 1e-4
 

@@ -6,15 +6,16 @@ import re
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import data, experiment
-from edgeinfinite_jax.config import ConfigError
-from edgeinfinite_jax.tokenizer import ByteTokenizer
+from edgeinfinite_jax.data import corpus as data
+from edgeinfinite_jax import configs
+from edgeinfinite_jax.model.config import ConfigError
+from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
 
 def _data_config(**kw):
-  c = experiment.base_config().data
+  c = configs.base_config().data
   c.update(seq_len=64, batch_size=4, max_bytes=200_000)
   c.update(**kw)
   return c

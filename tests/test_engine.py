@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import ConfigError, Engine, Scenario, model, state_nbytes, with_memory
-from edgeinfinite_jax.config import ModelConfig
+from edgeinfinite_jax import ConfigError, Engine, Scenario, state_nbytes, with_memory
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.model.config import ModelConfig
 from export_check import assert_exported_matches_engine
 
 VOCAB = 64

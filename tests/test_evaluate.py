@@ -4,9 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import Engine, Scenario, data, evaluate, experiment, model, tasks, with_memory
-from edgeinfinite_jax.config import ConfigError, ModelConfig
-from edgeinfinite_jax.tokenizer import ByteTokenizer
+from edgeinfinite_jax import Engine, Scenario, with_memory
+from edgeinfinite_jax.data import corpus as data, tasks
+from edgeinfinite_jax.eval import passkey as evaluate
+from edgeinfinite_jax import configs
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig
+from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 LENGTHS, DEPTHS = [600, 1200], [0.0, 0.5]
@@ -58,7 +62,7 @@ def test_engine_predictor_runs_the_fixed_shape_engine():
 
 
 def _task_data_config(**kw):
-  c = experiment.base_config().data
+  c = configs.base_config().data
   c.update(source="task", seq_len=400, batch_size=2, task_samples=6, tasks="passkey:2,kv_recall:1",
            heldout_fraction=0.34)
   c.update(**kw)
@@ -84,7 +88,7 @@ def test_task_source_masks_cover_answers_only():
 
 
 def test_task_mix_into_text_rows_keeps_text_loss_everywhere():
-  c = experiment.base_config().data
+  c = configs.base_config().data
   c.update(seq_len=400, batch_size=2, max_bytes=100_000, task_mix=0.25)
   split = data.load(c)
   assert isinstance(split.train, data.MaskedRows)

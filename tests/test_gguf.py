@@ -24,7 +24,8 @@ pytest.importorskip("accelerate")  # transformers refuses GGUF files without it
 
 import gguf_fixtures  # noqa: E402
 import hf_fixtures  # noqa: E402
-from edgeinfinite_jax import convert, gguf_loader, model  # noqa: E402
+from edgeinfinite_jax.checkpoints import hf as convert, gguf as gguf_loader  # noqa: E402
+from edgeinfinite_jax.model import transformer as model
 
 ATOL = 1e-4
 
@@ -221,7 +222,7 @@ def tok_file(models, root):
 
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(tok_file):
-  from edgeinfinite_jax.tokenizer import load_tokenizer
+  from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
   ours = load_tokenizer(tok_file)
   ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(tok_file),
                                                    gguf_file=os.path.basename(tok_file))
@@ -239,7 +240,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tok_file):
 
 def test_generate_cli_streams_an_answer(tok_file, tmp_path, capsys):
   """The command a user runs on a text file: prompt in, answer streamed, stats printed."""
-  from edgeinfinite_jax import generate
+  from edgeinfinite_jax.cli import generate
   doc = tmp_path / "doc.txt"
   doc.write_text(" ".join(TEXTS) * 60)
   for attention in ("edgeinfinite", "full"):  # (streaming: the same long route, no memory)
@@ -256,7 +257,7 @@ def test_generate_cli_streams_an_answer(tok_file, tmp_path, capsys):
 
 
 def test_generate_cli_refuses_bad_arguments(tok_file, tmp_path):
-  from edgeinfinite_jax import generate
+  from edgeinfinite_jax.cli import generate
   with pytest.raises(SystemExit, match="no such file"):
     generate.main([f"--model={tok_file}", "--file=/nonexistent.txt", "--question=q"])
   doc = tmp_path / "d.txt"
@@ -271,8 +272,8 @@ def test_generate_cli_refuses_bad_arguments(tok_file, tmp_path):
 def test_config_init_gguf(models, root, monkeypatch):
   """``init.gguf`` takes a file or a model name; mistakes are ConfigErrors before any load."""
   import ml_collections
-  from edgeinfinite_jax import models as models_lib
-  from edgeinfinite_jax.config import ConfigError
+  from edgeinfinite_jax.checkpoints import models as models_lib
+  from edgeinfinite_jax.model.config import ConfigError
   path = gguf_fixtures.write_gguf(models["qwen2"], root / "init.gguf", "Q8_0")
   init = ml_collections.ConfigDict({"hf_path": "", "gguf": path})
   models_lib.validate_init(init)
@@ -294,7 +295,7 @@ def test_config_init_gguf(models, root, monkeypatch):
 def test_trainer_starts_from_a_gguf_file(tok_file, tmp_path):
   """``init.gguf`` + the file's own tokenizer: the trainer runs on the GGUF model's weights."""
   import importlib.util
-  from edgeinfinite_jax import train
+  from edgeinfinite_jax.train import trainer as train
   spec = importlib.util.spec_from_file_location(
       "pretrain_tiny", os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                                     "pretrain_tiny.py"))

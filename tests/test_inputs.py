@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
-from edgeinfinite_jax import Engine, Scenario, model
-from edgeinfinite_jax.config import ModelConfig
+from edgeinfinite_jax import Engine, Scenario
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.model.config import ModelConfig
 from edgeinfinite_jax.quant import intsim
 
 VOCAB = 64

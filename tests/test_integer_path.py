@@ -7,10 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import Engine, Scenario, model, qat, state_nbytes, with_memory
-from edgeinfinite_jax.quant import apply as qapply
-from edgeinfinite_jax.quant import calib, intsim
+from edgeinfinite_jax import Engine, Scenario, state_nbytes, with_memory
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.train import qat
+from edgeinfinite_jax.quant import layer_quant as qapply
+from edgeinfinite_jax.train import calib
+from edgeinfinite_jax.quant import intsim
 from edgeinfinite_jax.quant import qconfig as qc
+from edgeinfinite_jax.model.config import quantized
 from export_check import assert_exported_matches_engine
 from fast_compile import fast_compiles
 from quant_fixtures import tiny, tokens, trained
@@ -32,7 +36,7 @@ def test_integer_logits_agree_with_fake_quant_on_held_out_text(preset, mode):
   Both sides use the same grids (the int16 linear-output grid included); they differ
   in the accumulator rescaling (float vs fixed point ``mode``) and dot order."""
   mc, params, held, cal = trained()
-  qcfg = model.quantized(mc, qc.preset(preset))
+  qcfg = quantized(mc, qc.preset(preset))
   qp = calib.quantize_model(qcfg, params, cal)
   got = qat.integer_agreement(qcfg, qp, held, cal, output_bits=16, requant_mode=mode)
   assert got["int_positions"] == 4 * 8 * 32
@@ -46,7 +50,7 @@ def test_exact_dot_reference_isolates_the_requantization():
   kernels) leaves only rare ties, closer than against float dots;
   the double rounding of TFLite's optimized kernels moves int16 outputs by a step."""
   mc, params, held, cal = trained()
-  qcfg = model.quantized(mc, qc.preset("w8a8"))
+  qcfg = quantized(mc, qc.preset("w8a8"))
   qp = calib.quantize_model(qcfg, params, cal)
   single = qat.integer_agreement(qcfg, qp, held, cal, requant_mode="litert_reference")
   double = qat.integer_agreement(qcfg, qp, held, cal, requant_mode="tflite_optimized")

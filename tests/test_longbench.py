@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
-from edgeinfinite_jax import longbench as LB
+from edgeinfinite_jax.eval import longbench as LB
 
 RECORDS = [
     {"context": "Alice lives in Paris. Bob lives in Rome.", "input": "Where does Alice live?",

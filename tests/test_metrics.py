@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgeinfinite_jax import metrics as M
+from edgeinfinite_jax.eval import metrics as M
 
 
 def test_normalize_and_exact_match():

@@ -34,10 +34,11 @@ CHILD = textwrap.dedent("""
     root, workdir, process_id, port, stop = sys.argv[1:6]
     sys.path.insert(0, root + "/tests")
     import jax
-    from edgeinfinite_jax import data as data_lib
-    from edgeinfinite_jax import experiment, sharding, train
+    from edgeinfinite_jax.data import corpus as data_lib
+    from edgeinfinite_jax import configs
+    from edgeinfinite_jax.train import sharding, trainer as train
     from fast_compile import fast_compiles
-    config = experiment.load_module(root + "/experiments/configs/pretrain_tiny.py").get_config(
+    config = configs.load_module(root + "/experiments/configs/pretrain_tiny.py").get_config(
         "tiny")
     config.train.update(steps=%(steps)d, log_every=1, eval_every=0, eval_batches=0,
                         progress=False)

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import experiment, optim, train
-from edgeinfinite_jax import model as model_lib
-from edgeinfinite_jax.config import ConfigError, ModelConfig
+from edgeinfinite_jax import configs
+from edgeinfinite_jax.train import optim, trainer as train
+from edgeinfinite_jax.model import transformer as model_lib
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig
 
 TOY = {"params": {"embed": {"embedding": jnp.ones((5, 4))},
                   "layer": {"attn": {"q_proj": {"kernel": jnp.ones((4, 4))},
@@ -18,7 +19,7 @@ TOY = {"params": {"embed": {"embedding": jnp.ones((5, 4))},
 
 
 def _optim_config(**kw):
-  c = experiment.base_config().optim
+  c = configs.base_config().optim
   c.update({"warmup_steps": 0, "min_lr_ratio": 1.0, "clip_norm": 0.0, "weight_decay": 0.0,
             **kw})
   return c

@@ -6,8 +6,11 @@ import os
 import jax
 import pytest
 
-from edgeinfinite_jax import experiment, main, pipeline
-from edgeinfinite_jax.config import ConfigError
+from edgeinfinite_jax import configs
+from edgeinfinite_jax.jobs import registry
+from edgeinfinite_jax.cli import main
+from edgeinfinite_jax.jobs import demo as pipeline
+from edgeinfinite_jax.model.config import ConfigError
 from edgeinfinite_jax.quant import qconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,9 +18,9 @@ DEMO = os.path.join(ROOT, "experiments/configs/demo.py")
 
 
 def tiny(**overrides):
-  config = experiment.load_module(DEMO).get_config("tiny")
+  config = configs.load_module(DEMO).get_config("tiny")
   config.train.progress = False
-  return experiment.apply_overrides(config, overrides)
+  return configs.apply_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -68,23 +71,23 @@ def test_rerun_skips_every_finished_stage(demo_runs):
 
 
 def test_demo_job_is_registered():
-  assert "demo" in experiment.JOBS and "demo" in main.JOBS
-  assert experiment.load_module(DEMO).get_config().job == "demo"
+  assert "demo" in registry.JOBS
+  assert configs.load_module(DEMO).get_config().job == "demo"
 
 
 def test_demo_config_errors_name_the_key():
   with pytest.raises(ConfigError, match="demo.sft_runs"):
-    experiment.validate(tiny(**{"demo.sft_runs": "gate,everything"}))
+    registry.validate(tiny(**{"demo.sft_runs": "gate,everything"}))
   with pytest.raises(ConfigError, match="demo.eval_depths"):
-    experiment.validate(tiny(**{"demo.eval_depths": "0.5,2"}))
+    registry.validate(tiny(**{"demo.eval_depths": "0.5,2"}))
   with pytest.raises(ConfigError, match="demo.quant_presets"):
-    experiment.validate(tiny(**{"demo.quant_presets": "int3"}))
+    registry.validate(tiny(**{"demo.quant_presets": "int3"}))
 
 
 def test_sweep_points_are_valid_overrides():
-  module = experiment.load_module(DEMO)
-  points = experiment.sweep_points(module)
+  module = configs.load_module(DEMO)
+  points = configs.sweep_points(module)
   assert len(points) >= 4
   for p in points:
-    experiment.validate(experiment.apply_overrides(module.get_config("tiny"), p),
+    registry.validate(configs.apply_overrides(module.get_config("tiny"), p),
                         check_paths=False)

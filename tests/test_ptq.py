@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import model
-from edgeinfinite_jax.config import ModelConfig
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.model.config import ModelConfig
 from edgeinfinite_jax.quant import observers as obs
 from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.quant import qconfig as qc

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from edgeinfinite_jax import experiment, model, qat
-from edgeinfinite_jax.quant import calib
+from edgeinfinite_jax import configs
+from edgeinfinite_jax.jobs import registry
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.bench import qat_step
+from edgeinfinite_jax.jobs import quant as quant_job
+from edgeinfinite_jax.train import qat
+from edgeinfinite_jax.train import calib
+from edgeinfinite_jax.model.config import quantized
 from quant_fixtures import fast_compiles, tiny, tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +34,7 @@ def test_loss_terms_switch_on_and_off_and_sum_to_the_total():
   base = tiny()
   params = model.init_params(base, jax.random.key(0))
   quant = qat.recipe("edgeqat_ed", "w4a8")
-  scfg = model.quantized(base, quant)
+  scfg = quantized(base, quant)
   student = calib.calibrate(scfg, params, [tokens(16)])
   batch = {"tokens": jnp.asarray(tokens(16, seed=2))}
 
@@ -58,7 +64,7 @@ def test_loss_terms_switch_on_and_off_and_sum_to_the_total():
 
 
 def _job_config(tmp_path, method, preset):
-  module = experiment.load_module(os.path.join(ROOT, "experiments/configs/quant_tiny.py"))
+  module = configs.load_module(os.path.join(ROOT, "experiments/configs/quant_tiny.py"))
   config = module.get_config(f"tiny,method={method},preset={preset},base={tmp_path}/base")
   config.data.update(seq_len=32, max_bytes=200_000)
   config.quantize.update(base_steps=20, calib_batches=2)
@@ -67,7 +73,7 @@ def _job_config(tmp_path, method, preset):
 
 
 def test_quant_job_runs_edgeqat_with_every_term_and_writes_metrics(tmp_path):
-  got = qat.run(_job_config(tmp_path, "edgeqat_all", "w4a4"), str(tmp_path / "all"))
+  got = quant_job.run(_job_config(tmp_path, "edgeqat_all", "w4a4"), str(tmp_path / "all"))
   saved = json.loads((tmp_path / "all" / "quant_metrics.json").read_text())
   assert saved["method"] == "edgeqat_all" and saved["preset"] == "w4a4"
   assert saved["quant"]["edgeqat"]["adaptive_fraction"] == 0.5
@@ -82,11 +88,11 @@ def test_quant_job_runs_edgeqat_with_every_term_and_writes_metrics(tmp_path):
 
 
 def test_qat_step_cost_reports_both_steps():
-  module = experiment.load_module(os.path.join(ROOT, "experiments/configs/quant_tiny.py"))
+  module = configs.load_module(os.path.join(ROOT, "experiments/configs/quant_tiny.py"))
   config = module.get_config("tiny,method=qat")
   config.data.update(seq_len=16, batch_size=2)
   config.model.num_layers = 1
-  got = qat.qat_step_cost(config, n=2, warmup=1)
+  got = qat_step.qat_step_cost(config, n=2, warmup=1)
   assert got["method"] == "qat" and got["batch"] == [2, 16]
   assert got["fp_step_ms"] > 0 and got["qat_step_ms"] > 0
   assert got["ratio_of_medians"] == pytest.approx(got["qat_step_ms"] / got["fp_step_ms"])
@@ -100,6 +106,6 @@ def test_quant_job_config_errors_name_key_and_rule(tmp_path):
             r"group_size=24: does not divide"),
            ({"quant.preset": "w3a3", "quantize.method": "qat"}, r"preset='w3a3'")]
   for overrides, needle in cases:
-    config = experiment.apply_overrides(_job_config(tmp_path, "fp", "w8a8"), overrides)
+    config = configs.apply_overrides(_job_config(tmp_path, "fp", "w8a8"), overrides)
     with pytest.raises(ValueError, match=needle):
-      experiment.validate(config, n_devices=1)
+      registry.validate(config, n_devices=1)

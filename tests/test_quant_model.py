@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from edgeinfinite_jax import ConfigError, Engine, Scenario, model, with_memory
-from edgeinfinite_jax.quant import calib, ptq
+from edgeinfinite_jax import ConfigError, Engine, Scenario, with_memory
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.train import calib
+from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.quant import qconfig as qc
 from edgeinfinite_jax.quant.qconfig import QuantConfig, QuantConfigError
 from edgeinfinite_jax.quant.quantizers import QuantSpec
+from edgeinfinite_jax.model.config import quantized
 from fast_compile import fast_compiles
 from quant_fixtures import tiny, tokens, trained
 
@@ -38,8 +41,8 @@ def test_float_mode_is_bit_identical(attention_type, fast):
   cfg, params = _memory_model(attention_type)
   x = tokens(40)
   want = model.forward(cfg, params, x)
-  assert type(model.quantized(cfg, None)) is type(cfg) and model.quantized(cfg, None) == cfg
-  float_cfg = model.quantized(cfg, qc.preset("w8a8").replace(mode="float"))
+  assert type(quantized(cfg, None)) is type(cfg) and quantized(cfg, None) == cfg
+  float_cfg = quantized(cfg, qc.preset("w8a8").replace(mode="float"))
   np.testing.assert_array_equal(model.forward(float_cfg, params, x), want)
 
 
@@ -59,7 +62,7 @@ def test_fake_quant_weights_equal_the_dequantized_ptq_kernels(fast):
 
 
 def _engine_vs_forward(cfg, params, quant, calib_tokens):
-  qcfg = model.quantized(cfg, quant)
+  qcfg = quantized(cfg, quant)
   sc = Scenario(segment_len=L, n_sink=2, n_window=16, batch_size=2, max_new_tokens=16,
                 short_threshold=4, max_context=64)
   long_cfg = Engine(qcfg, params, sc).route_configs["long"]
@@ -105,7 +108,7 @@ def test_engine_equals_training_path_with_quantized_kv_and_memory(name):
 def test_capture_through_the_segment_scan_with_a_quantized_memory(fast):
   cfg, params = _memory_model("edgeinfinite")
   quant = qc.fine_grained("w4a8", group_size=16).replace(memory_state=QuantSpec(8))
-  got = calib.capture(model.quantized(cfg, quant), params, tokens(40))
+  got = calib.capture(quantized(cfg, quant), params, tokens(40))
   # per segment: [segments, B, kv_heads, groups, L, sink + window + L]
   assert got["layers_1/logits"].shape == (5, 2, 2, 2, L, 2 + 16 + L)
   assert got["layers_0/q_hat"].shape == (5, 2, L, 4, 8) and "layers_0/memory" not in got
@@ -116,7 +119,7 @@ def test_calibration_writes_every_static_site_and_learned_inits(fast):
   params = model.init_params(cfg, jax.random.key(0))
   q = qc.preset("edgeqat").replace(
       edgeqat=qc.EdgeQATOptions(adaptive_fraction=0.5, adaptive_bits=(8, 4)))
-  qcfg = model.quantized(cfg, q)
+  qcfg = quantized(cfg, q)
   out = calib.calibrate(qcfg, params, [tokens(16), tokens(16, seed=1)])
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(out["params"]).items()}
   shapes = {"/".join(k) for k in traverse_util.flatten_dict(
@@ -143,7 +146,7 @@ def test_adaptive_bits_select_the_least_important_fraction_per_layer(fast):
   params = model.init_params(cfg, jax.random.key(0))
   q = qc.preset("w8a8").replace(activation_scales="dynamic", kv_cache=None,
                                 edgeqat=qc.EdgeQATOptions(adaptive_fraction=0.25))
-  qcfg = model.quantized(cfg, q)
+  qcfg = quantized(cfg, q)
   x = tokens(16)
   logits, state = model.Transformer(qcfg).apply(params, x, mutable=["intermediates"])
   inter = state["intermediates"]
@@ -154,14 +157,14 @@ def test_adaptive_bits_select_the_least_important_fraction_per_layer(fast):
     col = np.asarray(inter[f"layers_{i}"]["attn"]["logits"][0])[..., 0].sum(axis=(1, 2))
     for b in range(2):
       assert col[b][low[b]].max() <= col[b][~low[b]].min()
-  off = model.forward(model.quantized(cfg, q.replace(edgeqat=qc.EdgeQATOptions())), params, x)
+  off = model.forward(quantized(cfg, q.replace(edgeqat=qc.EdgeQATOptions())), params, x)
   assert np.abs(np.asarray(logits) - np.asarray(off)).max() > 1e-4  # low bits change outputs
 
 
 def test_ptq_params_save_and_restore(tmp_path, fast):
   cfg = tiny()
   params = model.init_params(cfg, jax.random.key(0))
-  qcfg = model.quantized(cfg, qc.preset("w8a8"))
+  qcfg = quantized(cfg, qc.preset("w8a8"))
   qp = calib.quantize_model(qcfg, params, [tokens(16)])
   ptq.save_quantized(tmp_path / "ptq", qp)
   got = ptq.restore_quantized(tmp_path / "ptq")
@@ -177,7 +180,7 @@ def test_fine_grained_ptq_beats_round_to_nearest_per_tensor_at_w4(fast):
   ref = [np.asarray(model.forward(mc, params, t)) for t in held[:2]]
 
   def err(quant):
-    qcfg = model.quantized(mc, quant)
+    qcfg = quantized(mc, quant)
     qp = calib.quantize_model(qcfg, params, cal)
     return np.mean([np.mean((np.asarray(model.forward(qcfg, qp, t)) - r) ** 2)
                     for t, r in zip(held[:2], ref)])
@@ -196,12 +199,12 @@ def test_bad_input_raises_before_compilation(fast):
     QuantSpec(17)
   with pytest.raises(QuantConfigError, match=r"group_size=24: does not divide the input "
                                              r"dimension 32 of q_proj"):
-    model.quantized(cfg, qc.fine_grained("w4a8", group_size=24))
+    quantized(cfg, qc.fine_grained("w4a8", group_size=24))
   big = tiny(intermediate_size=70_000)
   with pytest.raises(QuantConfigError, match=r"down_proj.*depth 70000.*> the int32 limit "
                                              r"2147483647"):
-    model.quantized(big, qc.integer_mode(qc.preset("w8a8")))
-  qcfg = model.quantized(cfg, qc.preset("w8a8"))
+    quantized(big, qc.integer_mode(qc.preset("w8a8")))
+  qcfg = quantized(cfg, qc.preset("w8a8"))
   good = calib.calibrate(qcfg, params, [tokens(8)])
   n_compiled = model._forward_jit._cache_size()
   bad = jax.tree_util.tree_map_with_path(
@@ -225,5 +228,5 @@ def test_bad_input_raises_before_compilation(fast):
         activation_scales="dynamic", kv_cache=None,
         edgeqat=qc.EdgeQATOptions(adaptive_fraction=0.5)))
   with pytest.raises(QuantConfigError, match=r"quant.mode='int4'"):
-    model.quantized(cfg, {"preset": "w8a8", "mode": "int4"})
+    quantized(cfg, {"preset": "w8a8", "mode": "int4"})
   assert QuantConfig.from_dict({"preset": "w8a8"}) == qc.preset("w8a8")

@@ -28,8 +28,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hf_fixtures  # noqa: E402
-from edgeinfinite_jax import convert, model  # noqa: E402
-from edgeinfinite_jax.config import ConfigError  # noqa: E402
+from edgeinfinite_jax.checkpoints import hf as convert  # noqa: E402
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.model.config import ConfigError  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "real_configs")
 FAMILIES = sorted(f[:-5] for f in os.listdir(ROOT) if f.endswith(".json"))

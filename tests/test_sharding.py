@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from edgeinfinite_jax import sharding, train
-from edgeinfinite_jax.config import ConfigError
+from edgeinfinite_jax.train import sharding, trainer as train
+from edgeinfinite_jax.model.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Shared by both processes: GQA (4 heads, 2 KV heads: both divide tensor=2).
 CONFIG_CODE = textwrap.dedent("""
-    from edgeinfinite_jax import experiment
+    from edgeinfinite_jax import configs
     def make_config(mesh):
-      module = experiment.load_module(ROOT + "/experiments/configs/pretrain_tiny.py")
+      module = configs.load_module(ROOT + "/experiments/configs/pretrain_tiny.py")
       c = module.get_config("tiny")
       c.model.update(num_heads=4, num_kv_heads=2)
       c.data.update(max_bytes=100_000, seq_len=32, batch_size=8)
@@ -38,8 +38,8 @@ CONFIG_CODE = textwrap.dedent("""
 
 CHILD = CONFIG_CODE + textwrap.dedent("""
     import json, sys, jax
-    from edgeinfinite_jax import sharding, train
-    from edgeinfinite_jax.config import ModelConfig
+    from edgeinfinite_jax.train import sharding, trainer as train
+    from edgeinfinite_jax.model.config import ModelConfig
     assert jax.device_count() == 8, jax.device_count()
     out = train.run(make_config({"data": 2, "fsdp": 2, "tensor": 2}), sys.argv[1])
     p = out["state"].params["params"]["layers_0"]

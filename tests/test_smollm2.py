@@ -16,8 +16,9 @@ import os
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import gguf_loader, model, models
-from edgeinfinite_jax.tokenizer import load_tokenizer
+from edgeinfinite_jax.checkpoints import gguf as gguf_loader, models
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 if not models.is_installed("smollm2"):

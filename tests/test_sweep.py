@@ -1,7 +1,7 @@
 """The sweep launcher: validation before launch, runs, resume after a kill, aggregation.
 
 The end-to-end test trains a 1-layer model for 2 steps per point through the real
-command line (``python -m edgeinfinite_jax.sweep``), so it covers exactly what a
+command line (``python -m edgeinfinite_jax.cli.sweep``), so it covers exactly what a
 user runs.
 """
 
@@ -16,17 +16,17 @@ import time
 
 import pytest
 
-from edgeinfinite_jax import sweep
-from edgeinfinite_jax import workdir as workdir_lib
+from edgeinfinite_jax.cli import sweep
+from edgeinfinite_jax.train import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = '''
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
 
 def get_config(arg=None):
-  c = experiment.base_config()
+  c = configs.base_config()
   c.model.update(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                  num_kv_heads=1, max_position_embeddings=64)
   c.data.update(seq_len=32, batch_size=4, max_bytes=60_000)
@@ -52,7 +52,7 @@ def _config(tmp_path, body, name="cfg.py"):
 
 
 def _cli(*args, timeout=120):
-  return subprocess.run([sys.executable, "-m", "edgeinfinite_jax.sweep", *args, "--no-progress"],
+  return subprocess.run([sys.executable, "-m", "edgeinfinite_jax.cli.sweep", *args, "--no-progress"],
                         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -122,7 +122,7 @@ def test_usage_errors(tmp_path):
   cfg = _config(tmp_path, 'add({"optim.lr": 1e-3})')
   plain = tmp_path / "plain.py"
   plain.write_text("from edgeinfinite_jax import experiment\n"
-                   "def get_config(arg=None):\n  return experiment.base_config()\n")
+                   "def get_config(arg=None):\n  return configs.base_config()\n")
   with pytest.raises(sweep.SweepError, match="defines no sweep"):
     sweep.plan(str(plain), str(tmp_path / "w"))
   with pytest.raises(sweep.SweepError, match="optim.lr is swept"):
@@ -147,7 +147,7 @@ def test_dry_run_prints_commands(tmp_path):
   assert r.returncode == 0, r.stderr
   cmds = [l for l in r.stdout.splitlines() if l.startswith("python -m")]
   assert cmds == [
-      f"python -m edgeinfinite_jax.main --config={cfg} --config.train.steps=1 "
+      f"python -m edgeinfinite_jax.cli.main --config={cfg} --config.train.steps=1 "
       f"--config.optim.lr={lr} --config.optim.trainable=all "
       f"--workdir={work}/optim.lr={lr},optim.trainable=all" for lr in ("0.001", "0.003")]
   assert not work.exists()
@@ -192,7 +192,7 @@ def test_parallel_runs_at_once(tmp_path, monkeypatch):
 # A launcher process running one fake run (``CHILD``) through sweep.execute.
 LAUNCHER = textwrap.dedent("""
     import sys
-    from edgeinfinite_jax import sweep
+    from edgeinfinite_jax.cli import sweep
     work, child = sys.argv[1], sys.argv[2]
     run = sweep.Run(0, "r", {"x": 1}, [sys.executable, "-c", child, work + "/r"], work + "/r")
     sweep.execute(sweep.Sweep("fake.py", work, [run], [run], ["x"], [], {}), progress=False)
@@ -274,7 +274,7 @@ def test_sweep_runs_resumes_after_kill_and_aggregates(tmp_path):
 
   # 1. Start the sweep, kill it (and its run) once run 1 is under way.
   with open(tmp_path / "first.log", "w") as log:
-    proc = subprocess.Popen([sys.executable, "-m", "edgeinfinite_jax.sweep", f"--config={cfg}",
+    proc = subprocess.Popen([sys.executable, "-m", "edgeinfinite_jax.cli.sweep", f"--config={cfg}",
                              f"--workdir={work}", "--no-progress"], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -293,7 +293,7 @@ def test_sweep_runs_resumes_after_kill_and_aggregates(tmp_path):
   r = _cli(f"--config={cfg}", f"--workdir={work}")
   assert r.returncode == 0, r.stdout + r.stderr
   assert f"[skip 0] {names[0]}" in r.stdout
-  assert "[run 0]" not in r.stdout and "[run 1] python -m edgeinfinite_jax.main" in r.stdout
+  assert "[run 0]" not in r.stdout and "[run 1] python -m edgeinfinite_jax.cli.main" in r.stdout
   assert _mtime(runs[0] / "DONE") == done0
   assert (runs[1] / "log.txt").read_text().count("### ") == 2  # started twice
   info = json.loads((runs[1] / "DONE").read_text())

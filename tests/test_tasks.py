@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import tasks as T
+from edgeinfinite_jax.data import tasks as T
 
 try:
-  from edgeinfinite_jax.tokenizer import ByteTokenizer
+  from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer
 except ImportError:  # the tokenizer module is written separately; same contract
 
   class ByteTokenizer:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgeinfinite_jax.config import ModelConfig
-from edgeinfinite_jax.tokenizer import ByteTokenizer, load_tokenizer
+from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer, load_tokenizer
 
 
 @pytest.mark.parametrize("text", ["", "hello", "héllo wörld — ☃ 你好 🙂", "tab\tnew\nline\x00"])

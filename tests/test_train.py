@@ -16,10 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from edgeinfinite_jax import convert, experiment, optim, train
-from edgeinfinite_jax import model as model_lib
-from edgeinfinite_jax import workdir as workdir_lib
-from edgeinfinite_jax.config import ConfigError, ModelConfig
+from edgeinfinite_jax.checkpoints import hf as convert
+from edgeinfinite_jax import configs
+from edgeinfinite_jax.train import optim, trainer as train
+from edgeinfinite_jax.model import transformer as model_lib
+from edgeinfinite_jax.train import workdir as workdir_lib
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig
 from fast_compile import fast_compiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,12 +29,12 @@ STEPS = 40
 
 
 def tiny_config(**overrides):
-  module = experiment.load_module(os.path.join(ROOT, "experiments/configs/pretrain_tiny.py"))
+  module = configs.load_module(os.path.join(ROOT, "experiments/configs/pretrain_tiny.py"))
   config = module.get_config("tiny")
   config.data.update(max_bytes=200_000, seq_len=64, batch_size=8)
   config.train.update(steps=STEPS, log_every=5, eval_every=0, eval_batches=1, progress=False)
   config.checkpoint.update(every=10, keep=2)
-  return experiment.apply_overrides(config, overrides)
+  return configs.apply_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ def test_metrics_config_and_checkpoints_written(runs):
     assert any(f.endswith("_METADATA") for f in manifest["files"])
     assert workdir_lib.verify(step_dir) is None
   model = json.load(open(os.path.join(workdir, "model_config.json")))
-  assert ModelConfig.from_dict(model) == experiment.model_config(tiny_config())
+  assert ModelConfig.from_dict(model) == configs.model_config(tiny_config())
 
 
 @pytest.mark.parametrize("overrides, message", [

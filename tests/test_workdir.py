@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from edgeinfinite_jax import workdir as wd
+from edgeinfinite_jax.train import workdir as wd
 
 
 # Another process holding a workdir's lock: workdir.py loaded by path (the package

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 
 ROUNDINGS = ("half_to_even", "half_away_from_zero")
 MODES = ("onnx", "gemmlowp", "tflite_optimized", "litert_reference", "xnnpack")
@@ -98,7 +99,6 @@ def _checked_in_graph(scale, zero_point, dtype):
     """``checked=True``: the value checks of traced scale / zero point as checkify checks
     (see the module doc). Called outside ``_x64``: checkify's error state keeps the
     caller's integer width, and an int64 one inside x64 would not merge with it."""
-    from jax.experimental import checkify
     if _host(scale) is None:
         f = jnp.asarray(scale, jnp.float32)
         checkify.check(jnp.all(jnp.isfinite(f) & (f > 0)),

@@ -17,9 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgeinfinite_jax.quant.intsim import exact_div
-from edgeinfinite_jax.quant.quantizers import (_TINY, _fail, _jit, _reduce,
-                                               check_scale, compute_qparams, expand_qparams,
-                                               round_int)
+from edgeinfinite_jax.quant.quantizers import _TINY, _fail, _jit, _reduce, check_scale, compute_qparams, expand_qparams, round_int
 
 
 def lsq_grad_factor(x_shape, scale_shape, spec):

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from edgeinfinite_jax.quant.quantizers import (QuantSpec, _fail, _fq_forward, _host, _reduce,
-                                               expand_qparams, qparams_from_range)
+from edgeinfinite_jax.quant.quantizers import QuantSpec, _fail, _fq_forward, _host, _reduce, expand_qparams, qparams_from_range
 
 
 @flax.struct.dataclass

@@ -41,6 +41,7 @@ from edgeinfinite_jax.quant import observers as obs
 from edgeinfinite_jax.quant import quantizers as qz
 from edgeinfinite_jax.quant.qconfig import QuantConfig
 from edgeinfinite_jax.quant.quantizers import QuantSpec
+import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
 
@@ -163,7 +164,6 @@ def save_quantized(path, qparams, overwrite: bool = False) -> None:
   Arrays go through StandardSave; each QuantizedTensor's static metadata (spec,
   shape, dtype) goes in a JSON item of the same composite checkpoint.
   """
-  import orbax.checkpoint as ocp
   arrays, meta = {}, {}
   for p, leaf in traverse_util.flatten_dict(qparams, is_leaf=lambda _, x: _is_qt(x)).items():
     if _is_qt(leaf):
@@ -179,7 +179,6 @@ def save_quantized(path, qparams, overwrite: bool = False) -> None:
 
 def restore_quantized(path):
   """The quantized set saved by ``save_quantized`` (ints, scales, specs identical)."""
-  import orbax.checkpoint as ocp
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     got = ckptr.restore(os.path.abspath(os.fspath(path)), ocp.args.Composite(
         arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))

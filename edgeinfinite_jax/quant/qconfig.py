@@ -64,6 +64,7 @@ import math
 from typing import Any, Mapping
 
 from edgeinfinite_jax.quant.quantizers import QuantSpec
+import ml_collections
 
 PLACEMENTS = ("linear_weights", "linear_inputs", "linear_outputs", "q", "k", "v", "attn_probs",
               "kv_cache", "memory_state", "embeddings", "lm_head")
@@ -161,7 +162,6 @@ class QuantConfig:
     return d
 
   def to_config_dict(self):
-    import ml_collections
     return ml_collections.ConfigDict(self.to_dict())
 
   @classmethod

@@ -3,12 +3,12 @@
 Each ablation file varies one factor around this baseline with ``sweep(add, arg)``;
 run one with the sweep launcher (``experiments/README.md``)::
 
-  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_gate.py:tiny \\
+  python -m edgeinfinite_jax.cli.sweep --config=experiments/configs/ablation_gate.py:tiny \\
       --workdir=sweeps/gate
 
 This file is also a config of its own: the baseline run, no sweep.
 
-Arguments (after ``:``, comma-separated, see ``experiment.parse_arg``):
+Arguments (after ``:``, comma-separated, see ``configs.parse_arg``):
   tiny        seconds-to-a-minute CPU runs (tiny model, a few steps)
   job=NAME    ``demo`` (default): the demo pipeline (pretrain, S-SFT on passkey
               samples, passkey retrieval through the Engine for full / streaming /
@@ -26,7 +26,7 @@ Arguments (after ``:``, comma-separated, see ``experiment.parse_arg``):
 
 import os
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
 JOBS = ("demo", "train")
 # job=train model sizes (job=demo takes the demo's model).
@@ -38,7 +38,7 @@ TRAIN_SIZES = {
 
 
 def parse(arg):
-  a = experiment.parse_arg(arg, tiny=False, runlocal=False, job="demo", steps=0, hf="")
+  a = configs.parse_arg(arg, tiny=False, runlocal=False, job="demo", steps=0, hf="")
   a.tiny = a.tiny or a.runlocal
   if a.job not in JOBS:
     raise ValueError(f"config arg job={a.job!r}: must be one of {JOBS}")
@@ -47,7 +47,7 @@ def parse(arg):
 
 def _demo_config(a):
   here = os.path.dirname(os.path.abspath(__file__))
-  demo = experiment.load_module(os.path.join(here, "demo.py"))
+  demo = configs.load_module(os.path.join(here, "demo.py"))
   config = demo.get_config("tiny" if a.tiny else None)
   d = config.demo
   d.sft_runs = "gate"  # one S-SFT run per point (the trainable-set ablation varies it)
@@ -63,7 +63,7 @@ def _demo_config(a):
 
 
 def _train_config(a):
-  config = experiment.base_config()
+  config = configs.base_config()
   config.model.update(TRAIN_SIZES[a.tiny])
   config.model.memory.update(attention_type="edgeinfinite", gate_init_bias=-2.0)
   config.optim.trainable = "all"
@@ -109,8 +109,8 @@ def checked(add, arg):
   a = parse(arg)
   if a.job != "demo":
     return add
-  from edgeinfinite_jax import tasks
-  from edgeinfinite_jax.tokenizer import ByteTokenizer
+  from edgeinfinite_jax.data import tasks
+  from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer
   config = get_config(arg)
   d, tok = config.demo, ByteTokenizer()
   mults = [float(x) for x in str(d.eval_mults).split(",") if x.strip()]

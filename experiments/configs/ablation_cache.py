@@ -1,6 +1,6 @@
 """Ablation: sink and window sizes (``model.memory.n_sink`` / ``n_window``).
 
-  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_cache.py:tiny \\
+  python -m edgeinfinite_jax.cli.sweep --config=experiments/configs/ablation_cache.py:tiny \\
       --workdir=sweeps/cache
 
 One factor at a time around the baseline: the window (raw KV kept besides the
@@ -11,9 +11,9 @@ metrics: see ``ablation_base.py``.
 
 import os
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
-base = experiment.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+base = configs.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "ablation_base.py"))
 
 

@@ -1,6 +1,6 @@
 """Ablation: each EdgeQAT loss term, left out one at a time (job ``quant``).
 
-  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_edgeqat.py:tiny \\
+  python -m edgeinfinite_jax.cli.sweep --config=experiments/configs/ablation_edgeqat.py:tiny \\
       --workdir=sweeps/edgeqat
 
 The full recipe (``qat`` method ``edgeqat_all`` at ``preset``, default W4A8): LSQ+
@@ -18,9 +18,9 @@ Arguments (after ``:``): ``tiny``; ``preset=NAME`` (w8a8 | w4a8 | w4a4); ``base=
 
 import os
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
-quant_tiny = experiment.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+quant_tiny = configs.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "quant_tiny.py"))
 # quant.edgeqat.<key>: the value that switches the term off
 TERMS = {"entropy_weight": 0.0, "distribution_weight": 0.0, "kd_weight": 0.0,
@@ -28,7 +28,7 @@ TERMS = {"entropy_weight": 0.0, "distribution_weight": 0.0, "kd_weight": 0.0,
 
 
 def _arg(arg):
-  return experiment.parse_arg(arg, tiny=False, preset="w4a8", base="workdirs/quant_tiny/base")
+  return configs.parse_arg(arg, tiny=False, preset="w4a8", base="workdirs/quant_tiny/base")
 
 
 def get_config(arg=None):
@@ -37,7 +37,7 @@ def get_config(arg=None):
                                  f"base={a.base}")
   # Every swept term is a key of quant.edgeqat (overrides of the recipe's values),
   # so that --config.quant.edgeqat.KEY=VALUE can set it.
-  from edgeinfinite_jax import qat
+  from edgeinfinite_jax.train import qat
   options = qat.recipe("edgeqat_all", a.preset).edgeqat
   config.quant.edgeqat = {k: getattr(options, k) for k in (*TERMS, "published_sign")}
   return config

@@ -1,6 +1,6 @@
 """Ablation: the form of the memory gate (``model.memory.gate``, see ``gate.py``).
 
-  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_gate.py:tiny \\
+  python -m edgeinfinite_jax.cli.sweep --config=experiments/configs/ablation_gate.py:tiny \\
       --workdir=sweeps/gate
 
 per_head_scalar (Infini-attention's one logit per head), per_head_vector (one per
@@ -11,9 +11,9 @@ arguments (``tiny``, ``job=demo|train``, ``steps=``, ``hf=``) and metrics: see
 
 import os
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
-base = experiment.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+base = configs.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "ablation_base.py"))
 GATES = ("per_head_scalar", "per_head_vector", "mlp")
 

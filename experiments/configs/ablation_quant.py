@@ -1,9 +1,9 @@
 """Ablation: the quantization presets (``quant.preset``), one quantization method.
 
-  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_quant.py:tiny \\
+  python -m edgeinfinite_jax.cli.sweep --config=experiments/configs/ablation_quant.py:tiny \\
       --workdir=sweeps/quant
 
-Job ``quant`` (``qat.run``) on the model and base run of ``quant_tiny.py``: the
+Job ``quant`` (``jobs/quant.py``) on the model and base run of ``quant_tiny.py``: the
 float base model is trained once in ``quantize.base_workdir`` and reused by every
 point (run the first point alone, or keep ``--parallel 1``, so that two points do
 not train it at the same time). Each point quantizes it with ``method`` at one of
@@ -19,15 +19,15 @@ run, default ``workdirs/quant_tiny/base``, the one ``quant_tiny.py`` uses).
 
 import os
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
-quant_tiny = experiment.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+quant_tiny = configs.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "quant_tiny.py"))
 PRESETS = ("w8a8", "w4a8", "w4a16", "a16w8", "w4a4")
 
 
 def _arg(arg):
-  return experiment.parse_arg(arg, tiny=False, method="ptq_fine",
+  return configs.parse_arg(arg, tiny=False, method="ptq_fine",
                               base="workdirs/quant_tiny/base")
 
 

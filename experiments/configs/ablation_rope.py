@@ -1,6 +1,6 @@
 """Ablation: pre- or post-RoPE memory (``model.memory.mem_uses_rope``).
 
-  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_rope.py:tiny \\
+  python -m edgeinfinite_jax.cli.sweep --config=experiments/configs/ablation_rope.py:tiny \\
       --workdir=sweeps/rope
 
 False (the default): the memory stores and is queried with Q/K before the rotary
@@ -10,9 +10,9 @@ local attention uses. Baseline, arguments and metrics: see ``ablation_base.py``.
 
 import os
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
-base = experiment.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+base = configs.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "ablation_base.py"))
 
 

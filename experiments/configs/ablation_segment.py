@@ -1,6 +1,6 @@
 """Ablation: the segment length L (``model.memory.segment_len``), window fixed.
 
-  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_segment.py:tiny \\
+  python -m edgeinfinite_jax.cli.sweep --config=experiments/configs/ablation_segment.py:tiny \\
       --workdir=sweeps/segment
 
 Shorter segments write the memory more often and keep less raw context per step;
@@ -10,9 +10,9 @@ arguments and metrics: see ``ablation_base.py``.
 
 import os
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
-base = experiment.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+base = configs.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "ablation_base.py"))
 
 

@@ -1,6 +1,6 @@
 """Ablation: the trainable set of the memory fine-tune (gate / gate+attention / all).
 
-  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_trainable.py:tiny \\
+  python -m edgeinfinite_jax.cli.sweep --config=experiments/configs/ablation_trainable.py:tiny \\
       --workdir=sweeps/trainable
 
 ``job=demo`` (default): the S-SFT stage's trainable set (``demo.sft_runs``): the
@@ -14,9 +14,9 @@ Baseline, arguments and metrics: see ``ablation_base.py``.
 
 import os
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
-base = experiment.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+base = configs.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "ablation_base.py"))
 SETS = ("gate", "gate+attention", "all")
 

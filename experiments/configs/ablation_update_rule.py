@@ -1,6 +1,6 @@
 """Ablation: the memory update rule (``model.memory.update_rule``).
 
-  python -m edgeinfinite_jax.sweep --config=experiments/configs/ablation_update_rule.py:tiny \\
+  python -m edgeinfinite_jax.cli.sweep --config=experiments/configs/ablation_update_rule.py:tiny \\
       --workdir=sweeps/update_rule
 
 linear (Infini-attention Eq. 8: M += sigma(K)^T V) against delta (Eq. 9: only what
@@ -10,9 +10,9 @@ see ``ablation_base.py``.
 
 import os
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
-base = experiment.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+base = configs.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "ablation_base.py"))
 
 

@@ -1,12 +1,12 @@
 """The demo job (README's first command): pretrain -> S-SFT -> passkey -> PTQ -> results.
 
-  python -m edgeinfinite_jax.main --config=experiments/configs/demo.py --workdir=results/demo
+  python -m edgeinfinite_jax.cli.main --config=experiments/configs/demo.py --workdir=results/demo
 
 Stages and outputs: see ``edgeinfinite_jax/pipeline.py``. The settings below are
 what worked best in the passkey experiments logged in
 ``experiments/NOTES_passkey.md``.
 
-Arguments (after ``:``, comma-separated, see ``experiment.parse_arg``):
+Arguments (after ``:``, comma-separated, see ``configs.parse_arg``):
   tiny          a CI-sized run (< 90 s on a 2-core CPU): every stage, tiny sizes
   steps=INT     pretraining steps (0 = the variant's default)
   sft_steps=INT S-SFT steps per trainable set (0 = the variant's default)
@@ -15,16 +15,16 @@ Sweep (``sweep(add, arg)``, the one sweep convention): gate form, update rule,
 pre/post-RoPE memory and the S-SFT trainable set, each against the default.
 """
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
 
 def _arg(arg):
-  return experiment.parse_arg(arg, tiny=False, steps=0, sft_steps=0)
+  return configs.parse_arg(arg, tiny=False, steps=0, sft_steps=0)
 
 
 def get_config(arg=None):
   a = _arg(arg)
-  config = experiment.base_config()
+  config = configs.base_config()
   config.job = "demo"
   d = config.demo
   if a.tiny:

@@ -1,9 +1,9 @@
 """Pretrain a small Llama (full attention) on the embedded stdlib-prose corpus.
 
-  python -m edgeinfinite_jax.main --config=experiments/configs/pretrain_tiny.py:tiny \
+  python -m edgeinfinite_jax.cli.main --config=experiments/configs/pretrain_tiny.py:tiny \
       --workdir=workdirs/pretrain_tiny
 
-Arguments (after ``:``, comma-separated, see ``experiment.parse_arg``):
+Arguments (after ``:``, comma-separated, see ``configs.parse_arg``):
   tiny          a seconds-long CPU run: 2 layers, hidden 32, seq 64, 60 steps
   runlocal      same shrink as ``tiny`` (big_vision's name for it)
   size=NAME     model size: tiny | small (default) | medium
@@ -12,12 +12,12 @@ Arguments (after ``:``, comma-separated, see ``experiment.parse_arg``):
 
 Sweep convention (shared by every config file): ``sweep(add, arg=None)`` calls
 ``add({...})`` once per point with a dict of dotted config keys, the same keys
-as ``--config.KEY=VALUE``. ``python -c 'from edgeinfinite_jax import
-experiment; print(*experiment.sweep_commands("experiments/configs/pretrain_tiny.py",
-"tiny"), sep="\\n")'`` prints one command per point.
+as ``--config.KEY=VALUE``. ``python -m edgeinfinite_jax.cli.sweep
+--config=experiments/configs/pretrain_tiny.py:tiny --workdir=DIR --dry-run`` prints
+one command per point.
 """
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
 SIZES = {
     "tiny": dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -30,7 +30,7 @@ SIZES = {
 
 
 def _arg(arg):
-  a = experiment.parse_arg(arg, tiny=False, runlocal=False, size="", lr=0.0, steps=0)
+  a = configs.parse_arg(arg, tiny=False, runlocal=False, size="", lr=0.0, steps=0)
   a.tiny = a.tiny or a.runlocal
   a.size = a.size or ("tiny" if a.tiny else "small")
   if a.size not in SIZES:
@@ -40,7 +40,7 @@ def _arg(arg):
 
 def get_config(arg=None):
   a = _arg(arg)
-  config = experiment.base_config()
+  config = configs.base_config()
   config.model.update(SIZES[a.size])
   config.model.max_position_embeddings = 2048
   if a.tiny:

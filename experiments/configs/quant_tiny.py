@@ -1,10 +1,10 @@
 """Quantization results on a tiny Llama: PTQ, QAT and EdgeQAT at W8A8 / W4A8 / W4A4.
 
-  python -m edgeinfinite_jax.main --config=experiments/configs/quant_tiny.py:tiny \
+  python -m edgeinfinite_jax.cli.main --config=experiments/configs/quant_tiny.py:tiny \
       --config.quantize.method=edgeqat_ed --config.quant.preset=w4a8 \
       --workdir=workdirs/quant_tiny/edgeqat_ed_w4a8
 
-One run = one point (job ``quant``, ``qat.run``): a float base model (pretrained
+One run = one point (job ``quant``, ``jobs/quant.py``): a float base model (pretrained
 on the embedded corpus for ``quantize.base_steps`` steps in
 ``quantize.base_workdir``, shared by every point and reused once trained), then
 the method at the preset, then ``quant_metrics.json`` in the workdir: held-out
@@ -12,7 +12,7 @@ perplexity (float base and quantized), and for methods that can run in integer
 mode the integer-vs-fake-quant agreement (max logit difference in output
 quantization steps, greedy next-token agreement, integer perplexity).
 
-Arguments (after ``:``, comma-separated, see ``experiment.parse_arg``):
+Arguments (after ``:``, comma-separated, see ``configs.parse_arg``):
   tiny            a CPU run well under a minute per point: 2 layers, hidden 32,
                   seq 64, 150 base steps (trained once), 30 QAT steps
   method=NAME     one of qat.METHODS (default edgeqat_ed)
@@ -22,20 +22,20 @@ Arguments (after ``:``, comma-separated, see ``experiment.parse_arg``):
 Sweep: fp once, then every other method x {w8a8, w4a8, w4a4} (19 points).
 """
 
-from edgeinfinite_jax import experiment
+from edgeinfinite_jax import configs
 
 METHODS = ("ptq_rtn", "ptq_fine", "qat", "edgeqat_e", "edgeqat_ed", "edgeqat_all")
 PRESETS = ("w8a8", "w4a8", "w4a4")
 
 
 def _arg(arg):
-  return experiment.parse_arg(arg, tiny=False, method="edgeqat_ed", preset="w4a8",
+  return configs.parse_arg(arg, tiny=False, method="edgeqat_ed", preset="w4a8",
                               base="workdirs/quant_tiny/base")
 
 
 def get_config(arg=None):
   a = _arg(arg)
-  config = experiment.base_config()
+  config = configs.base_config()
   config.job = "quant"
   config.quantize.update(method=a.method, base_workdir=a.base, calib_batches=4,
                          group_size=32, observer="minmax")

@@ -1,0 +1,432 @@
+"""Fixed-shape inference engine: compile once per scenario, whatever the prompt.
+
+Contract (after gemma's sampler):
+
+* A ``Scenario`` fixes every shape: segment length, sink and window sizes,
+  batch, the maximum number of new tokens, the short-route threshold and the
+  capacity of full-attention caches. Changing any Scenario field recompiles;
+  nothing else does.
+* Each route (``short``, ``long``) has exactly one jitted prefill-segment
+  function and one jitted decode function. A prompt is fed segment by segment;
+  the last partial segment is padded and masked. Positions and lengths are traced
+  int32 values.
+* Prompts of at most ``short_threshold`` tokens take the short route: the
+  unmodified base model (full attention, no memory) over an ordinary KV cache.
+  Longer prompts take the long route with the model's attention type.
+* The state is one pytree (``EngineState``) whose size does not depend on how
+  many tokens were read (``state_nbytes``), except for ``full`` attention, whose
+  cache has the fixed capacity ``max_context``.
+
+Quantized models (``quant=`` or a ``model.QuantModelConfig``) run in the config's
+numerics mode, ``float``, ``fake_quant`` or ``integer``, with the same step
+functions and the same compile-once guarantee (the mode is part of the static
+config; scales are traced parameters). K/V are quantized on write into the
+cache. In ``integer`` mode the cache holds the integer values (int8 for 8-bit
+K/V), float kernels are frozen to PTQ ``QuantizedTensor`` int8 weights once at
+construction, and the exported step functions take those integers: what an NPU
+toolchain would be handed. Token-adaptive bits rank a whole sequence and are not
+available here (``forward`` applies them).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgeinfinite_jax.model import memory as memory_lib
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig
+from edgeinfinite_jax.model.transformer import Transformer, check_tokens, compute_dtype
+from edgeinfinite_jax.model.config import quant_of, quantized
+from edgeinfinite_jax.quant import layer_quant as qapply
+from edgeinfinite_jax.quant import ptq
+from edgeinfinite_jax.model import kv_cache as cache_lib
+
+PRESETS = {
+    # Long document in, a long answer out: modest window, more new tokens.
+    "summarization": dict(segment_len=128, n_sink=4, n_window=256, max_new_tokens=256,
+                          short_threshold=512),
+    # The question sits at the end of the prompt: a larger window keeps it (and
+    # the text just before it) as raw KV; answers are short.
+    "qa": dict(segment_len=128, n_sink=4, n_window=1024, max_new_tokens=64,
+               short_threshold=512),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+  """Every compile-time size of the engine. See the module docstring."""
+  segment_len: int = 64
+  n_sink: int = 4
+  n_window: int = 128
+  batch_size: int = 1
+  max_new_tokens: int = 64
+  short_threshold: int = 256
+  max_context: int = 8192  # capacity of a full-attention cache on the long route
+
+  def __post_init__(self):
+    # bool is an int subclass, but True is no size: refused like any other non-int.
+    for key in ("segment_len", "batch_size", "max_new_tokens", "max_context"):
+      v = getattr(self, key)
+      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"Scenario.{key}={v!r}: must be a positive integer (int)")
+    for key in ("n_sink", "n_window", "short_threshold"):
+      v = getattr(self, key)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f"Scenario.{key}={v!r}: must be a non-negative integer (int)")
+    if self.n_window % self.segment_len:
+      raise ConfigError(f"Scenario.n_window={self.n_window}: must be a multiple of "
+                        f"segment_len={self.segment_len}")
+    if self.n_sink > self.segment_len:
+      raise ConfigError(f"Scenario.n_sink={self.n_sink}: must be <= segment_len="
+                        f"{self.segment_len}")
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "Scenario":
+    if name not in PRESETS:
+      raise ConfigError(f"Scenario preset {name!r}: must be one of {sorted(PRESETS)}")
+    return cls(**{**PRESETS[name], **overrides})
+
+  def capacity(self, n: int) -> int:
+    """n tokens rounded up to whole segments."""
+    return -(-n // self.segment_len) * self.segment_len
+
+
+@flax.struct.dataclass
+class EngineState:
+  caches: Any          # list of cache_lib.LayerCache, one per layer
+  length: jax.Array    # int32 scalar: tokens read so far
+  route: str = flax.struct.field(pytree_node=False, default="long")
+
+
+# Exported step functions carry the state's tree structure in their signature.
+jax.export.register_namedtuple_serialization(
+    cache_lib.LayerCache, serialized_name="edgeinfinite_jax.LayerCache")
+jax.export.register_namedtuple_serialization(
+    memory_lib.Memory, serialized_name="edgeinfinite_jax.Memory")
+jax.export.register_pytree_node_serialization(
+    EngineState, serialized_name="edgeinfinite_jax.EngineState",
+    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+    deserialize_auxdata=lambda b: tuple(json.loads(b.decode())))
+
+
+def _qt_aux_to_json(aux):
+  spec, shape, dtype = aux
+  return json.dumps([spec.to_dict(), list(shape), dtype]).encode()
+
+
+def _qt_aux_from_json(blob):
+  spec, shape, dtype = json.loads(blob.decode())
+  return (ptq.QuantSpec(**spec), tuple(shape), dtype)
+
+
+# Integer-mode params hold PTQ kernels (int values + scales) as QuantizedTensor nodes.
+jax.export.register_pytree_node_serialization(
+    ptq.QuantizedTensor, serialized_name="edgeinfinite_jax.QuantizedTensor",
+    serialize_auxdata=_qt_aux_to_json, deserialize_auxdata=_qt_aux_from_json)
+
+
+def state_nbytes(state) -> int:
+  """Bytes held by an engine state (every array leaf)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
+
+
+class Engine:
+  """Prefill / decode / generate for one (model, params, scenario).
+
+  ``params`` is ``{"params": ...}``. The jitted step functions are built here
+  once; ``compile_count()`` reports how often they have been traced (each trace
+  is one XLA compilation). ``quant``: a QuantConfig to run with (see module doc);
+  its rules, the scales in ``params`` and the integer accumulator depths of the
+  scenario are checked here, before anything compiles.
+
+  Call contract:
+
+  * ``prefill(tokens)``: integer ``[batch, time]``, ``batch == Scenario.batch_size``,
+    ``time >= 1``, ids in ``[0, vocab_size)`` (``model.check_tokens``, the rule
+    ``forward`` applies). Returns a new ``EngineState`` and float32 logits
+    ``[batch, vocab]`` of the last token.
+  * ``decode(state, token)``: integer ``[batch]``; the state must come from this
+    engine (same batch, route and cache shapes) and not be consumed. Returns a new
+    state and ``[batch, vocab]`` logits.
+  * Donation: ``decode`` donates ``state`` to the step function, which writes the
+    new state into its buffers (no copy of the caches per token). Afterwards the
+    state passed in is consumed: every array in it is deleted, and passing it again
+    raises a ValueError that says so. Keep using the returned state. To decode one
+    state more than once (branching, beam search), pass ``donate=False`` (decodes a
+    copy; the original stays valid) or take ``copy_state(state)`` first; neither
+    compiles anything more. Nothing else is donated: tokens, params and logits
+    stay the caller's, and ``prefill`` builds its own state.
+  """
+
+  def __init__(self, config: ModelConfig, params, scenario: Scenario, quant=None):
+    if quant is not None:
+      config = quantized(config, quant)
+    q = quant_of(config)
+    if qapply.active(q):
+      if q.edgeqat.adaptive_fraction > 0:
+        raise ConfigError(f"quant.edgeqat.adaptive_fraction={q.edgeqat.adaptive_fraction}: "
+                          "token-adaptive bits rank the tokens of a whole sequence, which a "
+                          "chunked prefill / token-by-token decode cannot reproduce; set 0 "
+                          "for the engine (model.forward applies them)")
+    self._config = config
+    self.scenario, self.params = scenario, self._prepare(params)
+    sc = scenario
+    base = dict(segment_len=sc.segment_len, n_sink=0)
+    m = config.memory
+    self.route_configs = {
+        "short": config.with_memory(attention_type="full", n_window=0, **base),
+        "long": config.with_memory(segment_len=sc.segment_len, n_sink=sc.n_sink,
+                                   n_window=sc.n_window)
+                if m.segmented else config.with_memory(n_window=0, **base),
+    }
+    self.ring_len = {
+        "short": sc.capacity(sc.short_threshold + sc.max_new_tokens),
+        "long": sc.n_window + sc.segment_len if m.segmented else sc.capacity(sc.max_context),
+    }
+    self.n_sink = {"short": 0, "long": sc.n_sink if m.segmented else 0}
+    for route, cfg in self.route_configs.items():
+      qapply.check_attention_depth(cfg, self.n_sink[route] + self.ring_len[route])
+    self._traces = collections.Counter()
+    self._state_avals = {}  # route -> [(path, ShapeDtypeStruct)] of init_state(route)
+    self._prefill = {r: self._jit_step(r, "prefill") for r in self.route_configs}
+    self._decode = {r: self._jit_step(r, "decode") for r in self.route_configs}
+    self._sample = jax.jit(self._sample_fn)
+
+  def _prepare(self, params):
+    """Checks the static scales; integer mode quantizes the weights once, here."""
+    q = quant_of(self._config)
+    if qapply.active(q):
+      qapply.check_params(self._config, params)
+      if q.mode == "integer":  # int8 weights once, not re-quantized in every step
+        params = ptq.quantize_params(params, q)
+    return params
+
+  def with_params(self, params) -> "Engine":
+    """This engine with other weights of the same shapes (e.g. a fine-tuned or a
+    quantized-then-dequantized copy). The compiled step functions and their
+    trace counters are shared: nothing recompiles."""
+    params = self._prepare(params)
+    want, got = (jax.tree_util.tree_flatten_with_path(jax.eval_shape(lambda p=p: p))[0]
+                 for p in (self.params, params))
+    if [k for k, _ in want] != [k for k, _ in got]:
+      raise ValueError("with_params: the parameter tree differs from the engine's "
+                       f"({len(got)} leaves vs {len(want)}); build a new Engine")
+    for (path, a), (_, b) in zip(want, got):
+      if (a.shape, a.dtype) != (b.shape, b.dtype):
+        raise ValueError(f"with_params: {jax.tree_util.keystr(path)} is {b.shape} {b.dtype}; "
+                         f"the engine compiled for {a.shape} {a.dtype}")
+    new = copy.copy(self)
+    new.params = params
+    return new
+
+  # -- step functions ---------------------------------------------------------
+
+  def _jit_step(self, route, kind):
+    config = self.route_configs[route]
+
+    def step(params, state: EngineState, tokens, n_valid):
+      self._traces[f"{kind}_{route}"] += 1  # runs only while tracing
+      chunk = cache_lib.Chunk(state.length, n_valid)
+      positions = state.length + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+      model = Transformer(config)
+      hidden, caches = model.apply(params, tokens, positions[None], state.caches, chunk,
+                                   return_hidden=True)
+      last = jax.lax.dynamic_index_in_dim(hidden, n_valid - 1, axis=1, keepdims=True)
+      logits = model.apply(params, last, method=Transformer.logits)[:, 0]
+      return EngineState(caches, state.length + n_valid, state.route), logits
+
+    return jax.jit(step, donate_argnums=(1,))
+
+  def init_state(self, route: str) -> EngineState:
+    config = self.route_configs[route]
+    dt = compute_dtype(config)
+    q = quant_of(config)
+    if qapply.active(q) and q.mode == "integer" and q.kv_cache is not None:
+      dt = q.kv_cache.int_dtype  # the cache holds the integer K/V values
+    caches = [cache_lib.empty_cache(config, self.scenario.batch_size, self.n_sink[route],
+                                    self.ring_len[route], dt)
+              for _ in range(config.num_layers)]
+    return EngineState(caches, jnp.zeros((), jnp.int32), route)
+
+  def _sample_fn(self, logits, rng, temperature, top_k):
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    kth = -jnp.sort(-scaled, axis=-1)[:, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)]
+    scaled = jnp.where((top_k > 0) & (scaled < kth[:, None]), -jnp.inf, scaled)
+    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+  # -- public API -------------------------------------------------------------
+
+  def route_for(self, prompt_len: int) -> str:
+    return "short" if prompt_len <= self.scenario.short_threshold else "long"
+
+  def _check_tokens(self, tokens, ndim, what):
+    tokens = check_tokens(tokens, self.route_configs["short"].vocab_size, what, ndim)
+    if tokens.shape[0] != self.scenario.batch_size:
+      raise ValueError(f"{what}: batch {tokens.shape[0]} != Scenario.batch_size="
+                       f"{self.scenario.batch_size}")
+    return tokens
+
+  def _check_state(self, state, what):
+    """A live state of this engine's shapes; a mismatch would fail deep inside the
+    step function (dynamic_update_slice), a consumed one with 'Buffer deleted'."""
+    if not isinstance(state, EngineState) or state.route not in self.route_configs:
+      raise ValueError(f"{what}: expected an EngineState made by this engine's prefill or "
+                       f"init_state, got {type(state).__name__}"
+                       + (f" with route {state.route!r}" if isinstance(state, EngineState)
+                          else ""))
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    if any(isinstance(x, jax.Array) and x.is_deleted() for _, x in leaves):
+      raise ValueError(f"{what}: this state was donated to an earlier decode call and is "
+                       "consumed; decode the state that call returned, or branch with "
+                       "decode(state, token, donate=False) / copy_state(state)")
+    batch = state.caches[0].ring_k.shape[0] if state.caches else None
+    if batch != self.scenario.batch_size:
+      raise ValueError(f"{what}: batch {batch} != Scenario.batch_size="
+                       f"{self.scenario.batch_size} (a state from another engine?)")
+    route = state.route
+    if route not in self._state_avals:
+      self._state_avals[route] = jax.tree_util.tree_flatten_with_path(
+          jax.eval_shape(lambda: self.init_state(route)))[0]
+    want = self._state_avals[route]
+    if [p for p, _ in leaves] != [p for p, _ in want]:
+      raise ValueError(f"{what}: its tree ({len(leaves)} arrays) is not this engine's "
+                       f"{route} state ({len(want)}); a state from another model?")
+    for (path, x), (_, a) in zip(leaves, want):
+      if (tuple(jnp.shape(x)), jnp.result_type(x)) != (a.shape, a.dtype):
+        raise ValueError(f"{what}: {jax.tree_util.keystr(path)} is "
+                         f"{jnp.result_type(x)}{list(jnp.shape(x))}; this engine's {route} "
+                         f"route holds {a.dtype}{list(a.shape)} (a state from an engine "
+                         "with another Scenario or model?)")
+
+  def _limit(self, route):
+    """Most tokens a route can hold (None: unbounded, memory absorbs the rest)."""
+    if route == "long" and self.route_configs["long"].memory.segmented:
+      return None
+    return self.ring_len[route]
+
+  def prefill(self, tokens):
+    """Reads a prompt [batch, time] (time >= 1); returns (state, last-token logits)."""
+    tokens = self._check_tokens(tokens, 2, "prefill tokens")
+    t = tokens.shape[1]
+    route = self.route_for(t)
+    limit = self._limit(route)
+    if limit is not None and t > limit:
+      raise ValueError(f"prompt of {t} tokens exceeds the {route} route's cache capacity "
+                       f"{limit} (raise Scenario.max_context)")
+    L = self.scenario.segment_len
+    padded = np.zeros((tokens.shape[0], self.scenario.capacity(t)), np.int32)
+    padded[:, :t] = tokens
+    state, logits = self.init_state(route), None
+    for s in range(0, t, L):
+      n_valid = jnp.int32(min(L, t - s))
+      state, logits = self._prefill[route](self.params, state, padded[:, s:s + L], n_valid)
+    return state, logits
+
+  def decode(self, state: EngineState, token, *, donate: bool = True):
+    """Reads one token per row [batch]; returns (state, logits [batch, vocab]).
+
+    ``donate=True`` consumes ``state`` (its buffers become the new state's, see the
+    class doc); ``donate=False`` leaves it valid, at the cost of one copy of it.
+    """
+    token = self._check_tokens(token, 1, "decode token")
+    self._check_state(state, "decode state")
+    limit = self._limit(state.route)
+    if limit is not None and int(state.length) + 1 > limit:
+      raise ValueError(f"decode: the {state.route} route's cache holds {limit} tokens; "
+                       f"state already has {int(state.length)}")
+    if not donate:
+      state = jax.tree.map(jnp.copy, state)  # the copy is donated; the caller's stays live
+    return self._decode[state.route](self.params, state, token[:, None], jnp.int32(1))
+
+  def copy_state(self, state: EngineState) -> EngineState:
+    """A copy of ``state`` in new buffers: decoding (and so donating) one of the two
+    leaves the other valid. Copies arrays only; compiles no step function."""
+    self._check_state(state, "copy_state")
+    return jax.tree.map(jnp.copy, state)
+
+  def generate(self, tokens, max_new_tokens=None, *, temperature=0.0, top_k=0, rng=None):
+    """Greedy (temperature 0) or sampled continuation, [batch, max_new_tokens].
+
+    ``temperature``: a finite number >= 0 (0 = greedy); ``top_k``: an int >= 0 (0 = the
+    whole vocabulary). Anything else raises ValueError naming it (the sampler would
+    otherwise fall back to greedy without a word).
+    """
+    n = self.scenario.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if (not isinstance(n, (int, np.integer)) or isinstance(n, bool)
+        or not 0 < n <= self.scenario.max_new_tokens):
+      raise ValueError(f"max_new_tokens={n!r}: must be an int in [1, Scenario.max_new_tokens="
+                       f"{self.scenario.max_new_tokens}]")
+    if (not isinstance(temperature, (int, float, np.integer, np.floating))
+        or isinstance(temperature, bool) or not math.isfinite(temperature) or temperature < 0):
+      raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 "
+                       "(0 = greedy)")
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
+      raise ValueError(f"top_k={top_k!r}: must be an int >= 0 (0 = no top-k cut)")
+    rng = jax.random.key(0) if rng is None else rng
+    state, logits = self.prefill(tokens)
+    out = []
+    for i in range(n):
+      tok = self._sample(logits, jax.random.fold_in(rng, i), jnp.float32(temperature),
+                         jnp.int32(top_k))
+      out.append(tok)
+      if i + 1 < n:
+        state, logits = self.decode(state, tok)
+    return np.stack([np.asarray(t) for t in out], axis=1)
+
+  def compile_count(self) -> int:
+    """XLA compilations of the step functions so far (all routes)."""
+    return sum(self._traces.values())
+
+  def compile_counts(self) -> dict[str, int]:
+    return dict(self._traces)
+
+  # -- export -----------------------------------------------------------------
+
+  def export(self, directory: str, routes=("short", "long")) -> dict:
+    """Serialises every step function to StableHLO plus a JSON manifest.
+
+    Each file takes (params, state, tokens, n_valid) and returns (state,
+    logits); the manifest records the shapes, dtypes, scenario and model config
+    needed to call it from a fresh process (``load_exported``).
+    """
+    os.makedirs(directory, exist_ok=True)
+    manifest = {"scenario": dataclasses.asdict(self.scenario), "functions": {}}
+    for route in routes:
+      manifest["model_config"] = self.route_configs[route].to_dict()
+      state = jax.eval_shape(lambda: self.init_state(route))
+      params = jax.eval_shape(lambda: self.params)
+      for kind, fn, c in (("prefill", self._prefill[route], self.scenario.segment_len),
+                          ("decode", self._decode[route], 1)):
+        tokens = jax.ShapeDtypeStruct((self.scenario.batch_size, c), jnp.int32)
+        n_valid = jax.ShapeDtypeStruct((), jnp.int32)
+        exported = jax.export.export(fn)(params, state, tokens, n_valid)
+        name = f"{kind}_{route}"
+        with open(os.path.join(directory, name + ".stablehlo"), "wb") as f:
+          f.write(exported.serialize())
+        manifest["functions"][name] = {
+            "file": name + ".stablehlo",
+            "inputs": [str(a) for a in exported.in_avals],
+            "outputs": [str(a) for a in exported.out_avals],
+            "chunk_len": c,
+        }
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+      json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def load_exported(directory: str, name: str):
+  """Deserialises one exported step function; call it like the engine's."""
+  with open(os.path.join(directory, name + ".stablehlo"), "rb") as f:
+    return jax.export.deserialize(bytearray(f.read()))

@@ -1,0 +1,176 @@
+"""Long-context evaluation through the fixed-shape Engine.
+
+* ``passkey_grid``: passkey retrieval accuracy on a grid of lengths x depths
+  (reference §9). Every sample's key lies provably outside the local reach
+  (sink + window + current segment: ``key_distance > n_window + segment_len``),
+  so only the memory can find it; a cell whose key would be closer raises
+  (pick smaller depths or longer lengths). The answer is a greedy
+  ``Engine.generate`` of as many tokens as the answer has, scored by
+  ``metrics.passkey_accuracy`` (exact: the first number equals the key).
+* ``predictor``s are functions ``prompts [B, T] int32 -> list of B strings``;
+  ``engine_predictor`` wraps an Engine, ``oracle_predictor`` reads the key out
+  of the prompt text (a known-perfect reference: 100%) and
+  ``constant_predictor`` always answers the same number (a guesser: ~0%).
+* ``cost_curve``: time to first token (prefill of the whole prompt, compiled
+  once beforehand) and engine state bytes against prompt length.
+
+Samples of one cell share one length (passkey pieces have fixed token counts
+for the byte tokenizer, so only the key's depth differs), so a cell runs as
+batches of ``Scenario.batch_size`` rows; a last short batch is padded with
+copies of its first row and the copies are not scored.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from edgeinfinite_jax.eval import metrics
+from edgeinfinite_jax.data import tasks
+import jax.numpy as jnp
+import jax
+from edgeinfinite_jax.engine.engine import state_nbytes
+
+Predictor = Callable[[np.ndarray], list]
+
+
+# ----------------------------------------------------------------------------- predictors
+
+
+def engine_predictor(engine, tokenizer, max_new_tokens: int) -> Predictor:
+  """Greedy Engine.generate of ``max_new_tokens`` tokens, decoded to text."""
+
+  def predict(prompts):
+    out = engine.generate(np.asarray(prompts, np.int32), max_new_tokens)
+    texts = []
+    for row in out:
+      ids = [int(t) for t in row]
+      if tokenizer.eos_id is not None and tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+      texts.append(tokenizer.decode(ids))
+    return texts
+
+  return predict
+
+
+def oracle_predictor(tokenizer) -> Predictor:
+  """Reads "The pass key is N." from the prompt itself: always right."""
+  pattern = re.compile(r"The pass key is (\d+)\.")
+
+  def predict(prompts):
+    out = []
+    for row in np.asarray(prompts):
+      m = pattern.search(tokenizer.decode([int(t) for t in row]))
+      out.append(" " + m.group(1) if m else "")
+    return out
+
+  return predict
+
+
+def constant_predictor(answer: str = "12345") -> Predictor:
+  """Always the same answer (what a model without access to the key can do at best)."""
+  return lambda prompts: [" " + answer] * len(prompts)
+
+
+# ----------------------------------------------------------------------------- passkey grid
+
+
+def local_reach(segment_len: int, n_window: int) -> int:
+  """Tokens before the answer that local attention can still see (sink aside)."""
+  return n_window + segment_len
+
+
+def passkey_cell(tokenizer, length: int, depth: float, n: int, seed: int, *, digits: int = 5,
+                 reach: int | None = None) -> list:
+  """``n`` passkey samples of one (length, depth) cell; asserts the key is out of reach."""
+  samples = [tasks.passkey(tokenizer, length, depth, seed, i, digits=digits) for i in range(n)]
+  if reach is not None:
+    for s in samples:
+      d = tasks.key_distance(s)
+      if d <= reach:
+        raise ValueError(
+            f"passkey length={length} depth={depth}: the key ends {d} tokens before the "
+            f"answer, inside the local reach of {reach} tokens (window + segment), so it "
+            "would test local attention, not memory; use a smaller depth or a longer length")
+  if len({s.prompt_len for s in samples}) != 1:
+    raise ValueError(f"passkey length={length}: samples of one cell differ in prompt length "
+                     f"({sorted({s.prompt_len for s in samples})}); the tokenizer is not "
+                     "length-stable, evaluate with batch_size=1")
+  return samples
+
+
+def score_cell(predict: Predictor, samples, batch_size: int) -> tuple[float, list[str]]:
+  """Mean passkey accuracy of ``predict`` over ``samples`` (batched), and the predictions."""
+  preds = []
+  for i in range(0, len(samples), batch_size):
+    chunk = samples[i:i + batch_size]
+    prompts = np.stack([s.tokens[:s.prompt_len] for s in chunk])
+    if len(chunk) < batch_size:  # pad the batch with copies; they are not scored
+      prompts = np.concatenate([prompts, np.repeat(prompts[:1], batch_size - len(chunk), 0)])
+    preds += list(predict(prompts))[:len(chunk)]
+  acc = [metrics.passkey_accuracy(p, s.answer) for p, s in zip(preds, samples)]
+  return float(np.mean(acc)), preds
+
+
+def passkey_grid(predict: Predictor, tokenizer, lengths: Sequence[int], depths: Sequence[float],
+                 n_samples: int, *, seed: int = 1234, digits: int = 5, reach: int | None = None,
+                 batch_size: int = 1, desc: str = "passkey", progress: bool = True) -> dict:
+  """Accuracy per (length, depth) cell.
+
+  Returns ``{"lengths", "depths", "accuracy": [[len x depth]], "by_length": [...],
+  "mean", "examples": {cell: (answer, prediction)}}``.
+  """
+  acc = np.zeros((len(lengths), len(depths)))
+  examples = {}
+  cells = [(i, j) for i in range(len(lengths)) for j in range(len(depths))]
+  for i, j in tqdm(cells, desc=desc, disable=not progress, dynamic_ncols=True):
+    samples = passkey_cell(tokenizer, int(lengths[i]), float(depths[j]), n_samples, seed,
+                           digits=digits, reach=reach)
+    acc[i, j], preds = score_cell(predict, samples, batch_size)
+    examples[f"{lengths[i]}@{depths[j]}"] = [samples[0].answer, preds[0]]
+  return {"lengths": [int(x) for x in lengths], "depths": [float(d) for d in depths],
+          "accuracy": acc.tolist(), "by_length": acc.mean(1).tolist(),
+          "mean": float(acc.mean()), "examples": examples}
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def kv_bytes_per_token(config) -> int:
+  """Bytes one token occupies in a KV cache (all layers, K and V)."""
+  item = jnp.dtype(config.dtype).itemsize
+  return 2 * config.num_layers * config.num_kv_heads * config.head_dim * item
+
+
+def cost_curve(engine, lengths: Sequence[int], *, vocab: int = 256, repeats: int = 1,
+               grows_with_length: bool = False, desc: str = "ttft",
+               progress: bool = True) -> dict:
+  """Time to first token (seconds, best of ``repeats``) and state bytes per length.
+
+  The step functions are compiled by a warm-up prefill first, so the times are
+  steady-state. ``state_bytes`` is what the engine allocates (fixed by the
+  Scenario); with ``grows_with_length`` (full attention), ``kv_bytes`` is the KV a
+  cache holding exactly the prompt needs, which is what grows with length.
+  """
+  b = engine.scenario.batch_size
+  rng = np.random.default_rng(0)
+  warm = rng.integers(0, vocab, (b, engine.scenario.segment_len + 1)).astype(np.int32)
+  jax.block_until_ready(engine.prefill(warm)[1])
+  out = {"lengths": [int(x) for x in lengths], "ttft_s": [], "state_bytes": [], "kv_bytes": []}
+  per_token = kv_bytes_per_token(engine.route_configs["long"])
+  for n in tqdm(lengths, desc=desc, disable=not progress, dynamic_ncols=True):
+    tokens = rng.integers(0, vocab, (b, int(n))).astype(np.int32)
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      state, logits = engine.prefill(tokens)
+      jax.block_until_ready(logits)
+      best = min(best, time.perf_counter() - t0)
+    out["ttft_s"].append(best)
+    out["state_bytes"].append(state_nbytes(state))
+    out["kv_bytes"].append(per_token * b * int(n) if grows_with_length else state_nbytes(state))
+  return out

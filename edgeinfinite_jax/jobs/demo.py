@@ -1,0 +1,525 @@
+"""The demo job: pretrain -> S-SFT -> passkey evaluation -> quantization -> results.
+
+  python -m edgeinfinite_jax.cli.main --config=experiments/configs/demo.py --workdir=DIR
+
+Stages (each resumable: a stage whose output exists is skipped on a rerun, and
+the training stages resume from their orbax checkpoints):
+
+1. ``pretrain``: ``train.run`` of the base model (``config.model``, full
+   attention) on ``config.data`` (the embedded corpus, optionally mixed with
+   passkey-style rows, ``demo.pretrain_task_mix``), then exported as a Hugging
+   Face checkpoint (``DIR/pretrain/hf``). With ``config.init.hf_path`` (or ``init.gguf``) the stage
+   is skipped and that checkpoint is the base model.
+2. ``sft_<set>``: segmented SFT (reference §4.4) per trainable set of
+   ``demo.sft_runs`` ("gate", "gate+attention", "all"): ``train.run`` from the
+   base checkpoint with ``model.memory = demo.memory`` on the ``task`` data
+   source (long context + question + answer; the training path scans segments
+   with full backpropagation through the memory; loss on answer tokens only).
+   The gate group gets ``demo.gate_lr`` and no weight decay; other trainable
+   parameters ``demo.sft_lr``.
+3. ``eval``: passkey accuracy through the Engine on lengths ``demo.eval_mults`` x
+   the S-SFT length and ``demo.eval_depths`` for ``full`` (the base model),
+   ``streaming`` (same sink/window cache as edgeinfinite, no memory) and each
+   S-SFT'd ``edgeinfinite`` model; the key is always outside window + segment.
+   Plus time to first token and state bytes against length.
+4. ``quant``: weight-only PTQ of the base model (``quant.ptq.quantize_params`` /
+   ``dequantize_params``) per ``demo.quant_presets``: held-out loss against float,
+   and the passkey accuracy of the quantized edgeinfinite model at 8x.
+5. ``metrics.json``, ``results.md`` (printed at the end) and the plots
+   ``passkey_heatmap_<method>.png``, ``ttft_memory.png`` in DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from edgeinfinite_jax.train import workdir as workdir_lib
+from edgeinfinite_jax.model.config import ConfigError
+from edgeinfinite_jax.model.config import quantized
+from edgeinfinite_jax.quant import qconfig
+from edgeinfinite_jax.checkpoints import models as models_lib
+from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.train import trainer as train
+from edgeinfinite_jax.checkpoints import hf as convert
+from edgeinfinite_jax.model import transformer as model_lib
+from edgeinfinite_jax.train import optim
+from edgeinfinite_jax.engine.engine import Scenario
+from edgeinfinite_jax.engine.engine import Engine
+from edgeinfinite_jax.eval import passkey as evaluate
+from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer
+from edgeinfinite_jax.data import corpus as data_lib
+from edgeinfinite_jax.quant import ptq
+from edgeinfinite_jax.train import qat
+from edgeinfinite_jax.train import calib
+from edgeinfinite_jax.eval import plots
+
+GATE_RE = r".*/memory_gate/.*"
+ATTN_RE = r".*/attn/.*_proj/.*"
+SFT_SETS = ("gate", "gate+attention", "all")
+METHODS = ("full", "streaming", "edgeinfinite")
+
+
+
+
+def _csv(s, cast=str) -> list:
+  return [cast(x.strip()) for x in str(s).split(",") if x.strip()]
+
+
+def validate(config) -> None:
+  """Rules of the ``demo`` section (``jobs.registry.validate`` runs it for job demo)."""
+  d = config.demo  # (its keys: configs.validate.check_keys)
+  runs = _csv(d.sft_runs)
+  if not runs or any(r not in SFT_SETS for r in runs):
+    raise ConfigError(f"demo.sft_runs={d.sft_runs!r}: must list trainable sets of {SFT_SETS}")
+  if d.memory.attention_type != "edgeinfinite":
+    raise ConfigError(f"demo.memory.attention_type={d.memory.attention_type!r}: must be "
+                      "'edgeinfinite' (the S-SFT'd model)")
+  for key in ("sft_len", "sft_samples", "sft_steps", "sft_batch", "eval_samples", "eval_batch",
+              "digits"):
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+      raise ConfigError(f"demo.{key}={v!r}: must be a positive integer")
+  for key in ("gate_lr", "sft_lr"):
+    if not d[key] > 0:
+      raise ConfigError(f"demo.{key}={d[key]!r}: must be > 0")
+  try:
+    mults = _csv(d.eval_mults, float) + _csv(d.ttft_mults, float)
+    depths = _csv(d.eval_depths, float)
+  except ValueError:
+    raise ConfigError("demo.eval_mults / ttft_mults / eval_depths: must be comma-separated "
+                      "numbers") from None
+  if not mults or any(m <= 0 for m in mults):
+    raise ConfigError(f"demo.eval_mults={d.eval_mults!r}: must be positive numbers")
+  if not depths or any(not 0 <= x <= 1 for x in depths):
+    raise ConfigError(f"demo.eval_depths={d.eval_depths!r}: must be numbers in [0, 1]")
+  for name in _csv(d.quant_presets):
+    if name not in qconfig.PRESETS:
+      raise ConfigError(f"demo.quant_presets={d.quant_presets!r}: unknown preset {name!r}; "
+                        f"valid: {sorted(qconfig.PRESETS)}")
+  # The S-SFT model config must build (segment/window/sink rules).
+  _memory_model(config)
+  for run in runs:
+    train.validate(sft_config(config, run, "/nonexistent"), check_paths=False)
+
+
+# ----------------------------------------------------------------------------- stage configs
+
+
+def _copy(config) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(config.to_dict())
+
+
+def pretrain_config(config) -> ml_collections.ConfigDict:
+  c = _copy(config)
+  c.job = "train"
+  c.model.memory.attention_type = "full"
+  c.data.task_mix = float(config.demo.pretrain_task_mix)
+  c.data.task_digits = int(config.demo.digits)
+  return c
+
+
+def _groups(run: str, gate_lr: float, lr: float) -> list:
+  other = lr / gate_lr  # multipliers are relative to optim.lr = gate_lr
+  if run == "gate":
+    return [(GATE_RE, 1.0, 0.0), (rf"(?!{GATE_RE}$).*", "frozen")]
+  if run == "gate+attention":
+    return [(GATE_RE, 1.0, 0.0), (ATTN_RE, other),
+            (rf"(?!{GATE_RE}$)(?!{ATTN_RE}$).*", "frozen")]
+  return [(GATE_RE, 1.0, 0.0), (rf"(?!{GATE_RE}$).*", other)]
+
+
+def sft_config(config, run: str, base: str) -> ml_collections.ConfigDict:
+  """The ``train`` config of one S-SFT stage (trainable set ``run``) from weights ``base``."""
+  d = config.demo
+  c = _copy(config)
+  c.job = "train"
+  c.model.memory.update(dict(d.memory))
+  models_lib.set_init(c.init, base)
+  c.data.update(source="task", seq_len=int(d.sft_len), batch_size=int(d.sft_batch),
+                tasks=d.sft_tasks, task_length=0, task_samples=int(d.sft_samples),
+                task_digits=int(d.digits), task_mix=0.0)
+  c.optim.update(lr=float(d.gate_lr), warmup_steps=int(d.sft_warmup), trainable="all",
+                 groups=_groups(run, float(d.gate_lr), float(d.sft_lr)))
+  c.train.update(steps=int(d.sft_steps), eval_every=0)
+  c.checkpoint.update(every=max(int(d.sft_steps) // 2, 1), keep=1)
+  return c
+
+
+def _memory_model(config):
+  return ModelConfig.from_dict(config.model).with_memory(**dict(config.demo.memory))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _load_json(path):
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def _finished_stage(record, key, path, title):
+  """The saved result of a finished stage (recorded as skipped), or None."""
+  done = _load_json(path)
+  if done:
+    _banner(f"{title} (done)")
+    record["stages_skipped"].append(key)
+    record[key] = done
+  return done
+
+
+def _save_json(path, obj):
+  # atomic: a stage's output exists only once complete
+  workdir_lib.write_atomic(path, json.dumps(obj, indent=2, default=float))
+
+
+def _banner(text):
+  tqdm.write(f"\n=== {text}")
+
+
+def _train_summary(out) -> dict:
+  keep = ("final_step", "loss", "eval_loss", "eval_ppl", "tokens_per_s")
+  s = {k: float(out[k]) for k in keep if k in out}
+  if out.get("losses"):
+    s["first_loss"] = float(out["losses"][0])
+  return s
+
+
+def _run_training(stage_config, workdir):
+  """train.run (resumes; a finished run returns at once) -> (model_config, params, summary)."""
+  out = train.run(stage_config, workdir)
+  model_config, _ = train.model_and_base_params(stage_config)
+  return model_config, out["state"].params, _train_summary(out)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_pretrain(config, workdir, record):
+  """-> (base model config, base params, where they came from: init source or HF dir)."""
+  source = models_lib.init_source(config.init)
+  if source:
+    _banner(f"stage 1/5: base model from {source} (no pretraining)")
+    base_config, params, _ = models_lib.load(source, tokenizer=False)
+    record["pretrain"] = {"init": source, "skipped": True}
+    return base_config, params, source
+  stage_dir = os.path.join(workdir, "pretrain")
+  hf_dir = os.path.join(stage_dir, "hf")
+  done = _load_json(os.path.join(stage_dir, "summary.json"))
+  if done and os.path.exists(os.path.join(hf_dir, "config.json")):
+    _banner("stage 1/5: pretrain (done; loading the exported checkpoint)")
+    base_config, params = convert.load_hf(hf_dir)
+    record["pretrain"] = {**done, "skipped": True}
+    return base_config, params, hf_dir
+  _banner("stage 1/5: pretrain the base model (full attention) on the embedded corpus")
+  t0 = time.perf_counter()
+  base_config, params, summary = _run_training(pretrain_config(config), stage_dir)
+  convert.save_hf(base_config, params, hf_dir)
+  summary.update(wall_s=time.perf_counter() - t0, hf_path=hf_dir)
+  _save_json(os.path.join(stage_dir, "summary.json"), summary)
+  record["pretrain"] = summary
+  return base_config, params, hf_dir
+
+
+def stage_sft(config, workdir, base, record) -> dict:
+  """-> {run: (model config, params)} for every trainable set of demo.sft_runs."""
+  models = {}
+  runs = _csv(config.demo.sft_runs)
+  for i, run in enumerate(runs):
+    name = "sft_" + run.replace("+", "_")
+    stage_dir = os.path.join(workdir, name)
+    done = _load_json(os.path.join(stage_dir, "summary.json"))
+    _banner(f"stage 2/5: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}"
+            + (" (done; restoring the checkpoint)" if done else ""))
+    t0 = time.perf_counter()
+    sc = sft_config(config, run, base)
+    model_config, params, summary = _run_training(sc, stage_dir)
+    if done:
+      summary = {**done, "skipped": True}
+    else:
+      share = optim.summary(model_lib.abstract_params(model_config),
+                            optim.groups_from_config(sc.optim))
+      gates = [float(np.mean(np.asarray(v))) for p, v in optim.flat_paths_and_leaves(params)
+               if p.endswith("memory_gate/bias")]
+      summary.update(wall_s=time.perf_counter() - t0, trainable=share["trainable"],
+                     total_params=share["total"], trainable_share=share["share"],
+                     gate_bias_mean=float(np.mean(gates)) if gates else None)
+      _save_json(os.path.join(stage_dir, "summary.json"), summary)
+    record.setdefault("sft", {})[run] = summary
+    models[run] = (model_config, params)
+  return models
+
+
+def _scenario(config, method, batch, max_context):
+  m = config.demo.memory
+  return Scenario(segment_len=int(m.segment_len), n_sink=int(m.n_sink),
+                  n_window=int(m.n_window), batch_size=batch,
+                  max_new_tokens=int(config.demo.digits) + 2, short_threshold=0,
+                  max_context=max_context)
+
+
+def eval_models(config, base, models) -> dict:
+  """method label -> (model config, params) of every evaluated model."""
+  first = _csv(config.demo.sft_runs)[0]
+  mem_config, mem_params = models[first]
+  base_config, base_params = base
+  out = {"full": (base_config.with_memory(attention_type="full"), base_params),
+         "streaming": (mem_config.with_memory(attention_type="streaming"), mem_params)}
+  for run in _csv(config.demo.sft_runs):
+    label = "edgeinfinite" if run == first else f"edgeinfinite[{run}]"
+    out[label] = models[run]
+  return out
+
+
+def stage_eval(config, workdir, base, models, record) -> dict:
+  path = os.path.join(workdir, "eval.json")
+  done = _finished_stage(record, "eval", path, "stage 3/5: passkey evaluation")
+  if done:
+    return done
+  _banner("stage 3/5: passkey retrieval through the Engine (key outside window + segment)")
+  d = config.demo
+  tok = ByteTokenizer()
+  lengths = [int(round(m * d.sft_len)) for m in _csv(d.eval_mults, float)]
+  depths = _csv(d.eval_depths, float)
+  cost_lengths = [int(round(m * d.sft_len)) for m in _csv(d.ttft_mults, float)]
+  max_context = -(-(max(lengths + cost_lengths) + d.digits + 8) // d.memory.segment_len) \
+      * d.memory.segment_len
+  reach = evaluate.local_reach(d.memory.segment_len, d.memory.n_window)
+  out = {"lengths": lengths, "depths": depths, "sft_len": int(d.sft_len), "reach": reach,
+         "passkey": {}, "cost": {}}
+  engines = {}  # one Engine (one compilation) per model config; params are swapped in
+  for method, (mc, params) in eval_models(config, base, models).items():
+    if mc not in engines:
+      engines[mc] = Engine(mc, params, _scenario(config, method, int(d.eval_batch), max_context))
+    engine = engines[mc].with_params(params)  # shares the compiled steps: no recompile
+    predict = evaluate.engine_predictor(engine, tok, int(d.digits) + 2)
+    t0 = time.perf_counter()
+    grid = evaluate.passkey_grid(predict, tok, lengths, depths, int(d.eval_samples),
+                                 seed=int(d.eval_seed), digits=int(d.digits), reach=reach,
+                                 batch_size=int(d.eval_batch), desc=f"passkey {method}")
+    grid["wall_s"] = time.perf_counter() - t0
+    out["passkey"][method] = grid
+    if not method.startswith("edgeinfinite["):  # cost is the same for every S-SFT'd model
+      cost_engine = engine if int(d.eval_batch) == 1 else Engine(
+          mc, params, _scenario(config, method, 1, max_context))
+      out["cost"][method] = evaluate.cost_curve(
+          cost_engine, cost_lengths, grows_with_length=mc.memory.attention_type == "full",
+          desc=f"ttft {method}")
+      out["cost"][method]["compile_count"] = cost_engine.compile_count()
+  _save_json(path, out)
+  record["eval"] = out
+  return out
+
+
+def _heldout_batches(config, n, split="heldout"):
+  """The first n batches of the corpus' held-out (or training) rows, text only."""
+  c = pretrain_config(config).data
+  c.task_mix = 0.0
+  rows = getattr(data_lib.load(c), split)
+  return data_lib.eval_batches(rows, int(c.batch_size), n)
+
+
+def stage_quant(config, workdir, base, models, record) -> dict:
+  """Weight-only PTQ of the base model (float -> quantize -> dequantize) per preset.
+
+  Hook for the integer path: when the model/engine gain an integer (or
+  fake-quant) mode, run it here on the same held-out batches and report the
+  agreement of its greedy tokens with this dequantized model.
+  """
+  path = os.path.join(workdir, "quant.json")
+  done = _finished_stage(record, "quant", path, "stage 4/5: quantization")
+  if done:
+    return done
+  _banner("stage 4/5: post-training quantization (weights), held-out loss and passkey @8x")
+  d = config.demo
+  base_config, base_params = base
+  batches = _heldout_batches(config, int(d.quant_eval_batches))
+  first = _csv(d.sft_runs)[0]
+  mem_config, mem_params = models[first]
+  tok = ByteTokenizer()
+  length = int(8 * d.sft_len)
+  depths = _csv(d.eval_depths, float)
+  reach = evaluate.local_reach(d.memory.segment_len, d.memory.n_window)
+  scenario = _scenario(config, "edgeinfinite", int(d.eval_batch), length + 64)
+  out = {"presets": {}, "heldout_batches": len(batches), "passkey_length": length}
+
+  engine = Engine(mem_config, mem_params, scenario)
+
+  def passkey_at_8x(params, label):
+    predict = evaluate.engine_predictor(engine.with_params(params), tok, int(d.digits) + 2)
+    g = evaluate.passkey_grid(predict, tok, [length], depths, int(d.eval_samples),
+                              seed=int(d.eval_seed), digits=int(d.digits), reach=reach,
+                              batch_size=int(d.eval_batch), desc=f"passkey {label}")
+    return g["mean"]
+
+  names = ["float"] + _csv(d.quant_presets)
+  for name in tqdm(names, desc="quant presets", dynamic_ncols=True):
+    t0 = time.perf_counter()
+    if name == "float":
+      bp, mp, bits = base_params, mem_params, 32
+    else:
+      qc = _quant_preset(name, base_config)
+      bp = ptq.dequantize_params(ptq.quantize_params(base_params, qc))
+      mp = ptq.dequantize_params(ptq.quantize_params(mem_params, qc))
+      bits = qc.linear_weights.bits if qc.linear_weights is not None else 32
+    ev = train.evaluate(base_config, bp, batches)
+    out["presets"][name] = {"weight_bits": bits, "heldout_loss": ev["eval_loss"],
+                            "heldout_ppl": ev["eval_ppl"],
+                            "passkey_8x": passkey_at_8x(mp, name),
+                            "wall_s": time.perf_counter() - t0}
+  tokens = [b["tokens"] for b in batches]
+  calib_batches = [b["tokens"] for b in _heldout_batches(config, 2, split="train")]
+  out["integer_path"] = integer_check(config, base_config, base_params, tokens, calib_batches)
+  _save_json(path, out)
+  record["quant"] = out
+  return out
+
+
+def _quant_preset(name, model_config):
+  """A qconfig preset; per-group presets get the largest group (<= 128) that divides
+  every contraction dimension of the model (tiny models have hidden < 128)."""
+  if name != "fine_grained":
+    return qconfig.preset(name)
+  c = model_config
+  dims = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size)
+  group = next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if all(x % g == 0 for x in dims))
+  return qconfig.preset(name, group_size=group)
+
+
+def integer_check(config, base_config, base_params, heldout, calib_batches) -> dict:
+  """The integer path against fake-quant (``qat.integer_agreement``) for the base model
+  at the ``w8a8`` preset (PTQ, calibrated), in every requantization mode: greedy
+  agreement %, max logit difference in output steps and the integer model's held-out
+  loss. Reported, never fatal: a failure is a result to show, not a crash."""
+  try:
+    quant = qconfig.preset("w8a8")  # per-channel weights: integer-capable (per-group is not)
+    blocker = qat.integer_blocker(quant)
+    if blocker:
+      return {"status": f"not run: {blocker}"}
+    student = quantized(base_config, quant)
+    params = calib.quantize_model(student, base_params, calib_batches)
+    modes = {mode: qat.integer_agreement(student, params, heldout, calib_batches,
+                                         requant_mode=mode)
+             for mode in qconfig.REQUANT_MODES}
+    return {"status": "ok", "recipe": "PTQ w8a8", "modes": modes}
+  except Exception as e:  # noqa: BLE001
+    return {"status": f"not run: {type(e).__name__}: {e}"}
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _pct(x):
+  return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def results_table(record) -> str:
+  ev = record["eval"]
+  lengths, sft_len = ev["lengths"], ev["sft_len"]
+  head = "| method | " + " | ".join(f"{n} ({n / sft_len:g}×)" for n in lengths) + " | mean |"
+  lines = ["## Passkey retrieval (key outside window + segment; accuracy over depths)", "",
+           f"S-SFT length {sft_len} tokens; local reach {ev['reach']} tokens; depths "
+           f"{', '.join(f'{d:.0%}' for d in ev['depths'])}.", "", head,
+           "|" + "---|" * (len(lengths) + 2)]
+  for method, g in ev["passkey"].items():
+    lines.append(f"| {method} | " + " | ".join(_pct(a) for a in g["by_length"])
+                 + f" | {_pct(g['mean'])} |")
+  lines += ["", "## Cost (batch 1, this machine)", "",
+            "| method | " + " | ".join(f"TTFT {n}" for n in ev["cost"][next(iter(ev["cost"]))]
+                                        ["lengths"]) + " | state bytes (first → last) |",
+            "|" + "---|" * (len(ev["cost"][next(iter(ev["cost"]))]["lengths"]) + 2)]
+  for method, c in ev["cost"].items():
+    lines.append(f"| {method} | " + " | ".join(f"{1000 * t:.0f} ms" for t in c["ttft_s"])
+                 + f" | {c['kv_bytes'][0]:,} → {c['kv_bytes'][-1]:,} |")
+  if record.get("sft"):
+    lines += ["", "## S-SFT runs", "", "| trainable set | trainable params (share) | steps | "
+              "first → final answer loss | gate bias (mean) | wall |", "|---|---|---|---|---|---|"]
+    for run, s in record["sft"].items():
+      share = f"{s.get('trainable', 0):,} ({100 * s.get('trainable_share', 0):.3g}%)"
+      gb = s.get("gate_bias_mean")
+      lines.append(f"| {run} | {share} | {s.get('final_step', 0):.0f} | "
+                   f"{s.get('first_loss', float('nan')):.3f} → {s.get('loss', float('nan')):.3f} | "
+                   f"{'—' if gb is None else f'{gb:.2f}'} | {s.get('wall_s', 0):.0f} s |")
+  q = record.get("quant")
+  if q:
+    lines += ["", "## Post-training quantization (weight-only, dequantized)", "",
+              "| weights | bits | held-out loss | held-out ppl | passkey @8× |",
+              "|---|---|---|---|---|"]
+    for name, p in q["presets"].items():
+      lines.append(f"| {name} | {p['weight_bits']} | {p['heldout_loss']:.4f} | "
+                   f"{p['heldout_ppl']:.2f} | {_pct(p['passkey_8x'])} |")
+    ip = q.get("integer_path", {})
+    if ip.get("status") == "ok":
+      some = next(iter(ip["modes"].values()))
+      lines += ["", f"### Integer path vs fake-quant ({ip['recipe']}, base model, "
+                f"{some['int_positions']:,} held-out positions, int16 linear outputs)", "",
+                "| requantization | greedy agreement | max logit diff (output steps) | "
+                "agreement vs float-dot fake-quant | integer held-out loss |",
+                "|---|---|---|---|---|"]
+      for mode, m in ip["modes"].items():
+        lines.append(f"| {mode} | {m['int_greedy_agree_pct']:.2f}% | "
+                     f"{m['int_max_diff_steps']:.2f} | "
+                     f"{m['int_vs_float_dots_greedy_agree_pct']:.2f}% | "
+                     f"{m['int_eval_loss']:.4f} |")
+    else:
+      lines += ["", f"Integer path: {ip.get('status', 'not run')}."]
+  pre = record.get("pretrain", {})
+  if "eval_loss" in pre:
+    lines += ["", f"Pretraining: {pre.get('final_step', 0):.0f} steps, held-out loss "
+              f"{pre['eval_loss']:.3f} (ppl {pre.get('eval_ppl', 0):.2f})."]
+  return "\n".join(lines) + "\n"
+
+
+def write_results(config, workdir, record) -> str:
+  ev = record["eval"]
+  files = []
+  for method, g in ev["passkey"].items():
+    safe = method.replace("[", "_").replace("]", "").replace("+", "_")
+    files.append(plots.passkey_heatmap(g, os.path.join(workdir, f"passkey_heatmap_{safe}.png"),
+                                       title=f"passkey accuracy: {method}"))
+  files.append(plots.ttft_memory(ev["cost"], os.path.join(workdir, "ttft_memory.png")))
+  record["plots"] = [os.path.basename(f) for f in files]
+  table = results_table(record)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write("# EdgeInfinite demo results\n\n" + table + "\n"
+            + "".join(f"![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in files))
+  _save_json(os.path.join(workdir, "metrics.json"), record)
+  return table
+
+
+def run(config, workdir: str) -> dict:
+  """Runs (or resumes) every stage; returns the metrics record."""
+  train.validate(config)
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  t0 = time.perf_counter()
+  record: dict[str, Any] = {"stages_skipped": []}
+  prev = _load_json(os.path.join(workdir, "metrics.json")) or {}
+  base_config, base_params, base_source = stage_pretrain(config, workdir, record)
+  models = stage_sft(config, workdir, base_source, record)
+  base = (base_config, base_params)
+  stage_eval(config, workdir, base, models, record)
+  stage_quant(config, workdir, base, models, record)
+  record["stages_skipped"] = (
+      [k for k in ("pretrain",) if record[k].get("skipped")]
+      + [f"sft[{r}]" for r, s in record["sft"].items() if s.get("skipped")]
+      + record["stages_skipped"])
+  record["wall_s"] = time.perf_counter() - t0  # this invocation only
+  if prev.get("wall_s") and record["stages_skipped"]:
+    record["first_run_wall_s"] = prev.get("first_run_wall_s", prev["wall_s"])
+  _banner("stage 5/5: results")
+  table = write_results(config, workdir, record)
+  print("\n" + table, flush=True)
+  print(f"results in {os.path.abspath(workdir)} (metrics.json, results.md, plots); "
+        f"wall {record['wall_s']:.0f} s", flush=True)
+  return record

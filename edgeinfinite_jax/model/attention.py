@@ -1,0 +1,247 @@
+"""The attention family: full, streaming (sink + window) and edgeinfinite (+ memory).
+
+One definition of what each query sees, shared by the training path and the
+engine so that the two agree to float tolerance:
+
+* Tokens are grouped into blocks of ``L = segment_len``. A query at position t
+  in block b = t // L sees, as raw keys, the sink tokens (positions < n_sink)
+  and the tokens of blocks b-w .. b up to itself (w = n_window // L).
+* ``edgeinfinite`` additionally reads a compressive memory that holds every
+  block older than the window, b' < b-w, minus the sink tokens (they stay raw).
+  The gate blends the memory read with the local softmax attention.
+* ``streaming`` is the same without memory; ``full`` sees everything.
+
+The training path (``sequence_attention``) scans over segments and slices the
+visible keys out of the whole sequence. The engine path (``cached_attention``)
+keeps sink keys, a ring buffer of w+1 blocks and the memory in a per-layer
+cache; block b and the block it evicts (b-w-1) share a ring slot, so a block is
+compressed into memory exactly when the slot is reused. ``full`` in the engine
+is the same ring, sized so that it never wraps.
+
+Keys are cached before RoPE so that ``cache_relative`` positions can be
+re-assigned as the window moves.
+
+Quantization: every function takes an optional ``qx`` (``quant.apply.LayerQuant``).
+Without it the code is the float code, unchanged. With it, Q and K are quantized
+after RoPE, V at use, the probabilities after the softmax (``quantized_dot_attention``),
+the memory M after each write, and the functions return ``(out, captured)`` where
+``captured`` holds the pre-quantization activations and the quantized Q̂, K̂ and
+pre-mask logits (for calibration and the EdgeQAT losses) when ``qx`` captures.
+K/V reach these functions already quantized on write (kv_cache), in both paths.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+from edgeinfinite_jax.model import gate as gate_lib
+from edgeinfinite_jax.model import memory as memory_lib
+from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.model.rope import apply_rope, local_positions
+from edgeinfinite_jax.quant import losses
+from edgeinfinite_jax.quant import layer_quant as qapply
+
+NEG_INF = -1e30  # finite: a fully masked row must not produce NaN
+
+
+def dot_attention(q, k, v, mask):
+  """Softmax attention with GQA grouping.
+
+  q [B, T, H, D], k/v [B, S, K, D], mask [B or 1, T, S] bool -> [B, T, H, D].
+  Logits and softmax in float32 whatever the compute dtype.
+  """
+  logits = jnp.where(mask[:, None, None], grouped_logits(q, k), NEG_INF)
+  return grouped_mix(jax.nn.softmax(logits, axis=-1), v)
+
+
+# One [G*T, S] matmul per KV head: XLA:CPU runs this layout 2-3x faster than a
+# batched btkgd,bskd contraction (measured by the benchmark's profiling).
+def grouped_logits(q, k):
+  """q [B, T, H, D], k [B, S, K, D] -> float32 QKᵀ/√D as [B, K, G, T, S] (G = H/K)."""
+  b, t, h, d = q.shape
+  kh, g = k.shape[2], h // k.shape[2]
+  qr = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+  logits = jnp.einsum("bkrd,bskd->bkrs", qr, k, preferred_element_type=jnp.float32)
+  return logits.reshape(b, kh, g, t, -1) / jnp.sqrt(jnp.float32(d))
+
+
+def grouped_mix(probs, v):
+  """probs [B, K, G, T, S], v [B, S, K, D] -> float32 [B, T, K·G, D]."""
+  b, kh, g, t, s = probs.shape
+  d = v.shape[-1]
+  probs = probs.astype(v.dtype).reshape(b, kh, g * t, s)
+  out = jnp.einsum("bkrs,bskd->bkrd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, d)
+
+
+def quantized_dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
+  """``dot_attention`` with quantized Q, K (after RoPE), V and probabilities.
+
+  q_pos [T] / k_pos [S]: absolute positions of the rows (token-adaptive masks).
+  Integer mode (and fake_quant_dots='exact') runs QK^T and PV as integer dots
+  (``quant.apply`` module doc).
+  Returns (out [B, T, H, D] float32, captured dict).
+  """
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  inv_sqrt_d = 1.0 / jnp.sqrt(jnp.float32(d))
+  qx.record("q", q)
+  qx.record("k", k)
+  if qx.code_dots and site_on(qx, "q"):
+    q_i, sq, zq = qx.qint("q", q)
+    k_codes = qx.qint("k", k)
+    logits = qapply.code_dot("btkgd,bskd->bkgts", (q_i.reshape(b, t, kh, h // kh, d), sq, zq),
+                             k_codes) * inv_sqrt_d
+    q_hat, k_hat = (qapply.dequantize(*a, q.dtype) for a in ((q_i, sq, zq), k_codes))
+  else:
+    q_hat, k_hat = qx.act("q", q, q_pos), qx.act("k", k, k_pos)
+    logits = grouped_logits(q_hat, k_hat)
+  qx.record("q_hat", q_hat)
+  qx.record("k_hat", k_hat)
+  qx.record("logits", logits)  # pre-mask, pre-softmax (L_D, token importance)
+  logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1)
+  qx.record("attn_probs", probs)
+  qx.record("v", v)
+  if qx.code_dots and site_on(qx, "q"):
+    out = qapply.code_dot("bkgts,bskd->btkgd", qx.qint("attn_probs", probs),
+                          qx.qint("v", v)).reshape(b, t, h, d)
+  else:
+    out = grouped_mix(qx.act("attn_probs", probs), qx.act("v", v, k_pos))
+  return out, qx.cap or {}
+
+
+def site_on(qx, site) -> bool:
+  return qapply.site_spec(qx.quant, site) is not None
+
+
+def segment_attention(config, q, q_pos, k, v, k_pos, k_valid, memory, inv_freq, gate_params,
+                      qx=None):
+  """One segment's output: local softmax attention blended with the memory read.
+
+  q [B, T, H, D] and k/v [B, S, K, D] are pre-RoPE; q_pos [T], k_pos [S] absolute
+  positions; k_valid [S] (or [B, S]) marks keys that may be seen at all; the
+  causal rule is applied here. Returns float32 [B, T, H, D] (with ``qx``: and the
+  captured dict).
+  """
+  m = config.memory
+  block = q_pos[0] // m.segment_len
+  rq = apply_rope(q, local_positions(config, q_pos, block)[None], inv_freq)
+  rk = apply_rope(k, local_positions(config, k_pos, block)[None], inv_freq)
+  mask = (k_pos[None, :] <= q_pos[:, None]) & k_valid[..., None, :]
+  if mask.ndim == 2:
+    mask = mask[None]
+  if qx is None:
+    local, captured = dot_attention(rq, rk, v, mask), None
+  else:
+    local, captured = quantized_dot_attention(rq, rk, v, mask, qx, q_pos, k_pos)
+  if m.uses_memory:
+    mem_q = rq if m.mem_uses_rope else q
+    read = memory_lib.retrieve(memory, mem_q, m.eps)
+    local = gate_lib.blend(config, gate_params, read, local, memory_lib.has_content(memory))
+  return local if qx is None else (local, captured)
+
+
+def memory_keys(config, k, pos, inv_freq):
+  """Keys as the memory sees them (pre-RoPE by default)."""
+  if not config.memory.mem_uses_rope:
+    return k
+  return apply_rope(k, pos[None], inv_freq)
+
+
+def sequence_attention(config: ModelConfig, q, k, v, positions, inv_freq, gate_params,
+                       qx=None):
+  """Training path over a whole sequence that starts at position 0."""
+  m = config.memory
+  if not m.segmented:
+    mask = positions[:, None, :] <= positions[:, :, None]
+    rq, rk = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if qx is None:
+      return dot_attention(rq, rk, v, mask)
+    return quantized_dot_attention(rq, rk, v, mask, qx)
+  return _segment_scan(config, q, k, v, inv_freq, gate_params, qx)
+
+
+def _segment_scan(config, q, k, v, inv_freq, gate_params, qx=None):
+  m = config.memory
+  b, t, h, d = q.shape
+  L, w, S = m.segment_len, m.window_blocks, m.n_sink
+  nseg = -(-t // L)
+  pad_back = nseg * L - t
+  front = (w + 1) * L  # room for the window and the evicted block before position 0
+  pad = lambda x: jnp.pad(x, ((0, 0), (front, pad_back), (0, 0), (0, 0)))
+  kp, vp = pad(k), pad(v)
+  q_seg = jnp.pad(q, ((0, 0), (0, pad_back), (0, 0), (0, 0)))
+  q_seg = q_seg.reshape(b, nseg, L, h, d).swapaxes(0, 1)
+  sink_pos = jnp.arange(S, dtype=jnp.int32)
+  sink_k, sink_v = k[:, :S], v[:, :S]
+  if sink_k.shape[1] < S:  # input shorter than the sink: pad, the causal rule hides it
+    sink_k, sink_v = (jnp.pad(x, ((0, 0), (0, S - x.shape[1]), (0, 0), (0, 0)))
+                      for x in (sink_k, sink_v))
+  memory = memory_lib.empty(b, k.shape[2], d, d)
+
+  def body(memory, xs):
+    blk, q_b = xs
+    if m.uses_memory:
+      evict = blk - w - 1
+      e_pos = evict * L + jnp.arange(L, dtype=jnp.int32)
+      e_k = jax.lax.dynamic_slice_in_dim(kp, (evict + w + 1) * L, L, axis=1)
+      e_v = jax.lax.dynamic_slice_in_dim(vp, (evict + w + 1) * L, L, axis=1)
+      memory = memory_lib.update(memory, memory_keys(config, e_k, e_pos, inv_freq), e_v,
+                                 (e_pos >= S) & (evict >= 0), m.update_rule, m.eps)
+      if qx is not None:
+        memory = qx.memory(memory)
+      if m.truncate_every:
+        cut = (blk % m.truncate_every) == 0
+        memory = jax.tree.map(lambda x: jnp.where(cut, jax.lax.stop_gradient(x), x), memory)
+    win_start = (blk - w) * L
+    win_pos = win_start + jnp.arange((w + 1) * L, dtype=jnp.int32)
+    win_k = jax.lax.dynamic_slice_in_dim(kp, win_start + front, (w + 1) * L, axis=1)
+    win_v = jax.lax.dynamic_slice_in_dim(vp, win_start + front, (w + 1) * L, axis=1)
+    keys = jnp.concatenate([sink_k, win_k], axis=1)
+    vals = jnp.concatenate([sink_v, win_v], axis=1)
+    k_pos = jnp.concatenate([sink_pos, win_pos])
+    # A sink token still inside the window is seen once, through the window.
+    k_valid = jnp.concatenate([sink_pos < jnp.maximum(win_start, 0), win_pos >= 0])
+    q_pos = blk * L + jnp.arange(L, dtype=jnp.int32)
+    if qx is None:
+      return memory, segment_attention(config, q_b, q_pos, keys, vals, k_pos, k_valid, memory,
+                                       inv_freq, gate_params)
+    # A fresh capture dict per segment: the scan stacks it (tracers must not leak out).
+    return memory, segment_attention(config, q_b, q_pos, keys, vals, k_pos, k_valid, memory,
+                                     inv_freq, gate_params, qx.fresh_capture())
+
+  if m.remat:
+    body = jax.checkpoint(body)
+  _, out = jax.lax.scan(body, memory, (jnp.arange(nseg, dtype=jnp.int32), q_seg))
+  if qx is not None:
+    out, captured = out
+  out = out.swapaxes(0, 1).reshape(b, nseg * L, h, d)[:, :t]
+  return out if qx is None else (out, captured)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def adaptive_mask(c, qx, q, k, positions, inv_freq):
+  """This layer's low-bit tokens: the least important fraction by Q̂K̂ᵀ/√d against token 0.
+
+  Q̂ is RoPE'd at each query's own local position (``attention.local_positions``)
+  and quantized with the previous layer's mask, K̂_0 (RoPE at position 0 is the
+  identity) likewise: the logits the attention itself computes for key 0.
+  """
+  m = c.memory
+  quiet = qx._replace(cap=None)
+  block = positions // m.segment_len
+  rq = apply_rope(q, local_positions(c, positions, block), inv_freq)
+  q_hat = quiet.act("q", rq)
+  k0 = quiet.act("k", k[:, :1], jnp.zeros((1,), jnp.int32))[:, 0]
+  b, t, h, d = q_hat.shape
+  kh = k0.shape[1]
+  col = jnp.einsum("btkgd,bkd->bkgt", q_hat.reshape(b, t, kh, h // kh, d), k0,
+                   preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+  e = qx.quant.edgeqat
+  return losses.adaptive_bits_mask(losses.token_importance(col, key_index=None),
+                                   e.adaptive_fraction, e.adaptive_per_sequence)

@@ -1,0 +1,310 @@
+"""Model configuration: one frozen, hashable dataclass per model, validated once.
+
+Experiment files (``experiments/configs/*.py``) describe a model as an
+``ml_collections.ConfigDict`` under ``config.model``; ``ModelConfig.from_dict``
+turns it into the frozen dataclass the model code uses. Being frozen and
+hashable, the dataclass can be a Flax module attribute and a static jit argument
+without silent recompiles.
+
+Every rule is checked in ``validate`` before anything is traced or compiled, and
+every error names the offending key, its value and the rule it breaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Mapping
+from edgeinfinite_jax.quant import layer_quant as qapply
+from edgeinfinite_jax.quant.qconfig import QuantConfig
+
+ATTENTION_TYPES = ("full", "streaming", "edgeinfinite")
+GATE_FORMS = ("per_head_scalar", "per_head_vector", "mlp")
+UPDATE_RULES = ("linear", "delta")
+ROPE_POSITIONS = ("absolute", "cache_relative")
+FORCE_GATE = ("none", "local", "memory")
+ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A configuration value breaks a rule; the message names key, value and rule."""
+
+
+def _require(ok: bool, key: str, value: Any, rule: str):
+  if not ok:
+    raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)  # True is no size
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Annotation (a string: ``from __future__ import annotations``) -> (test, expected type).
+_TYPE_RULES = {
+    "int": (_is_int, "must be an int"),
+    "float": (_is_number, "must be a finite number (float or int)"),
+    "bool": (lambda v: isinstance(v, bool), "must be a bool"),
+    "str": (lambda v: isinstance(v, str), "must be a str"),
+    "RopeScaling": (lambda v: isinstance(v, RopeScaling), "must be a RopeScaling"),
+    "MemoryConfig": (lambda v: isinstance(v, MemoryConfig), "must be a MemoryConfig"),
+}
+
+
+def check_types(obj, where: str) -> None:
+  """Every field of a config dataclass holds its annotated type (ConfigError naming the
+  key, the value and the type). Runs before the value rules, which would otherwise fail
+  with a bare TypeError (``'16' > 0``) or let NaN through (every comparison is False)."""
+  for f in dataclasses.fields(obj):
+    test, rule = _TYPE_RULES.get(f.type, (None, None))
+    if test is not None:
+      _require(test(getattr(obj, f.name)), f"{where}.{f.name}", getattr(obj, f.name), rule)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Hugging Face ``rope_scaling`` / ``rope_parameters`` (types: linear, llama3)."""
+  rope_type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    check_types(self, "model.rope_scaling")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+  """The attention family (full / streaming / edgeinfinite) and its knobs.
+
+  Attributes:
+    attention_type: ``full`` (ordinary causal attention), ``streaming`` (sink +
+      block window, nothing else) or ``edgeinfinite`` (sink + block window +
+      compressive memory blended by a gate).
+    segment_len: tokens per segment L; the window moves in blocks of L.
+    n_sink: leading tokens always kept as raw KV.
+    n_window: raw-KV window in tokens, a multiple of ``segment_len``.
+    gate: gate form, see ``edgeinfinite_jax.model.gate``.
+    gate_init_bias: initial gate logit; strongly negative = memory off.
+    gate_mlp_hidden: hidden width of the ``mlp`` gate.
+    update_rule: ``linear`` or ``delta`` (Infini-attention Eqs. 8 and 9).
+    mem_uses_rope: memory sees RoPE'd Q/K instead of pre-RoPE (the default).
+    rope_positions: ``absolute`` token indices for the local branch, or
+      ``cache_relative`` indices inside [sink; window; segment].
+    eps: added to the retrieval denominators.
+    remat: rematerialise the per-segment body during training.
+    truncate_every: stop gradients through the memory every k segments
+      (0 = full backpropagation through all segments).
+    force_gate: ``none``, or ``local`` / ``memory`` to pin the gate (knockout
+      ablations and equivalence tests).
+  """
+  attention_type: str = "full"
+  segment_len: int = 64
+  n_sink: int = 4
+  n_window: int = 64
+  gate: str = "per_head_scalar"
+  gate_init_bias: float = -6.0
+  gate_mlp_hidden: int = 16
+  update_rule: str = "delta"
+  mem_uses_rope: bool = False
+  rope_positions: str = "absolute"
+  eps: float = 1e-6
+  remat: bool = True
+  truncate_every: int = 0
+  force_gate: str = "none"
+
+  def __post_init__(self):
+    check_types(self, "model.memory")  # the value rules need the model: ``validate``
+
+  @property
+  def window_blocks(self) -> int:
+    return self.n_window // self.segment_len
+
+  @property
+  def segmented(self) -> bool:
+    return self.attention_type != "full"
+
+  @property
+  def uses_memory(self) -> bool:
+    return self.attention_type == "edgeinfinite"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama-family decoder (Llama 2/3, Qwen2-style q/k/v bias, GQA/MQA)."""
+  vocab_size: int = 259
+  hidden_size: int = 128
+  intermediate_size: int = 384
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 0  # 0: hidden_size // num_heads
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = RopeScaling()
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  memory: MemoryConfig = MemoryConfig()
+
+  def __post_init__(self):
+    if self.head_dim == 0 and isinstance(self.num_heads, int) and self.num_heads > 0:
+      _require(isinstance(self.hidden_size, int) and self.hidden_size % self.num_heads == 0,
+               "model.hidden_size", self.hidden_size,
+               f"must be divisible by num_heads={self.num_heads} (or set head_dim explicitly)")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    validate(self)
+
+  @property
+  def num_groups(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  def replace(self, **changes) -> "ModelConfig":
+    _reject_unknown(type(self), changes, "model")
+    return dataclasses.replace(self, **changes)
+
+  def with_memory(self, **changes) -> "ModelConfig":
+    _reject_unknown(MemoryConfig, changes, "model.memory")
+    return self.replace(memory=dataclasses.replace(self.memory, **changes))
+
+  def check_sequence_length(self, seq_len: int, key: str = "data.seq_len") -> None:
+    """Training sequences of ``seq_len`` tokens against ``max_position_embeddings``.
+
+    Full attention sees every position 0..seq_len-1: past max_position_embeddings it
+    runs on RoPE angles the model was not built for, and a saved config would claim a
+    shorter context than it was trained on, so that is a ConfigError (raise
+    model.max_position_embeddings to train longer from scratch). A segmented model
+    with ``rope_positions='absolute'`` exists to read past it, but its local branch
+    sees those positions too: a warning. ``cache_relative`` positions stay below
+    n_sink + n_window + segment_len whatever the length.
+    """
+    limit, m = self.max_position_embeddings, self.memory
+    if seq_len <= limit or (m.segmented and m.rope_positions == "cache_relative"):
+      return
+    _require(m.segmented, key, seq_len,
+             f"exceeds model.max_position_embeddings={limit} with full attention; raise "
+             "max_position_embeddings or shorten the sequences")
+    warnings.warn(f"{key}={seq_len} exceeds model.max_position_embeddings={limit}: the "
+                  f"{m.attention_type} model's local branch sees absolute positions the "
+                  "base model never saw (rope_positions='cache_relative' keeps them "
+                  "bounded)", stacklevel=2)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """Builds from a (possibly nested) mapping, e.g. ``config.model``."""
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    d["rope_scaling"] = _sub(RopeScaling, d.get("rope_scaling"), "model.rope_scaling")
+    d["memory"] = _sub(MemoryConfig, d.get("memory"), "model.memory")
+    _reject_unknown(cls, d, "model")
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _sub(cls, value, where):
+  if value is None:
+    return cls()
+  if isinstance(value, cls):
+    return value
+  value = dict(value.to_dict() if hasattr(value, "to_dict") else value)
+  _reject_unknown(cls, value, where)
+  return cls(**value)
+
+
+def _reject_unknown(cls, d, where):
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                      f"valid keys: {', '.join(sorted(known))}")
+
+
+def validate(c: ModelConfig) -> None:
+  """Checks every rule of a model config; raises ConfigError naming the key."""
+  check_types(c, "model")
+  for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+              "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+    v = getattr(c, key)
+    _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+             f"model.{key}", v, "must be a positive integer")
+  _require(c.head_dim % 2 == 0, "model.head_dim", c.head_dim, "must be even (RoPE rotates pairs)")
+  _require(c.num_heads % c.num_kv_heads == 0, "model.num_kv_heads", c.num_kv_heads,
+           f"must divide num_heads={c.num_heads}")
+  _require(c.rms_norm_eps > 0, "model.rms_norm_eps", c.rms_norm_eps, "must be > 0")
+  _require(c.rope_theta > 0, "model.rope_theta", c.rope_theta, "must be > 0")
+  _require(c.dtype in DTYPES, "model.dtype", c.dtype, f"must be one of {DTYPES}")
+  r = c.rope_scaling
+  _require(r.rope_type in ROPE_TYPES, "model.rope_scaling.rope_type", r.rope_type,
+           f"must be one of {ROPE_TYPES}")
+  _require(r.factor > 0, "model.rope_scaling.factor", r.factor, "must be > 0")
+  if r.rope_type == "llama3":
+    _require(r.high_freq_factor > r.low_freq_factor, "model.rope_scaling.high_freq_factor",
+             r.high_freq_factor, f"must exceed low_freq_factor={r.low_freq_factor}")
+  m = c.memory
+  _require(m.attention_type in ATTENTION_TYPES, "model.memory.attention_type",
+           m.attention_type, f"must be one of {ATTENTION_TYPES}")
+  _require(m.gate in GATE_FORMS, "model.memory.gate", m.gate, f"must be one of {GATE_FORMS}")
+  _require(m.update_rule in UPDATE_RULES, "model.memory.update_rule", m.update_rule,
+           f"must be one of {UPDATE_RULES}")
+  _require(m.rope_positions in ROPE_POSITIONS, "model.memory.rope_positions",
+           m.rope_positions, f"must be one of {ROPE_POSITIONS}")
+  _require(m.segment_len > 0, "model.memory.segment_len", m.segment_len, "must be > 0")
+  _require(m.n_sink >= 0, "model.memory.n_sink", m.n_sink, "must be >= 0")
+  _require(m.n_window >= 0 and m.n_window % m.segment_len == 0, "model.memory.n_window",
+           m.n_window, f"must be >= 0 and a multiple of segment_len={m.segment_len}")
+  _require(m.n_sink <= m.segment_len, "model.memory.n_sink", m.n_sink,
+           f"must be <= segment_len={m.segment_len} (sink tokens come from the first segment)")
+  _require(m.gate_mlp_hidden > 0, "model.memory.gate_mlp_hidden", m.gate_mlp_hidden,
+           "must be > 0")
+  _require(m.force_gate in FORCE_GATE, "model.memory.force_gate", m.force_gate,
+           f"must be one of {FORCE_GATE}")
+  _require(m.eps > 0, "model.memory.eps", m.eps, "must be > 0")
+  _require(m.truncate_every >= 0, "model.memory.truncate_every", m.truncate_every,
+           "must be >= 0 (0 = full backpropagation)")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantModelConfig(ModelConfig):
+  """A ModelConfig plus the ``QuantConfig`` the model runs with (None = float).
+
+  Validated on construction: the quant config's own rules, then the rules that
+  need the model's sizes (group sizes dividing dimensions, integer accumulator
+  depths), so bad settings raise before anything is traced.
+  """
+  quant: Any = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    q = self.quant
+    if q is not None and not isinstance(q, QuantConfig):
+      if not hasattr(q, "keys"):
+        raise ConfigError(f"model.quant={q!r}: must be a QuantConfig, a mapping or None")
+      object.__setattr__(self, "quant", QuantConfig.from_dict(q))
+    qapply.check_model(self)
+
+  @classmethod
+  def from_dict(cls, d) -> "QuantModelConfig":
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    quant = d.pop("quant", None)
+    base = ModelConfig.from_dict(d)
+    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ModelConfig)},
+               quant=quant)
+
+
+def quantized(config: ModelConfig, quant) -> ModelConfig:
+  """``config`` running with ``quant`` (a QuantConfig or its dict); None -> plain ModelConfig."""
+  fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(ModelConfig)}
+  return ModelConfig(**fields) if quant is None else QuantModelConfig(**fields, quant=quant)
+
+
+def quant_of(config):
+  """The QuantConfig a model config carries, or None."""
+  return getattr(config, "quant", None)

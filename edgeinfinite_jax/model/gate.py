@@ -1,0 +1,151 @@
+"""The memory gate: how much of each head's output comes from the memory.
+
+EdgeInfinite's exact gate is not public, so its form is a config choice:
+
+* ``per_head_scalar``: one logit per head (Infini-attention's β).
+* ``per_head_vector``: one logit per head and value channel.
+* ``mlp``: per head, sigmoid(W2·silu(W1[A_mem; A_loc] + b1) + b2), conditioned on
+  both branches. W2 starts at zero, so at init every form is the constant
+  ``gate_init_bias``: memory (almost) off, and switched fully off until the
+  memory holds something.
+
+The gate's parameters sit under ``.../attn/memory_gate/`` so trainable-group
+regexes can select them alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgeinfinite_jax.model.config import ModelConfig
+
+
+class MemoryGate(nn.Module):
+  """Declares the gate's parameters and returns them as a dict."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self):
+    c, m = self.config, self.config.memory
+    h, d = c.num_heads, c.head_dim
+    const = lambda v: (lambda key, shape, dtype=jnp.float32: jnp.full(shape, v, dtype))
+    p = lambda name, init, shape, axes: self.param(
+        name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+    if m.gate == "per_head_scalar":
+      return {"bias": p("bias", const(m.gate_init_bias), (h,), ("q_heads",))}
+    if m.gate == "per_head_vector":
+      return {"bias": p("bias", const(m.gate_init_bias), (h, d), ("q_heads", "head_dim"))}
+    hid = m.gate_mlp_hidden
+    return {
+        "w1": p("w1", nn.initializers.normal(0.02), (h, 2 * d, hid), ("q_heads", None, None)),
+        "b1": p("b1", nn.initializers.zeros, (h, hid), ("q_heads", None)),
+        "w2": p("w2", nn.initializers.zeros, (h, hid), ("q_heads", None)),
+        "bias": p("bias", const(m.gate_init_bias), (h,), ("q_heads",)),
+    }
+
+
+def logits(config: ModelConfig, params, read, local):
+  """Gate logits broadcastable to [B, T, H, D]."""
+  if config.memory.gate == "per_head_scalar":
+    return params["bias"][:, None]
+  if config.memory.gate == "per_head_vector":
+    return params["bias"]
+  x = jnp.concatenate([read, local], axis=-1).astype(jnp.float32)
+  hidden = jax.nn.silu(jnp.einsum("bthi,hio->btho", x, params["w1"]) + params["b1"])
+  return (jnp.einsum("btho,ho->bth", hidden, params["w2"]) + params["bias"])[..., None]
+
+
+def blend(config: ModelConfig, params, read, local, has_content):
+  """g·read + (1-g)·local in float32; g = 0 for heads whose memory is empty.
+
+  has_content is [B, K] (per KV head); ``force_gate`` overrides g for knockout
+  ablations and equivalence tests.
+  """
+  m = config.memory
+  read, local = read.astype(jnp.float32), local.astype(jnp.float32)
+  g = jax.nn.sigmoid(logits(config, params, read, local))
+  if m.force_gate == "local":
+    g = jnp.zeros_like(g)
+  elif m.force_gate == "memory":
+    g = jnp.ones_like(g)
+  filled = jnp.repeat(has_content, config.num_groups, axis=1)[:, None, :, None]
+  g = jnp.where(filled, g, 0.0)
+  return g * read + (1.0 - g) * local
+
+
+def declare_params(module: nn.Module, config: ModelConfig):
+  return MemoryGate(config, name="memory_gate")()
+
+
+def with_memory(config: ModelConfig, params, *, rng, **memory_options):
+  """Turns a base model into a memory model: (config, params) -> (config, params).
+
+  ``memory_options`` are ``MemoryConfig`` fields (attention_type defaults to
+  ``edgeinfinite``; gate, update_rule, mem_uses_rope, rope_positions, sizes...).
+  Gate parameters are added under ``layers_i/attn/memory_gate`` and start with
+  the memory switched off; the backbone parameters are shared, not copied. An
+  unknown option, or one of the wrong type (``segment_len='16'``, a bool for a size,
+  a NaN bias), raises ConfigError naming the option and the expected type before
+  anything is initialised.
+  """
+  memory_options.setdefault("attention_type", "edgeinfinite")
+  new_config = config.with_memory(**memory_options)
+  inner = dict(params["params"])
+  if new_config.memory.uses_memory:
+    for i in range(new_config.num_layers):
+      layer = f"layers_{i}"
+      gate_params = nn.unbox(MemoryGate(new_config).init(jax.random.fold_in(rng, i)))
+      attn = dict(inner[layer]["attn"], memory_gate=gate_params["params"])
+      inner[layer] = dict(inner[layer], attn=attn)
+  return new_config, {**params, "params": inner}
+
+
+def gate_params(params) -> dict[str, jax.Array]:
+  """The gate's leaves of ``params`` as ``{"layers_i/attn/memory_gate/name": array}``."""
+  out = {}
+  for layer, sub in params["params"].items():
+    for name, leaf in sub.get("attn", {}).get("memory_gate", {}).items():
+      out[f"{layer}/attn/memory_gate/{name}"] = leaf
+  return out
+
+
+def save_gate(params, path: str) -> None:
+  """Writes the gate's parameters (the only trained part of an EdgeInfinite model) to ``.npz``.
+
+  A few kilobytes: small enough to commit next to the command that trained it.
+  """
+  leaves = gate_params(params)
+  if not leaves:
+    raise ValueError("save_gate: these params have no memory gate (not a with_memory model)")
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, **{k: np.asarray(v) for k, v in leaves.items()})
+  os.replace(tmp, path)  # atomic: a killed writer leaves the old file intact
+
+
+def load_gate(params, path: str):
+  """``params`` with the gate leaves replaced by those saved at ``path`` (names and shapes checked)."""
+  want = gate_params(params)
+  with np.load(path) as f:
+    got = {k: f[k] for k in f.files}
+  if set(got) != set(want):
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    raise ValueError(f"{path}: gate parameters do not match this model's gate (missing "
+                     f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                     f"{extra[:3]}{'...' if len(extra) > 3 else ''}); same gate form and "
+                     "layer count?")
+  for k, v in want.items():
+    if got[k].shape != v.shape:
+      raise ValueError(f"{path}: {k} has shape {list(got[k].shape)}, this model's gate "
+                       f"{list(v.shape)}")
+  inner = dict(params["params"])
+  for k, v in got.items():
+    layer, _, _, name = k.split("/")
+    attn = dict(inner[layer]["attn"])
+    attn["memory_gate"] = dict(attn["memory_gate"], **{name: jnp.asarray(v, jnp.float32)})
+    inner[layer] = dict(inner[layer], attn=attn)
+  return {**params, "params": inner}
