@@ -23,7 +23,7 @@ def assert_exported_matches_engine(directory, engine, tokens, atol=1e-5):
   script = f"""
 import numpy as np
 from jax.tree_util import tree_unflatten
-from edgeinfinite_jax.engine.engine import load_exported
+from edgeinfinite_jax.engine.export import load_exported
 d = {str(directory)!r}
 prefill, decode = load_exported(d, "prefill_long"), load_exported(d, "decode_long")
 data = np.load(d + "/inputs.npz")

@@ -7,8 +7,10 @@ import pytest
 
 from edgeinfinite_jax.model import attention, memory, transformer as model
 from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.model import gate as gate_lib
 from edgeinfinite_jax.model.gate import with_memory
 from edgeinfinite_jax.model import rope as rope_lib
+from edgeinfinite_jax.quant.layer_quant import LayerQuant
 
 EPS = 1e-6
 
@@ -140,8 +142,12 @@ def test_segmented_layer_matches_naive_definition(typ, rule, positions, mem_rope
   gate_params = {"bias": jnp.full((4,), 0.3)}
   inv_freq = rope_lib.rope_inv_freq(cfg)
   pos = jnp.arange(t)[None]
-  got = attention.sequence_attention(cfg, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pos,
-                                     inv_freq, gate_params if cfg.memory.uses_memory else None)
+  # The float model's LayerQuant (every quantizer the identity): the code path the
+  # model runs, checked against the naive per-token definition.
+  got, _ = attention.sequence_attention(cfg, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                        pos, inv_freq,
+                                        gate_params if cfg.memory.uses_memory else None,
+                                        LayerQuant(None))
   want = naive_segmented(cfg, q, k, v, inv_freq, 0.3)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -185,6 +191,14 @@ def test_gate_starts_nearly_off_and_is_a_tiny_share(form):
   n_gate = sum(x.size for x in gate)
   n_all = sum(x.size for x in jax.tree.leaves(p))
   assert n_gate / n_all < 0.1
+  # Nearly off: every head's memory share is sigmoid(-6) ~ 0.25% at init, whatever the
+  # branches hold (the mlp form's output layer starts at zero, so it is its bias too).
+  rng = np.random.default_rng(0)
+  read, local = (jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32) for _ in range(2))
+  for i in range(cfg.num_layers):
+    share = jax.nn.sigmoid(gate_lib.logits(cfg, p["params"][f"layers_{i}"]["attn"]
+                                           ["memory_gate"], read, local))
+    np.testing.assert_allclose(share, jax.nn.sigmoid(-6.0), rtol=1e-6)
   # The backbone is shared, not re-initialised.
   np.testing.assert_array_equal(p["params"]["embed"]["embedding"],
                                 params["params"]["embed"]["embedding"])

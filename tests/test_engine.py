@@ -168,6 +168,21 @@ def test_exported_step_functions_reproduce_the_engine_in_a_fresh_process(tmp_pat
   assert loaded["scenario"]["segment_len"] == L
 
 
+def test_export_manifest_records_each_route_with_its_own_model_config(tmp_path):
+  """Routes run different models (short: the base model with full attention, long:
+  the memory model); each gets its own config and cache layout in the manifest."""
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, _scenario())
+  engine.export(str(tmp_path))  # both routes; abstract shapes only, no step runs
+  routes = json.loads((tmp_path / "manifest.json").read_text())["routes"]
+  assert routes["short"]["model_config"]["memory"]["attention_type"] == "full"
+  assert routes["long"]["model_config"]["memory"]["attention_type"] == "edgeinfinite"
+  for route in ("short", "long"):
+    assert routes[route]["model_config"] == engine.route_configs[route].to_dict()
+    assert routes[route]["ring_len"] == engine.ring_len[route]
+    assert routes[route]["n_sink"] == engine.n_sink[route]
+
+
 def test_bad_inputs_are_rejected_before_any_work():
   cfg, params = _model("full")
   engine = Engine(cfg, params, _scenario())

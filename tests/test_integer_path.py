@@ -128,7 +128,7 @@ def test_engine_in_three_numerics_modes_compiles_once_and_exports_integer_steps(
   inputs = " ".join(manifest["functions"]["prefill_long"]["inputs"])
   assert "int8[32,16]" in inputs  # k_proj's kernel as int8 values [hidden, kv_heads*hd]
   assert "int8[1,2,2,8]" in inputs  # the integer sink cache [batch, sink, kv_heads, hd]
-  assert manifest["model_config"]["quant"]["mode"] == "integer"
+  assert manifest["routes"]["long"]["model_config"]["quant"]["mode"] == "integer"
   assert_exported_matches_engine(tmp_path, engine, tokens(19, batch=1))
   assert json.loads((tmp_path / "manifest.json").read_text())["scenario"]["segment_len"] == L
 

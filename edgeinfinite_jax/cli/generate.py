@@ -44,7 +44,7 @@ from edgeinfinite_jax.model import gate as gate_lib
 from edgeinfinite_jax.checkpoints import models
 from edgeinfinite_jax.model.config import ATTENTION_TYPES, ROPE_POSITIONS
 
-SCENARIOS = tuple(sorted(engine_lib.PRESETS))
+SCENARIOS = tuple(sorted(engine_lib.SCENARIOS))
 
 
 def prompt_ids(tokenizer, document: str, question: str) -> list[int]:

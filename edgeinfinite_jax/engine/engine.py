@@ -35,8 +35,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -44,14 +43,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgeinfinite_jax.model import memory as memory_lib
-from edgeinfinite_jax.model.config import ConfigError, ModelConfig
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig, check_cache_layout
 from edgeinfinite_jax.model.transformer import Transformer, check_tokens, compute_dtype
 from edgeinfinite_jax.model.config import quant_of, quantized
 from edgeinfinite_jax.quant import layer_quant as qapply
 from edgeinfinite_jax.quant import ptq
+from edgeinfinite_jax.engine import export as export_lib
 from edgeinfinite_jax.model import kv_cache as cache_lib
 
-PRESETS = {
+# Named scenarios (``Scenario.preset(name)``), per EdgeInfinite-Instruct's use cases.
+SCENARIOS = {
     # Long document in, a long answer out: modest window, more new tokens.
     "summarization": dict(segment_len=128, n_sink=4, n_window=256, max_new_tokens=256,
                           short_threshold=512),
@@ -83,22 +84,48 @@ class Scenario:
       v = getattr(self, key)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise ConfigError(f"Scenario.{key}={v!r}: must be a non-negative integer (int)")
-    if self.n_window % self.segment_len:
-      raise ConfigError(f"Scenario.n_window={self.n_window}: must be a multiple of "
-                        f"segment_len={self.segment_len}")
-    if self.n_sink > self.segment_len:
-      raise ConfigError(f"Scenario.n_sink={self.n_sink}: must be <= segment_len="
-                        f"{self.segment_len}")
+    check_cache_layout(self.segment_len, self.n_sink, self.n_window, "Scenario")
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "Scenario":
-    if name not in PRESETS:
-      raise ConfigError(f"Scenario preset {name!r}: must be one of {sorted(PRESETS)}")
-    return cls(**{**PRESETS[name], **overrides})
+    if name not in SCENARIOS:
+      raise ConfigError(f"Scenario preset {name!r}: must be one of {sorted(SCENARIOS)}")
+    return cls(**{**SCENARIOS[name], **overrides})
 
   def capacity(self, n: int) -> int:
     """n tokens rounded up to whole segments."""
     return -(-n // self.segment_len) * self.segment_len
+
+  def routes(self, config: ModelConfig) -> dict[str, "Route"]:
+    """The cache layout of each route for ``config``: the one place it is decided.
+
+    The Scenario's segment, sink and window *replace* the sizes in
+    ``config.memory`` (those are the training-time settings; a model trained with
+    one window can be served with another). The attention type, gate and update
+    rule stay the model's. ``short``: the base model with full attention over a
+    ring that holds ``short_threshold + max_new_tokens`` and never wraps. ``long``:
+    sink + a ring of ``n_window + segment_len`` (the window and the block being
+    written; the memory takes what leaves it), or for ``full`` attention a ring of
+    ``max_context`` that never wraps.
+    """
+    base = dict(segment_len=self.segment_len, n_sink=0)
+    short = Route(config.with_memory(attention_type="full", n_window=0, **base), n_sink=0,
+                  ring_len=self.capacity(self.short_threshold + self.max_new_tokens))
+    if config.memory.segmented:
+      long = Route(config.with_memory(segment_len=self.segment_len, n_sink=self.n_sink,
+                                      n_window=self.n_window),
+                   n_sink=self.n_sink, ring_len=self.n_window + self.segment_len)
+    else:
+      long = Route(config.with_memory(n_window=0, **base), n_sink=0,
+                   ring_len=self.capacity(self.max_context))
+    return {"short": short, "long": long}
+
+
+class Route(NamedTuple):
+  """One route's model config and cache layout (``Scenario.routes``)."""
+  config: ModelConfig  # the model as this route runs it (the Scenario's sizes)
+  n_sink: int          # raw sink slots per layer
+  ring_len: int        # ring slots per layer (a multiple of segment_len)
 
 
 @flax.struct.dataclass
@@ -180,20 +207,10 @@ class Engine:
                           "for the engine (model.forward applies them)")
     self._config = config
     self.scenario, self.params = scenario, self._prepare(params)
-    sc = scenario
-    base = dict(segment_len=sc.segment_len, n_sink=0)
-    m = config.memory
-    self.route_configs = {
-        "short": config.with_memory(attention_type="full", n_window=0, **base),
-        "long": config.with_memory(segment_len=sc.segment_len, n_sink=sc.n_sink,
-                                   n_window=sc.n_window)
-                if m.segmented else config.with_memory(n_window=0, **base),
-    }
-    self.ring_len = {
-        "short": sc.capacity(sc.short_threshold + sc.max_new_tokens),
-        "long": sc.n_window + sc.segment_len if m.segmented else sc.capacity(sc.max_context),
-    }
-    self.n_sink = {"short": 0, "long": sc.n_sink if m.segmented else 0}
+    routes = scenario.routes(config)
+    self.route_configs = {r: x.config for r, x in routes.items()}
+    self.ring_len = {r: x.ring_len for r, x in routes.items()}
+    self.n_sink = {r: x.n_sink for r, x in routes.items()}
     for route, cfg in self.route_configs.items():
       qapply.check_attention_depth(cfg, self.n_sink[route] + self.ring_len[route])
     self._traces = collections.Counter()
@@ -236,7 +253,7 @@ class Engine:
 
     def step(params, state: EngineState, tokens, n_valid):
       self._traces[f"{kind}_{route}"] += 1  # runs only while tracing
-      chunk = cache_lib.Chunk(state.length, n_valid)
+      chunk = cache_lib.Chunk(state.length)
       positions = state.length + jnp.arange(tokens.shape[1], dtype=jnp.int32)
       model = Transformer(config)
       hidden, caches = model.apply(params, tokens, positions[None], state.caches, chunk,
@@ -395,38 +412,12 @@ class Engine:
   # -- export -----------------------------------------------------------------
 
   def export(self, directory: str, routes=("short", "long")) -> dict:
-    """Serialises every step function to StableHLO plus a JSON manifest.
+    """Serialises every step function to StableHLO plus ``manifest.json``; see
+    ``engine/export.py`` (``load_exported`` reloads one in a fresh process)."""
+    return export_lib.export(self, directory, routes)
 
-    Each file takes (params, state, tokens, n_valid) and returns (state,
-    logits); the manifest records the shapes, dtypes, scenario and model config
-    needed to call it from a fresh process (``load_exported``).
-    """
-    os.makedirs(directory, exist_ok=True)
-    manifest = {"scenario": dataclasses.asdict(self.scenario), "functions": {}}
-    for route in routes:
-      manifest["model_config"] = self.route_configs[route].to_dict()
-      state = jax.eval_shape(lambda: self.init_state(route))
-      params = jax.eval_shape(lambda: self.params)
-      for kind, fn, c in (("prefill", self._prefill[route], self.scenario.segment_len),
-                          ("decode", self._decode[route], 1)):
-        tokens = jax.ShapeDtypeStruct((self.scenario.batch_size, c), jnp.int32)
-        n_valid = jax.ShapeDtypeStruct((), jnp.int32)
-        exported = jax.export.export(fn)(params, state, tokens, n_valid)
-        name = f"{kind}_{route}"
-        with open(os.path.join(directory, name + ".stablehlo"), "wb") as f:
-          f.write(exported.serialize())
-        manifest["functions"][name] = {
-            "file": name + ".stablehlo",
-            "inputs": [str(a) for a in exported.in_avals],
-            "outputs": [str(a) for a in exported.out_avals],
-            "chunk_len": c,
-        }
-    with open(os.path.join(directory, "manifest.json"), "w") as f:
-      json.dump(manifest, f, indent=2)
-    return manifest
+  def step_functions(self, route: str) -> dict:
+    """``{"prefill": fn, "decode": fn}``: the jitted steps of ``route``, each
+    ``(params, state, tokens [batch, chunk], n_valid) -> (state, logits)``."""
+    return {"prefill": self._prefill[route], "decode": self._decode[route]}
 
-
-def load_exported(directory: str, name: str):
-  """Deserialises one exported step function; call it like the engine's."""
-  with open(os.path.join(directory, name + ".stablehlo"), "rb") as f:
-    return jax.export.deserialize(bytearray(f.read()))

@@ -12,22 +12,17 @@ engine so that the two agree to float tolerance:
 * ``streaming`` is the same without memory; ``full`` sees everything.
 
 The training path (``sequence_attention``) scans over segments and slices the
-visible keys out of the whole sequence. The engine path (``cached_attention``)
-keeps sink keys, a ring buffer of w+1 blocks and the memory in a per-layer
-cache; block b and the block it evicts (b-w-1) share a ring slot, so a block is
-compressed into memory exactly when the slot is reused. ``full`` in the engine
-is the same ring, sized so that it never wraps.
+visible keys out of the whole sequence. The engine path (``kv_cache.cached_attention``)
+keeps the same keys in a fixed-size cache and calls ``segment_attention`` too.
 
-Keys are cached before RoPE so that ``cache_relative`` positions can be
-re-assigned as the window moves.
-
-Quantization: every function takes an optional ``qx`` (``quant.apply.LayerQuant``).
-Without it the code is the float code, unchanged. With it, Q and K are quantized
-after RoPE, V at use, the probabilities after the softmax (``quantized_dot_attention``),
-the memory M after each write, and the functions return ``(out, captured)`` where
-``captured`` holds the pre-quantization activations and the quantized Q̂, K̂ and
-pre-mask logits (for calibration and the EdgeQAT losses) when ``qx`` captures.
-K/V reach these functions already quantized on write (kv_cache), in both paths.
+Quantization: every function takes the layer's ``qx`` (``quant.layer_quant.LayerQuant``);
+for a float model its quantizers are identities, so there is one code path. Q and
+K are quantized after RoPE, V at use, the probabilities after the softmax
+(``dot_attention``), the memory M after each write. Every function returns
+``(out, captured)``: ``captured`` holds the pre-quantization activations and the
+quantized Q̂, K̂ and pre-mask logits (for calibration and the EdgeQAT losses) when
+``qx`` captures, else it is empty. K/V reach these functions already quantized on
+write (kv_cache), in both paths.
 """
 
 from __future__ import annotations
@@ -45,15 +40,6 @@ from edgeinfinite_jax.quant import layer_quant as qapply
 
 NEG_INF = -1e30  # finite: a fully masked row must not produce NaN
 
-
-def dot_attention(q, k, v, mask):
-  """Softmax attention with GQA grouping.
-
-  q [B, T, H, D], k/v [B, S, K, D], mask [B or 1, T, S] bool -> [B, T, H, D].
-  Logits and softmax in float32 whatever the compute dtype.
-  """
-  logits = jnp.where(mask[:, None, None], grouped_logits(q, k), NEG_INF)
-  return grouped_mix(jax.nn.softmax(logits, axis=-1), v)
 
 
 # One [G*T, S] matmul per KV head: XLA:CPU runs this layout 2-3x faster than a
@@ -76,8 +62,12 @@ def grouped_mix(probs, v):
   return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, d)
 
 
-def quantized_dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
-  """``dot_attention`` with quantized Q, K (after RoPE), V and probabilities.
+def dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
+  """Softmax attention with GQA grouping, through the layer's quantizers.
+
+  q [B, T, H, D], k/v [B, S, K, D], mask [B or 1, T, S] bool. Logits and softmax
+  in float32 whatever the compute dtype. Q, K (after RoPE), V and the
+  probabilities pass ``qx``'s quantizers: identities for a float model.
 
   q_pos [T] / k_pos [S]: absolute positions of the rows (token-adaptive masks).
   Integer mode (and fake_quant_dots='exact') runs QK^T and PV as integer dots
@@ -118,13 +108,12 @@ def site_on(qx, site) -> bool:
 
 
 def segment_attention(config, q, q_pos, k, v, k_pos, k_valid, memory, inv_freq, gate_params,
-                      qx=None):
+                      qx):
   """One segment's output: local softmax attention blended with the memory read.
 
   q [B, T, H, D] and k/v [B, S, K, D] are pre-RoPE; q_pos [T], k_pos [S] absolute
   positions; k_valid [S] (or [B, S]) marks keys that may be seen at all; the
-  causal rule is applied here. Returns float32 [B, T, H, D] (with ``qx``: and the
-  captured dict).
+  causal rule is applied here. Returns (float32 [B, T, H, D], captured dict).
   """
   m = config.memory
   block = q_pos[0] // m.segment_len
@@ -133,15 +122,12 @@ def segment_attention(config, q, q_pos, k, v, k_pos, k_valid, memory, inv_freq, 
   mask = (k_pos[None, :] <= q_pos[:, None]) & k_valid[..., None, :]
   if mask.ndim == 2:
     mask = mask[None]
-  if qx is None:
-    local, captured = dot_attention(rq, rk, v, mask), None
-  else:
-    local, captured = quantized_dot_attention(rq, rk, v, mask, qx, q_pos, k_pos)
+  local, captured = dot_attention(rq, rk, v, mask, qx, q_pos, k_pos)
   if m.uses_memory:
     mem_q = rq if m.mem_uses_rope else q
     read = memory_lib.retrieve(memory, mem_q, m.eps)
     local = gate_lib.blend(config, gate_params, read, local, memory_lib.has_content(memory))
-  return local if qx is None else (local, captured)
+  return local, captured
 
 
 def memory_keys(config, k, pos, inv_freq):
@@ -151,20 +137,17 @@ def memory_keys(config, k, pos, inv_freq):
   return apply_rope(k, pos[None], inv_freq)
 
 
-def sequence_attention(config: ModelConfig, q, k, v, positions, inv_freq, gate_params,
-                       qx=None):
-  """Training path over a whole sequence that starts at position 0."""
+def sequence_attention(config: ModelConfig, q, k, v, positions, inv_freq, gate_params, qx):
+  """Training path over a whole sequence that starts at position 0 -> (out, captured)."""
   m = config.memory
   if not m.segmented:
     mask = positions[:, None, :] <= positions[:, :, None]
     rq, rk = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    if qx is None:
-      return dot_attention(rq, rk, v, mask)
-    return quantized_dot_attention(rq, rk, v, mask, qx)
+    return dot_attention(rq, rk, v, mask, qx)
   return _segment_scan(config, q, k, v, inv_freq, gate_params, qx)
 
 
-def _segment_scan(config, q, k, v, inv_freq, gate_params, qx=None):
+def _segment_scan(config, q, k, v, inv_freq, gate_params, qx):
   m = config.memory
   b, t, h, d = q.shape
   L, w, S = m.segment_len, m.window_blocks, m.n_sink
@@ -191,8 +174,7 @@ def _segment_scan(config, q, k, v, inv_freq, gate_params, qx=None):
       e_v = jax.lax.dynamic_slice_in_dim(vp, (evict + w + 1) * L, L, axis=1)
       memory = memory_lib.update(memory, memory_keys(config, e_k, e_pos, inv_freq), e_v,
                                  (e_pos >= S) & (evict >= 0), m.update_rule, m.eps)
-      if qx is not None:
-        memory = qx.memory(memory)
+      memory = qx.memory(memory)
       if m.truncate_every:
         cut = (blk % m.truncate_every) == 0
         memory = jax.tree.map(lambda x: jnp.where(cut, jax.lax.stop_gradient(x), x), memory)
@@ -206,9 +188,6 @@ def _segment_scan(config, q, k, v, inv_freq, gate_params, qx=None):
     # A sink token still inside the window is seen once, through the window.
     k_valid = jnp.concatenate([sink_pos < jnp.maximum(win_start, 0), win_pos >= 0])
     q_pos = blk * L + jnp.arange(L, dtype=jnp.int32)
-    if qx is None:
-      return memory, segment_attention(config, q_b, q_pos, keys, vals, k_pos, k_valid, memory,
-                                       inv_freq, gate_params)
     # A fresh capture dict per segment: the scan stacks it (tracers must not leak out).
     return memory, segment_attention(config, q_b, q_pos, keys, vals, k_pos, k_valid, memory,
                                      inv_freq, gate_params, qx.fresh_capture())
@@ -216,13 +195,9 @@ def _segment_scan(config, q, k, v, inv_freq, gate_params, qx=None):
   if m.remat:
     body = jax.checkpoint(body)
   _, out = jax.lax.scan(body, memory, (jnp.arange(nseg, dtype=jnp.int32), q_seg))
-  if qx is not None:
-    out, captured = out
-  out = out.swapaxes(0, 1).reshape(b, nseg * L, h, d)[:, :t]
-  return out if qx is None else (out, captured)
+  out, captured = out
+  return out.swapaxes(0, 1).reshape(b, nseg * L, h, d)[:, :t], captured
 
-
-# ----------------------------------------------------------------------------- engine
 
 
 def adaptive_mask(c, qx, q, k, positions, inv_freq):

@@ -227,6 +227,17 @@ def _reject_unknown(cls, d, where):
                       f"valid keys: {', '.join(sorted(known))}")
 
 
+def check_cache_layout(segment_len, n_sink: int, n_window: int, where: str) -> None:
+  """The rules of a segmented cache layout, shared by ``model.memory`` and the engine's
+  ``Scenario`` (``where`` names the one being checked)."""
+  _require(segment_len > 0, f"{where}.segment_len", segment_len, "must be > 0")
+  _require(n_sink >= 0, f"{where}.n_sink", n_sink, "must be >= 0")
+  _require(n_window >= 0 and n_window % segment_len == 0, f"{where}.n_window", n_window,
+           f"must be >= 0 and a multiple of segment_len={segment_len}")
+  _require(n_sink <= segment_len, f"{where}.n_sink", n_sink,
+           f"must be <= segment_len={segment_len} (sink tokens come from the first segment)")
+
+
 def validate(c: ModelConfig) -> None:
   """Checks every rule of a model config; raises ConfigError naming the key."""
   check_types(c, "model")
@@ -256,12 +267,7 @@ def validate(c: ModelConfig) -> None:
            f"must be one of {UPDATE_RULES}")
   _require(m.rope_positions in ROPE_POSITIONS, "model.memory.rope_positions",
            m.rope_positions, f"must be one of {ROPE_POSITIONS}")
-  _require(m.segment_len > 0, "model.memory.segment_len", m.segment_len, "must be > 0")
-  _require(m.n_sink >= 0, "model.memory.n_sink", m.n_sink, "must be >= 0")
-  _require(m.n_window >= 0 and m.n_window % m.segment_len == 0, "model.memory.n_window",
-           m.n_window, f"must be >= 0 and a multiple of segment_len={m.segment_len}")
-  _require(m.n_sink <= m.segment_len, "model.memory.n_sink", m.n_sink,
-           f"must be <= segment_len={m.segment_len} (sink tokens come from the first segment)")
+  check_cache_layout(m.segment_len, m.n_sink, m.n_window, "model.memory")
   _require(m.gate_mlp_hidden > 0, "model.memory.gate_mlp_hidden", m.gate_mlp_hidden,
            "must be > 0")
   _require(m.force_gate in FORCE_GATE, "model.memory.force_gate", m.force_gate,

@@ -34,9 +34,21 @@ class LayerCache(NamedTuple):
 
 
 class Chunk(NamedTuple):
-  """Where the tokens of one engine call sit: traced, so nothing recompiles."""
-  start: jax.Array    # int32 scalar: absolute position of the chunk's first token
-  n_valid: jax.Array  # int32 scalar: tokens of the chunk that are real (rest is padding)
+  """Where the tokens of one engine call sit: traced, so nothing recompiles.
+
+  There is deliberately no count of valid tokens. A padded last prefill segment is
+  safe without one: the padding comes after the real tokens, so the causal rule
+  hides it from every real query; its K/V land in ring (and sink) slots of
+  positions the sequence has not reached yet, and each later decode token writes
+  its own K/V into its slot before any query at that position or later can see it
+  (a query at p sees keys at positions <= p only, and ``ring_positions`` derives
+  positions from the block, not from what was written). The memory compresses
+  only whole blocks that have left the window, never a padded one. The engine
+  uses its valid count only outside the layers: for the last real token's logits
+  and the state's length (``tests/test_engine.py`` checks padded prefills against
+  teacher forcing).
+  """
+  start: jax.Array  # int32 scalar: absolute position of the chunk's first token
 
 
 def empty_cache(config: ModelConfig, batch: int, n_sink: int, ring_len: int, dtype) -> LayerCache:
@@ -57,7 +69,7 @@ def ring_positions(config: ModelConfig, block, ring_len):
 
 
 def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k, v, inv_freq,
-                     gate_params, qx=None):
+                     gate_params, qx):
   """Engine path: one chunk (a segment, or a single decode token) of one layer.
 
   The chunk must lie inside one block (prefill chunks are aligned blocks; decode
@@ -65,7 +77,7 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
   ``qx``, k/v are already quantized on write (integer values when the cache holds
   integers; ``qx.kv_read`` turns entries back into floats).
   """
-  read = (lambda which, x: x) if qx is None else (lambda which, x: qx.kv_read(which, x, q.dtype))
+  read = lambda which, x: qx.kv_read(which, x, q.dtype)
   m = config.memory
   L, S = m.segment_len, cache.sink_k.shape[1]
   ring_len = cache.ring_k.shape[1]
@@ -83,7 +95,7 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
       e_v = read("v", jax.lax.dynamic_slice_in_dim(cache.ring_v, slot_start, L, axis=1))
       mem = memory_lib.update(mem, attention.memory_keys(config, e_k, e_pos, inv_freq), e_v,
                               e_pos >= S, m.update_rule, m.eps)
-      return mem if qx is None else qx.memory(mem)
+      return qx.memory(mem)
 
     memory = jax.lax.cond((chunk.start % L == 0) & (evict >= 0), compress, lambda x: x, memory)
   offset = slot_start + jnp.mod(chunk.start, L)
@@ -107,8 +119,6 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
   vals = read("v", jnp.concatenate([sink_v, ring_v], axis=1))
   k_pos = jnp.concatenate([s_pos, r_pos])
   k_valid = jnp.concatenate([s_pos < jnp.maximum(win_start, 0), r_pos >= 0])
-  out = attention.segment_attention(config, q, q_pos, keys, vals, k_pos, k_valid, memory, inv_freq,
-                          gate_params, qx)
-  if qx is not None:
-    out = out[0]
+  out, _ = attention.segment_attention(config, q, q_pos, keys, vals, k_pos, k_valid, memory,
+                                       inv_freq, gate_params, qx)
   return out, LayerCache(sink_k, sink_v, ring_k, ring_v, memory)
