@@ -42,7 +42,7 @@ ocfg = ml_collections.ConfigDict(dict(lr=A["lr"], warmup_steps=A["warm"], min_lr
                                       b2=0.95, eps=1e-8, weight_decay=A["wd"], clip_norm=1.0,
                                       trainable=A["trainable"], groups=None))
 if A["trainable"] == "all" and A["gate_lr"] != 1.0:
-  ocfg.groups = [(r".*/memory_gate/.*", A["gate_lr"], 0.0), (r"(?!.*/memory_gate/.*$).*", 1.0)]
+  ocfg.groups = optim.partition([(optim.GATE, A["gate_lr"], 0.0)], 1.0)
 groups = optim.groups_from_config(ocfg)
 abstract = model_lib.abstract_params(cfg)
 trainable = optim.trainable_paths(abstract, groups)

@@ -204,6 +204,7 @@ def test_gate_starts_nearly_off_and_is_a_tiny_share(form):
                                 params["params"]["embed"]["embedding"])
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_gate_through_the_memory():
   base = _tiny()
   params = model.init_params(base, jax.random.key(0))

@@ -13,6 +13,8 @@ import pytest
 
 from edgeinfinite_jax.bench import suite as bench
 
+pytestmark = pytest.mark.slow  # end to end: minutes on a 2-core CPU
+
 LENGTHS = (64, 128)
 
 

@@ -13,7 +13,6 @@ import pytest
 
 from edgeinfinite_jax import configs
 from edgeinfinite_jax.jobs import registry
-from edgeinfinite_jax.cli import main
 from edgeinfinite_jax import with_memory
 from edgeinfinite_jax.model import transformer as model_lib
 from edgeinfinite_jax.model.config import ConfigError, MemoryConfig, ModelConfig, RopeScaling

@@ -119,6 +119,7 @@ def test_short_route_is_the_base_model():
   np.testing.assert_allclose(np.stack(got, 1), want[:, 11:], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_greedy_matches_argmax_of_the_forward_pass():
   cfg, params = _model("edgeinfinite")
   engine = Engine(cfg, params, _scenario())
@@ -158,6 +159,7 @@ def test_state_size_does_not_depend_on_length():
   assert len(sizes) == 1
 
 
+@pytest.mark.slow
 def test_exported_step_functions_reproduce_the_engine_in_a_fresh_process(tmp_path):
   cfg, params = _model("edgeinfinite")
   engine = Engine(cfg, params, _scenario())
@@ -206,6 +208,7 @@ def test_bad_inputs_are_rejected_before_any_work():
   assert Scenario.preset("qa").n_window > Scenario.preset("summarization").n_window
 
 
+@pytest.mark.slow
 def test_one_state_branches_two_ways_without_donation():
   """decode donates its state (class doc); donate=False and copy_state keep one prefilled
   state usable twice (branching, beam search), equal to two independent runs, and

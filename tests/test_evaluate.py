@@ -44,6 +44,7 @@ def test_cells_share_one_prompt_length():
   assert len({s.answer for s in samples}) > 1  # but different keys
 
 
+@pytest.mark.slow
 def test_engine_predictor_runs_the_fixed_shape_engine():
   base = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                      num_kv_heads=1)

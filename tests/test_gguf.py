@@ -238,6 +238,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tok_file):
   assert ours.apply_chat_template(msgs) == list(want)
 
 
+@pytest.mark.slow
 def test_generate_cli_streams_an_answer(tok_file, tmp_path, capsys):
   """The command a user runs on a text file: prompt in, answer streamed, stats printed."""
   from edgeinfinite_jax.cli import generate
@@ -292,6 +293,7 @@ def test_config_init_gguf(models, root, monkeypatch):
     models_lib.validate_init(ml_collections.ConfigDict({"hf_path": "", "gguf": "ghost"}))
 
 
+@pytest.mark.slow
 def test_trainer_starts_from_a_gguf_file(tok_file, tmp_path):
   """``init.gguf`` + the file's own tokenizer: the trainer runs on the GGUF model's weights."""
   import importlib.util

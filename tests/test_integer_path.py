@@ -30,6 +30,7 @@ def _fast():
 
 @pytest.mark.parametrize("preset, mode", [("w8a8", "tflite_optimized"), ("w4a8", "gemmlowp"),
                                           ("a16w8", "litert_reference")])
+@pytest.mark.slow
 def test_integer_logits_agree_with_fake_quant_on_held_out_text(preset, mode):
   """Trained tiny model (80 steps on the embedded corpus), 1024 held-out positions.
 
@@ -44,6 +45,7 @@ def test_integer_logits_agree_with_fake_quant_on_held_out_text(preset, mode):
   assert got["int_greedy_agree_pct"] >= 99.0, got
 
 
+@pytest.mark.slow
 def test_exact_dot_reference_isolates_the_requantization():
   """fake_quant_dots='exact' is the quantized function without float32 accumulation
   error. Against it, single-rounding requantization (float64, LiteRT's reference
@@ -100,6 +102,7 @@ def _calibrated(cfg, params, quant):
   return calib.calibrate(long_cfg, params, [tokens(40, seed=7, batch=2)])
 
 
+@pytest.mark.slow
 def test_engine_in_three_numerics_modes_compiles_once_and_exports_integer_steps(tmp_path):
   """float / fake_quant on the long route, integer on both routes: one compilation per
   step function whatever the prompt; integer KV cache; the exported integer steps

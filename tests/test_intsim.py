@@ -268,6 +268,7 @@ INT8_EXPECT = {
 }
 
 
+@pytest.mark.slow
 def test_fully_connected_int8_matches_litert(tfl):
     rng = np.random.default_rng(5)
     bad, total, disagree = {}, 0, 0

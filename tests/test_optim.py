@@ -44,7 +44,7 @@ def test_presets_partition_a_real_model():
                                                    segment_len=16, n_window=16, n_sink=2)
   shapes = model_lib.abstract_params(config)
   paths = optim.flat_paths(shapes)
-  for name in optim.PRESETS:
+  for name in optim.TRAINABLE_SETS:
     optim.assign(shapes, optim.parse_groups(name))  # raises on gaps/overlaps
   gate = optim.trainable_paths(shapes, optim.parse_groups("gate"))
   assert gate == {p for p in paths if "/memory_gate/" in p} and len(gate) == 2

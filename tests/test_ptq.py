@@ -79,6 +79,7 @@ def test_per_group_beats_per_tensor_on_outlier_kernel():
   assert err(obs.MseObserver()) < 0.7 * err(None)
 
 
+@pytest.mark.slow
 def test_embeddings_and_lm_head(params):
   c = qc.QuantConfig(mode="fake_quant", embeddings=QuantSpec(8, granularity="per_channel"),
                      lm_head=QuantSpec(8, granularity="per_group", group_size=16))

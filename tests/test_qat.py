@@ -30,6 +30,7 @@ def _fast():
     yield
 
 
+@pytest.mark.slow
 def test_loss_terms_switch_on_and_off_and_sum_to_the_total():
   base = tiny()
   params = model.init_params(base, jax.random.key(0))
@@ -72,6 +73,7 @@ def _job_config(tmp_path, method, preset):
   return config
 
 
+@pytest.mark.slow
 def test_quant_job_runs_edgeqat_with_every_term_and_writes_metrics(tmp_path):
   got = quant_job.run(_job_config(tmp_path, "edgeqat_all", "w4a4"), str(tmp_path / "all"))
   saved = json.loads((tmp_path / "all" / "quant_metrics.json").read_text())
@@ -87,6 +89,7 @@ def test_quant_job_runs_edgeqat_with_every_term_and_writes_metrics(tmp_path):
   assert got["eval_ppl"] == saved["eval_ppl"]
 
 
+@pytest.mark.slow
 def test_qat_step_cost_reports_both_steps():
   module = configs.load_module(os.path.join(ROOT, "experiments/configs/quant_tiny.py"))
   config = module.get_config("tiny,method=qat")

@@ -80,6 +80,7 @@ def _engine_vs_forward(cfg, params, quant, calib_tokens):
   return np.stack(got, 1), np.asarray(want[:, prompt - 1:]), engine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fine_grained", "w8a8+memory", "w8a8+memory, integer"])
 def test_engine_equals_training_path_with_quantized_kv_and_memory(name):
   """Teacher forcing through the engine (quantize-on-write KV, chunked prefill, decode)
@@ -141,6 +142,7 @@ def test_calibration_writes_every_static_site_and_learned_inits(fast):
   np.testing.assert_allclose(lo / hi, 255 / 15, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_adaptive_bits_select_the_least_important_fraction_per_layer(fast):
   cfg = tiny()
   params = model.init_params(cfg, jax.random.key(0))
@@ -173,6 +175,7 @@ def test_ptq_params_save_and_restore(tmp_path, fast):
   np.testing.assert_array_equal(model.forward(qcfg, got, x), model.forward(qcfg, qp, x))
 
 
+@pytest.mark.slow
 def test_fine_grained_ptq_beats_round_to_nearest_per_tensor_at_w4(fast):
   """Logit error vs the float model on held-out text (this small, briefly trained
   model's held-out loss moves less than its noise, so the error is the measure)."""

@@ -90,6 +90,7 @@ def _meta_model(d):
     return transformers.AutoModelForCausalLM.from_config(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_tensor_shapes_match_transformers(name):
   d = _config(name)

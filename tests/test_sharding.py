@@ -59,6 +59,7 @@ CHILD = CONFIG_CODE + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_8_device_mesh_matches_single_device(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

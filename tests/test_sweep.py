@@ -263,6 +263,7 @@ def _mtime(path):
   return os.stat(path).st_mtime_ns
 
 
+@pytest.mark.slow
 def test_sweep_runs_resumes_after_kill_and_aggregates(tmp_path):
   cfg = _config(tmp_path, """
       for lr in (1e-3, 1e-2):

@@ -56,6 +56,13 @@ def test_loss_falls(runs):
   assert np.isfinite(runs["full"]["eval_loss"]) and runs["full"]["eval_ppl"] > 1
 
 
+def test_the_step_compiles_once_per_run(runs):
+  """Fixed shapes: 40 steps (log, eval and checkpoint steps among them) trace the step
+  function once; a resumed run traces it once more, in its own process state."""
+  assert runs["full"]["step_compiles"] == 1
+  assert runs["killed"]["step_compiles"] == 1 and runs["resumed"]["step_compiles"] == 1
+
+
 def test_same_seed_same_losses(runs):
   # the killed run is a second run of the same config from scratch
   assert runs["killed"]["losses"] == runs["full"]["losses"][:25]
@@ -128,6 +135,7 @@ def test_non_finite_loss_raises_naming_the_step(tmp_path):
     train.run(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_gate_finetune_from_hf_checkpoint(tmp_path):
   """init.hf_path + memory + "gate" preset: backbone loaded and frozen, gate trained."""
   base = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -185,6 +193,7 @@ def _checkpoint_dirs(workdir) -> list[str]:
     ({"optim.lr": 1e-3, "data.seq_len": 32, "train.log_every": 1},
      ["data.seq_len: 64 -> 32", "optim.lr: 0.003 -> 0.001"]),
 ])
+@pytest.mark.slow
 def test_changed_config_stops_before_touching_the_workdir(runs, tmp_path, overrides, lines):
   workdir = _copy_of_full_run(runs, tmp_path)
   before = _snapshot(workdir)
@@ -197,6 +206,7 @@ def test_changed_config_stops_before_touching_the_workdir(runs, tmp_path, overri
   assert _snapshot(workdir) == before  # config.json, metrics.jsonl, checkpoints untouched
 
 
+@pytest.mark.slow
 def test_watching_keys_change_freely_and_more_steps_extend_the_run(runs, tmp_path):
   workdir = _copy_of_full_run(runs, tmp_path)
   metrics = open(os.path.join(workdir, "metrics.jsonl")).read()
@@ -213,6 +223,7 @@ def test_watching_keys_change_freely_and_more_steps_extend_the_run(runs, tmp_pat
   assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == STEPS + 5
 
 
+@pytest.mark.slow
 def test_fresh_moves_the_old_run_aside(runs, tmp_path):
   workdir = _copy_of_full_run(runs, tmp_path)
   old = _snapshot(workdir)
@@ -267,6 +278,7 @@ def _corrupt(step_dir, how):
     ("delete_metadata", "default/_METADATA is missing"),
     ("delete_metadata_no_manifest", "orbax cannot restore it"),
 ])
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(runs, tmp_path, capsys, how,
                                                                reason):
   workdir = _copy_of_full_run(runs, tmp_path)

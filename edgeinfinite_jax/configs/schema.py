@@ -63,7 +63,7 @@ QUANT = {"preset": "", "preset_args": {}, "mode": "fake_quant", "edgeqat": {}}
 
 # Job ``quant`` (jobs/quant.py): method, base model, calibration, integer check.
 QUANTIZE = {
-    "method": "fp",               # one of METHODS
+    "method": "fp",               # one of train.qat.QUANT_METHODS
     "base_steps": 200,            # pretraining of the float base (no init)
     "base_workdir": "",           # where that run lives ("" = <workdir>/base; reused)
     "calib_batches": 4,           # calibration / LSQ-init batches (training split)
@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
           "eps": 1e-8,
           "weight_decay": 0.1,
           "clip_norm": 1.0,         # global-norm clipping, 0 = off
-          "trainable": "all",       # preset name, see optim.PRESETS
+          "trainable": "all",       # preset name, see optim.TRAINABLE_SETS
           "groups": None,           # or [(regex, lr_mult|"frozen"[, wd_mult]), ...]
       },
       "train": {

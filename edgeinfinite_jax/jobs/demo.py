@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from edgeinfinite_jax.jobs import demo_report
 from edgeinfinite_jax.train import workdir as workdir_lib
 from edgeinfinite_jax.model.config import ConfigError
 from edgeinfinite_jax.model.config import quantized
@@ -58,12 +59,8 @@ from edgeinfinite_jax.data import corpus as data_lib
 from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.train import qat
 from edgeinfinite_jax.train import calib
-from edgeinfinite_jax.eval import plots
 
-GATE_RE = r".*/memory_gate/.*"
-ATTN_RE = r".*/attn/.*_proj/.*"
 SFT_SETS = ("gate", "gate+attention", "all")
-METHODS = ("full", "streaming", "edgeinfinite")
 
 
 
@@ -127,12 +124,12 @@ def pretrain_config(config) -> ml_collections.ConfigDict:
 
 def _groups(run: str, gate_lr: float, lr: float) -> list:
   other = lr / gate_lr  # multipliers are relative to optim.lr = gate_lr
+  gate = (optim.GATE, 1.0, 0.0)  # own lr, no weight decay (reference §6.3)
   if run == "gate":
-    return [(GATE_RE, 1.0, 0.0), (rf"(?!{GATE_RE}$).*", "frozen")]
+    return optim.partition([gate], optim.FROZEN)
   if run == "gate+attention":
-    return [(GATE_RE, 1.0, 0.0), (ATTN_RE, other),
-            (rf"(?!{GATE_RE}$)(?!{ATTN_RE}$).*", "frozen")]
-  return [(GATE_RE, 1.0, 0.0), (rf"(?!{GATE_RE}$).*", other)]
+    return optim.partition([gate, (optim.ATTN_PROJ, other)], optim.FROZEN)
+  return optim.partition([gate], other)
 
 
 def sft_config(config, run: str, base: str) -> ml_collections.ConfigDict:
@@ -417,84 +414,6 @@ def integer_check(config, base_config, base_params, heldout, calib_batches) -> d
 # ----------------------------------------------------------------------------- results
 
 
-def _pct(x):
-  return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.0f}%"
-
-
-def results_table(record) -> str:
-  ev = record["eval"]
-  lengths, sft_len = ev["lengths"], ev["sft_len"]
-  head = "| method | " + " | ".join(f"{n} ({n / sft_len:g}×)" for n in lengths) + " | mean |"
-  lines = ["## Passkey retrieval (key outside window + segment; accuracy over depths)", "",
-           f"S-SFT length {sft_len} tokens; local reach {ev['reach']} tokens; depths "
-           f"{', '.join(f'{d:.0%}' for d in ev['depths'])}.", "", head,
-           "|" + "---|" * (len(lengths) + 2)]
-  for method, g in ev["passkey"].items():
-    lines.append(f"| {method} | " + " | ".join(_pct(a) for a in g["by_length"])
-                 + f" | {_pct(g['mean'])} |")
-  lines += ["", "## Cost (batch 1, this machine)", "",
-            "| method | " + " | ".join(f"TTFT {n}" for n in ev["cost"][next(iter(ev["cost"]))]
-                                        ["lengths"]) + " | state bytes (first → last) |",
-            "|" + "---|" * (len(ev["cost"][next(iter(ev["cost"]))]["lengths"]) + 2)]
-  for method, c in ev["cost"].items():
-    lines.append(f"| {method} | " + " | ".join(f"{1000 * t:.0f} ms" for t in c["ttft_s"])
-                 + f" | {c['kv_bytes'][0]:,} → {c['kv_bytes'][-1]:,} |")
-  if record.get("sft"):
-    lines += ["", "## S-SFT runs", "", "| trainable set | trainable params (share) | steps | "
-              "first → final answer loss | gate bias (mean) | wall |", "|---|---|---|---|---|---|"]
-    for run, s in record["sft"].items():
-      share = f"{s.get('trainable', 0):,} ({100 * s.get('trainable_share', 0):.3g}%)"
-      gb = s.get("gate_bias_mean")
-      lines.append(f"| {run} | {share} | {s.get('final_step', 0):.0f} | "
-                   f"{s.get('first_loss', float('nan')):.3f} → {s.get('loss', float('nan')):.3f} | "
-                   f"{'—' if gb is None else f'{gb:.2f}'} | {s.get('wall_s', 0):.0f} s |")
-  q = record.get("quant")
-  if q:
-    lines += ["", "## Post-training quantization (weight-only, dequantized)", "",
-              "| weights | bits | held-out loss | held-out ppl | passkey @8× |",
-              "|---|---|---|---|---|"]
-    for name, p in q["presets"].items():
-      lines.append(f"| {name} | {p['weight_bits']} | {p['heldout_loss']:.4f} | "
-                   f"{p['heldout_ppl']:.2f} | {_pct(p['passkey_8x'])} |")
-    ip = q.get("integer_path", {})
-    if ip.get("status") == "ok":
-      some = next(iter(ip["modes"].values()))
-      lines += ["", f"### Integer path vs fake-quant ({ip['recipe']}, base model, "
-                f"{some['int_positions']:,} held-out positions, int16 linear outputs)", "",
-                "| requantization | greedy agreement | max logit diff (output steps) | "
-                "agreement vs float-dot fake-quant | integer held-out loss |",
-                "|---|---|---|---|---|"]
-      for mode, m in ip["modes"].items():
-        lines.append(f"| {mode} | {m['int_greedy_agree_pct']:.2f}% | "
-                     f"{m['int_max_diff_steps']:.2f} | "
-                     f"{m['int_vs_float_dots_greedy_agree_pct']:.2f}% | "
-                     f"{m['int_eval_loss']:.4f} |")
-    else:
-      lines += ["", f"Integer path: {ip.get('status', 'not run')}."]
-  pre = record.get("pretrain", {})
-  if "eval_loss" in pre:
-    lines += ["", f"Pretraining: {pre.get('final_step', 0):.0f} steps, held-out loss "
-              f"{pre['eval_loss']:.3f} (ppl {pre.get('eval_ppl', 0):.2f})."]
-  return "\n".join(lines) + "\n"
-
-
-def write_results(config, workdir, record) -> str:
-  ev = record["eval"]
-  files = []
-  for method, g in ev["passkey"].items():
-    safe = method.replace("[", "_").replace("]", "").replace("+", "_")
-    files.append(plots.passkey_heatmap(g, os.path.join(workdir, f"passkey_heatmap_{safe}.png"),
-                                       title=f"passkey accuracy: {method}"))
-  files.append(plots.ttft_memory(ev["cost"], os.path.join(workdir, "ttft_memory.png")))
-  record["plots"] = [os.path.basename(f) for f in files]
-  table = results_table(record)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write("# EdgeInfinite demo results\n\n" + table + "\n"
-            + "".join(f"![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in files))
-  _save_json(os.path.join(workdir, "metrics.json"), record)
-  return table
-
-
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) every stage; returns the metrics record."""
   train.validate(config)
@@ -518,7 +437,8 @@ def run(config, workdir: str) -> dict:
   if prev.get("wall_s") and record["stages_skipped"]:
     record["first_run_wall_s"] = prev.get("first_run_wall_s", prev["wall_s"])
   _banner("stage 5/5: results")
-  table = write_results(config, workdir, record)
+  table = demo_report.write_results(workdir, record)
+  _save_json(os.path.join(workdir, "metrics.json"), record)
   print("\n" + table, flush=True)
   print(f"results in {os.path.abspath(workdir)} (metrics.json, results.md, plots); "
         f"wall {record['wall_s']:.0f} s", flush=True)

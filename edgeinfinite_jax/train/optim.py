@@ -33,18 +33,29 @@ from edgeinfinite_jax.model.config import ConfigError
 FROZEN = "frozen"
 DECAYED_LEAVES = ("kernel", "embedding")
 
-_GATE = r".*/memory_gate/.*"
-_ATTN_PROJ = r".*/attn/.*_proj/.*"
+# The parameter families trainable groups select; every regex over parameter
+# paths in the package is one of these (``layers_3/attn/memory_gate/bias``).
+GATE = r".*/memory_gate/.*"           # the memory gate (EdgeInfinite's only trained part)
+ATTN_PROJ = r".*/attn/.*_proj/.*"     # q/k/v/o projections (and their quantizer scales)
+QUANT = r".*/quant/.*"                # quantizer scales and zero points (QAT)
 
-# Named trainable sets. Regexes are mutually exclusive (negative lookaheads for
-# the frozen rest) because every parameter must match exactly one group.
-PRESETS: dict[str, tuple[tuple, ...]] = {
-    "all": ((r".*", 1.0),),
-    "gate": ((_GATE, 1.0),
-             (rf"(?!{_GATE}$).*", FROZEN)),
-    "gate+attention": ((_GATE, 1.0),
-                       (_ATTN_PROJ, 1.0),
-                       (rf"(?!{_GATE}$)(?!{_ATTN_PROJ}$).*", FROZEN)),
+
+def partition(selected: Sequence[Sequence[Any]], rest: Any) -> list[tuple]:
+  """Groups for ``selected`` ``(regex, lr_mult[, wd_mult])`` plus one for everything else.
+
+  ``rest`` is the remaining parameters' lr multiplier or ``"frozen"``. The rest's
+  regex excludes every selected one (negative lookaheads), because each parameter
+  must match exactly one group.
+  """
+  others = "".join(f"(?!{g[0]}$)" for g in selected)
+  return [tuple(g) for g in selected] + [(others + ".*", rest)]
+
+
+# Named trainable sets (``optim.trainable``).
+TRAINABLE_SETS: dict[str, list[tuple]] = {
+    "all": [(r".*", 1.0)],
+    "gate": partition([(GATE, 1.0)], FROZEN),
+    "gate+attention": partition([(GATE, 1.0), (ATTN_PROJ, 1.0)], FROZEN),
 }
 
 
@@ -61,9 +72,9 @@ class Group(NamedTuple):
 def parse_groups(spec: str | Sequence[Sequence[Any]]) -> list[Group]:
   """A preset name or a list of group tuples -> validated ``Group`` list."""
   if isinstance(spec, str):
-    if spec not in PRESETS:
-      raise ConfigError(f"optim.trainable={spec!r}: must be one of {sorted(PRESETS)}")
-    spec = PRESETS[spec]
+    if spec not in TRAINABLE_SETS:
+      raise ConfigError(f"optim.trainable={spec!r}: must be one of {sorted(TRAINABLE_SETS)}")
+    spec = TRAINABLE_SETS[spec]
   groups = []
   for i, g in enumerate(spec):
     where = f"optim.groups[{i}]={tuple(g)!r}"

@@ -27,7 +27,7 @@ decay) unless ``optim.groups`` is set.
 
 The ``quant`` job (``run``): a float base model (``init.hf_path`` / ``init.gguf``, or a short
 pretraining run on the configured data, reused from ``quantize.base_workdir``),
-then one method of ``METHODS`` at ``quant.preset``, then held-out perplexity and
+then one method of ``QUANT_METHODS`` at ``quant.preset``, then held-out perplexity and
 the integer-vs-fake-quant agreement written to ``quant_metrics.json``.
 """
 
@@ -54,7 +54,7 @@ from edgeinfinite_jax.quant.qconfig import EdgeQATOptions, QuantConfig
 from edgeinfinite_jax.model.config import quant_of, quantized
 
 # method -> what it does at the preset's bit widths (``recipe``)
-METHODS = {
+QUANT_METHODS = {
     "fp": "full precision (no quantization)",
     "ptq_rtn": "PTQ, round to nearest, per-tensor weights, calibrated per-tensor activations",
     "ptq_fine": "PTQ, per-group weights, dynamic per-token activations, int8 per-token KV",
@@ -65,15 +65,14 @@ METHODS = {
                    "tokens at half the preset's activation bits (w8a8/w4a8: 4, w4a4: 2)",
 }
 TRAINED = ("qat", "edgeqat_e", "edgeqat_ed", "edgeqat_all")
-QUANT_GROUP = r".*/quant/.*"
 
 
 
 
 def recipe(method: str, preset: str, group_size: int = 32) -> QuantConfig | None:
   """The QuantConfig of one (method, preset) point of the results table."""
-  if method not in METHODS:
-    raise ConfigError(f"quantize.method={method!r}: must be one of {sorted(METHODS)}")
+  if method not in QUANT_METHODS:
+    raise ConfigError(f"quantize.method={method!r}: must be one of {sorted(QUANT_METHODS)}")
   if method == "fp":
     return None
   base = qc.preset(preset)
@@ -175,7 +174,7 @@ def qat_config(config):
   c = ml_collections.ConfigDict(config.to_dict())
   if not c.optim.groups:
     mult = float(config.quantize.quant_lr_mult)
-    c.optim.groups = [(QUANT_GROUP, mult, 0.0), (rf"(?!{QUANT_GROUP}$).*", 1.0)]
+    c.optim.groups = optim.partition([(optim.QUANT, mult, 0.0)], 1.0)
   if config.quantize.qat_lr:
     c.optim.lr = float(config.quantize.qat_lr)
   return c

@@ -11,7 +11,7 @@ the presets W8A8, W4A8, W4A16 (weight-only), A16W8 and W4A4 and reports held-out
 perplexity against float, and, where the recipe can run in integer mode, the
 integer-vs-fake-quant agreement.
 
-Arguments (after ``:``): ``tiny``; ``method=NAME`` (``qat.METHODS``, default
+Arguments (after ``:``): ``tiny``; ``method=NAME`` (``qat.QUANT_METHODS``, default
 ``ptq_fine``: per-group weights, dynamic per-token activations; ``ptq_rtn`` is the
 round-to-nearest baseline; the QAT methods train); ``base=DIR`` (the shared base
 run, default ``workdirs/quant_tiny/base``, the one ``quant_tiny.py`` uses).

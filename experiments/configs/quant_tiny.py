@@ -15,7 +15,7 @@ quantization steps, greedy next-token agreement, integer perplexity).
 Arguments (after ``:``, comma-separated, see ``configs.parse_arg``):
   tiny            a CPU run well under a minute per point: 2 layers, hidden 32,
                   seq 64, 150 base steps (trained once), 30 QAT steps
-  method=NAME     one of qat.METHODS (default edgeqat_ed)
+  method=NAME     one of qat.QUANT_METHODS (default edgeqat_ed)
   preset=NAME     w8a8 | w4a8 | w4a4 (default w4a8)
   base=DIR        the shared base-model workdir (default workdirs/quant_tiny/base)
 

@@ -1,0 +1,108 @@
+"""The demo job's results: one function per table of ``results.md``, and the plots.
+
+Each table function reads only the metrics record (``metrics.json``), so a
+finished run's tables can be rebuilt from its record without rerunning anything.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from edgeinfinite_jax.eval import plots
+
+
+def _pct(x):
+  return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def passkey_table(ev) -> list[str]:
+  lengths, sft_len = ev["lengths"], ev["sft_len"]
+  head = "| method | " + " | ".join(f"{n} ({n / sft_len:g}×)" for n in lengths) + " | mean |"
+  lines = ["## Passkey retrieval (key outside window + segment; accuracy over depths)", "",
+           f"S-SFT length {sft_len} tokens; local reach {ev['reach']} tokens; depths "
+           f"{', '.join(f'{d:.0%}' for d in ev['depths'])}.", "", head,
+           "|" + "---|" * (len(lengths) + 2)]
+  for method, g in ev["passkey"].items():
+    lines.append(f"| {method} | " + " | ".join(_pct(a) for a in g["by_length"])
+                 + f" | {_pct(g['mean'])} |")
+  return lines
+
+
+def cost_table(cost) -> list[str]:
+  lengths = cost[next(iter(cost))]["lengths"]
+  lines = ["## Cost (batch 1, this machine)", "",
+           "| method | " + " | ".join(f"TTFT {n}" for n in lengths)
+           + " | state bytes (first → last) |", "|" + "---|" * (len(lengths) + 2)]
+  for method, c in cost.items():
+    lines.append(f"| {method} | " + " | ".join(f"{1000 * t:.0f} ms" for t in c["ttft_s"])
+                 + f" | {c['kv_bytes'][0]:,} → {c['kv_bytes'][-1]:,} |")
+  return lines
+
+
+def sft_table(sft) -> list[str]:
+  lines = ["## S-SFT runs", "", "| trainable set | trainable params (share) | steps | "
+           "first → final answer loss | gate bias (mean) | wall |", "|---|---|---|---|---|---|"]
+  for run, s in sft.items():
+    share = f"{s.get('trainable', 0):,} ({100 * s.get('trainable_share', 0):.3g}%)"
+    gb = s.get("gate_bias_mean")
+    lines.append(f"| {run} | {share} | {s.get('final_step', 0):.0f} | "
+                 f"{s.get('first_loss', float('nan')):.3f} → {s.get('loss', float('nan')):.3f} | "
+                 f"{'—' if gb is None else f'{gb:.2f}'} | {s.get('wall_s', 0):.0f} s |")
+  return lines
+
+
+def quant_table(q) -> list[str]:
+  lines = ["## Post-training quantization (weight-only, dequantized)", "",
+           "| weights | bits | held-out loss | held-out ppl | passkey @8× |", "|---|---|---|---|---|"]
+  for name, p in q["presets"].items():
+    lines.append(f"| {name} | {p['weight_bits']} | {p['heldout_loss']:.4f} | "
+                 f"{p['heldout_ppl']:.2f} | {_pct(p['passkey_8x'])} |")
+  return lines + [""] + integer_table(q.get("integer_path", {}))
+
+
+def integer_table(ip) -> list[str]:
+  if ip.get("status") != "ok":
+    return [f"Integer path: {ip.get('status', 'not run')}."]
+  some = next(iter(ip["modes"].values()))
+  lines = [f"### Integer path vs fake-quant ({ip['recipe']}, base model, "
+           f"{some['int_positions']:,} held-out positions, int16 linear outputs)", "",
+           "| requantization | greedy agreement | max logit diff (output steps) | "
+           "agreement vs float-dot fake-quant | integer held-out loss |", "|---|---|---|---|---|"]
+  for mode, m in ip["modes"].items():
+    lines.append(f"| {mode} | {m['int_greedy_agree_pct']:.2f}% | {m['int_max_diff_steps']:.2f} | "
+                 f"{m['int_vs_float_dots_greedy_agree_pct']:.2f}% | {m['int_eval_loss']:.4f} |")
+  return lines
+
+
+def results_table(record) -> str:
+  """Every table of a (possibly partial) record, as markdown."""
+  ev = record["eval"]
+  lines = passkey_table(ev) + [""] + cost_table(ev["cost"])
+  if record.get("sft"):
+    lines += [""] + sft_table(record["sft"])
+  if record.get("quant"):
+    lines += [""] + quant_table(record["quant"])
+  pre = record.get("pretrain", {})
+  if "eval_loss" in pre:
+    lines += ["", f"Pretraining: {pre.get('final_step', 0):.0f} steps, held-out loss "
+              f"{pre['eval_loss']:.3f} (ppl {pre.get('eval_ppl', 0):.2f})."]
+  return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, record) -> str:
+  """Plots and ``results.md`` in ``workdir`` (names recorded in ``record["plots"]``)."""
+  ev = record["eval"]
+  files = []
+  for method, g in ev["passkey"].items():
+    safe = method.replace("[", "_").replace("]", "").replace("+", "_")
+    files.append(plots.passkey_heatmap(g, os.path.join(workdir, f"passkey_heatmap_{safe}.png"),
+                                       title=f"passkey accuracy: {method}"))
+  files.append(plots.ttft_memory(ev["cost"], os.path.join(workdir, "ttft_memory.png")))
+  record["plots"] = [os.path.basename(f) for f in files]
+  table = results_table(record)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write("# EdgeInfinite demo results\n\n" + table + "\n"
+            + "".join(f"![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in files))
+  return table
