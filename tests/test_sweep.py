@@ -17,6 +17,7 @@ import time
 import pytest
 
 from edgeinfinite_jax.cli import sweep
+from edgeinfinite_jax.configs import overrides
 from edgeinfinite_jax.train import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,12 +75,12 @@ def test_run_name_is_readable_safe_and_bounded():
 def test_cli_values_round_trip():
   for current, value in [(1, 7), (0.5, 1e-3), (0.5, 2), (True, False), ("a", "gate+attention"),
                          ((8, 4), (4, 2))]:
-    parsed = sweep.parse_cli_value(sweep.cli_value(value), current, "k")
+    parsed = overrides.parse_cli_value(overrides.cli_value(value), current, "k")
     assert parsed == value and type(parsed) is type(current)
   with pytest.raises(ValueError, match="must be an int"):
-    sweep.parse_cli_value("1.5", 3, "train.steps")
+    overrides.parse_cli_value("1.5", 3, "train.steps")
   with pytest.raises(ValueError, match="value in get_config\\(\\) is None"):
-    sweep.parse_cli_value("x", None, "optim.groups")
+    overrides.parse_cli_value("x", None, "optim.groups")
 
 
 def test_final_metrics_last_values_and_metrics_json(tmp_path):
@@ -193,6 +194,7 @@ def test_parallel_runs_at_once(tmp_path, monkeypatch):
 LAUNCHER = textwrap.dedent("""
     import sys
     from edgeinfinite_jax.cli import sweep
+from edgeinfinite_jax.configs import overrides
     work, child = sys.argv[1], sys.argv[2]
     run = sweep.Run(0, "r", {"x": 1}, [sys.executable, "-c", child, work + "/r"], work + "/r")
     sweep.execute(sweep.Sweep("fake.py", work, [run], [run], ["x"], [], {}), progress=False)

@@ -45,13 +45,14 @@ may not name a swept key.
 The launcher process itself only validates, on the CPU backend: it never
 holds the accelerator that the runs need. Python API: ``plan`` (validate and
 name the runs), ``execute`` (run the pending ones), ``aggregate`` (write the
-tables).
+tables). The value codec is ``configs/overrides.py``, the child processes
+``cli/launcher.py``. (Over 400 lines on purpose: plan, state files, execution and
+aggregation of one sweep share its Run/Sweep records and read best in one place.)
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures
 import csv
 import dataclasses
@@ -66,15 +67,14 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import threading
-import time
 from typing import Any, Mapping, Sequence
 
-import ml_collections
 
 from edgeinfinite_jax import configs
+from edgeinfinite_jax.cli import launcher as launcher_lib
+from edgeinfinite_jax.configs import overrides as overrides_lib
 from edgeinfinite_jax.jobs import registry
 from edgeinfinite_jax.train import workdir as workdir_lib
 from edgeinfinite_jax.model.config import ConfigError
@@ -92,79 +92,6 @@ class SweepError(ValueError):
   """The sweep cannot start: bad config, bad point, bad flag. The message says which."""
 
 
-# ----------------------------------------------------------------------------- values
-
-
-def cli_value(value: Any, key: str = "value") -> str:
-  """The text after ``--config.KEY=`` that makes ``main`` set ``value``."""
-  if isinstance(value, bool):
-    return "True" if value else "False"
-  if isinstance(value, int):
-    return str(value)
-  if isinstance(value, float):
-    return repr(value)
-  if isinstance(value, str):
-    return value
-  if isinstance(value, (tuple, list)):
-    return repr(tuple(value))
-  raise SweepError(f"sweep key {key!r}: value {value!r} of type {type(value).__name__} cannot "
-                   "be passed on the command line (use bool, int, float, str or tuple)")
-
-
-_TRUE, _FALSE = ("true", "t", "1", "yes", "y"), ("false", "f", "0", "no", "n")
-
-
-def parse_cli_value(text: str, current: Any, key: str) -> Any:
-  """``text`` parsed as ``--config.KEY=text`` parses it for a field holding ``current``."""
-  rule = None
-  if isinstance(current, bool):
-    if text.lower() in _TRUE + _FALSE:
-      return text.lower() in _TRUE
-    rule = "must be a boolean (True/False)"
-  elif isinstance(current, int):
-    try:
-      return int(text)
-    except ValueError:
-      rule = "must be an int (the field's default is an int)"
-  elif isinstance(current, float):
-    try:
-      return float(text)
-    except ValueError:
-      rule = "must be a float"
-  elif isinstance(current, str):
-    return text
-  elif isinstance(current, tuple):
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = None
-    if isinstance(value, (tuple, list)):
-      return tuple(value)
-    rule = "must be a tuple literal such as (8, 4)"
-  elif current is None:
-    rule = ("cannot be set from the command line: its value in get_config() is None; give it "
-            "a default of the right type there")
-  elif isinstance(current, ml_collections.ConfigDict):
-    rule = "is a config section; sweep its leaves (section.key) instead"
-  else:
-    rule = f"cannot be set from the command line (type {type(current).__name__})"
-  raise ConfigError(f"{key}={text!r}: {rule}")
-
-
-def _lookup(config, dotted: str):
-  node, leaf = configs.key_parent(config, dotted)
-  return node[leaf]
-
-
-def resolve(config, overrides: Mapping[str, str]) -> ml_collections.ConfigDict:
-  """``config`` with ``{dotted key: command-line text}`` applied as ``main`` would."""
-  parsed = {k: parse_cli_value(text, _lookup(config, k), k) for k, text in overrides.items()}
-  try:
-    return configs.apply_overrides(config, parsed)
-  except TypeError as e:  # ConfigDict type safety
-    raise ConfigError(str(e)) from None
-
-
 # ----------------------------------------------------------------------------- names
 
 
@@ -175,7 +102,7 @@ def run_name(point: Mapping[str, Any], max_len: int = MAX_NAME) -> str:
   longer than ``max_len`` keeps a readable prefix and ends in a hash of the
   whole point. An empty point is ``base``.
   """
-  text = ",".join(f"{k}={cli_value(v, k)}" for k, v in point.items())
+  text = ",".join(f"{k}={overrides_lib.cli_value(v, k)}" for k, v in point.items())
   slug = re.sub(r"[^A-Za-z0-9._,=+-]", "_", text) or "base"
   if slug[0] in ".-":
     slug = "_" + slug
@@ -292,15 +219,15 @@ def plan(config: str, workdir: str, overrides: Sequence[str] | Mapping[str, Any]
       raise SweepError(f"--config.{key}={common[key]}: {key} is swept (by point(s) "
                        f"{','.join(swept_by)}); a common override may not name a swept key")
   try:
-    resolve(base, common)
+    overrides_lib.resolve(base, common)
   except ConfigError as e:
     raise SweepError(f"--config.KEY=VALUE flags: {e}") from None
   errors, runs, seen, swept, resolved_configs = [], [], {}, [], []
   for i, point in enumerate(points):
     label = f"sweep point {i} {point}"
     try:
-      texts = {k: cli_value(v, k) for k, v in point.items()}
-      resolved = resolve(resolve(base, common), texts)
+      texts = {k: overrides_lib.cli_value(v, k) for k, v in point.items()}
+      resolved = overrides_lib.resolve(overrides_lib.resolve(base, common), texts)
       registry.validate(resolved, n_devices=_validation_devices(resolved),
                           check_paths=check_paths)
     except (ConfigError, SweepError, ValueError, TypeError) as e:
@@ -322,7 +249,7 @@ def plan(config: str, workdir: str, overrides: Sequence[str] | Mapping[str, Any]
                      "nothing was run:\n  " + "\n  ".join(errors))
 
   for r, resolved in zip(runs, resolved_configs):
-    r.values = {k: _lookup(resolved, k) for k in swept}
+    r.values = {k: overrides_lib.value_at(resolved, k) for k in swept}
   names = [r.name for r in runs]
   for r in runs:  # distinct points whose slugs collide (after sanitising / cutting)
     if names.count(r.name) > 1:
@@ -335,7 +262,7 @@ def plan(config: str, workdir: str, overrides: Sequence[str] | Mapping[str, Any]
 
 def _parse_overrides(overrides) -> dict[str, str]:
   if isinstance(overrides, Mapping):
-    return {k: cli_value(v, k) for k, v in overrides.items()}
+    return {k: overrides_lib.cli_value(v, k) for k, v in overrides.items()}
   out = {}
   for flag in overrides:
     m = re.fullmatch(r"--config\.([A-Za-z0-9_.]+)=(.*)", flag, re.S)
@@ -447,86 +374,11 @@ def _tail(path: str, n: int = 15) -> str:
   return "\n".join("    | " + l for l in lines[-n:])
 
 
-# The first thing a run executes on Linux (``-I -S``: a bare interpreter, no site
-# imports): ask the kernel for SIGKILL when the launcher dies (prctl
-# PR_SET_PDEATHSIG = 1; it survives exec), give up if the launcher is already
-# gone, then exec the run's own command in place (same PID, same environment).
-# Doing this in the child before exec, rather than in a ``preexec_fn``, keeps
-# the fork safe: the launcher has threads (its pool, JAX's), and Python code run
-# between fork and exec in a threaded process can deadlock.
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "libc = ctypes.CDLL(None, use_errno=True)\n"
-    "if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:\n"
-    "  raise OSError(ctypes.get_errno(), 'prctl(PR_SET_PDEATHSIG) failed')\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "  sys.exit('sweep: the launcher died before this run started')\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n")
-
-
-def _child_argv(argv: Sequence[str]) -> list[str]:
-  """``argv`` as the launcher executes it: on Linux behind ``_DIE_WITH_PARENT``,
-  so the run dies with the launcher, even one killed with SIGKILL (no handler of
-  the launcher's can run then; only the kernel can end the run)."""
-  if not sys.platform.startswith("linux"):
-    return list(argv)
-  return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
-
-
-class _Launcher:
-  """Runs subprocesses, remembering them so an interrupt can stop them.
-
-  Each run gets its own process group (``start_new_session``), so stopping it
-  stops whatever it started too, and dies with the launcher (``_child_argv``).
-  """
-
-  def __init__(self, env):
-    self.env, self.procs, self.lock, self.stopping = env, set(), threading.Lock(), False
-
-  def run(self, run: Run) -> tuple[int, float]:
-    os.makedirs(run.workdir, exist_ok=True)
-    for stale in (FAILED,):
-      try:
-        os.remove(os.path.join(run.workdir, stale))
-      except FileNotFoundError:
-        pass
-    start = time.perf_counter()
-    with open(os.path.join(run.workdir, LOG), "a") as log:
-      log.write(f"### {datetime.datetime.now().isoformat(timespec='seconds')} {run.command}\n")
-      log.flush()
-      with self.lock:
-        if self.stopping:
-          return -signal.SIGTERM, 0.0
-        proc = subprocess.Popen(_child_argv(run.argv), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self.env, start_new_session=True)
-        self.procs.add(proc)
-      try:
-        rc = proc.wait()
-      finally:
-        with self.lock:
-          self.procs.discard(proc)
-    return rc, time.perf_counter() - start
-
-  def stop(self):
-    with self.lock:
-      self.stopping = True
-      procs = list(self.procs)
-    for p in procs:
-      _signal_group(p, signal.SIGTERM)
-    for p in procs:
-      try:
-        p.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        _signal_group(p, signal.SIGKILL)
-        p.wait()
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-  """``sig`` to the run's process group (the run and anything it started)."""
+def _clear_failed(run: Run) -> None:
+  os.makedirs(run.workdir, exist_ok=True)
   try:
-    os.killpg(proc.pid, sig)
-  except ProcessLookupError:  # already gone, with its group
+    os.remove(os.path.join(run.workdir, FAILED))  # a rerun's outcome is its own
+  except FileNotFoundError:
     pass
 
 
@@ -558,7 +410,7 @@ def _execute(sweep: Sweep, parallel: int, progress: bool, out) -> dict:
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   if parallel > 1:
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  launcher = _Launcher(env)
+  launcher = launcher_lib.Launcher(env)
   bar = tqdm(total=len(sweep.selected), initial=len(skipped), desc="sweep", unit="run",
              disable=not progress, dynamic_ncols=True, file=sys.stderr)
   say = bar.write if progress else (lambda s: print(s, file=out, flush=True))
@@ -568,7 +420,8 @@ def _execute(sweep: Sweep, parallel: int, progress: bool, out) -> dict:
 
   def one(run: Run):
     say(f"[run {run.index}] {run.command}")
-    rc, seconds = launcher.run(run)
+    _clear_failed(run)
+    rc, seconds = launcher.run(run.argv, run.command, os.path.join(run.workdir, LOG))
     if rc == 0:
       metrics = final_metrics(run.workdir)
       workdir_lib.write_atomic(os.path.join(run.workdir, DONE), json.dumps({
@@ -640,7 +493,7 @@ def aggregate(sweep: Sweep, out=None) -> list[dict[str, Any]]:
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
   writer.writeheader()
-  writer.writerows({k: (cli_value(v) if k in sweep.swept_keys and v != "" else v)
+  writer.writerows({k: (overrides_lib.cli_value(v) if k in sweep.swept_keys and v != "" else v)
                     for k, v in row.items()} for row in rows)
   workdir_lib.write_atomic(os.path.join(sweep.workdir, "results.csv"), buf.getvalue())
   md = markdown_table(rows, [c for c in columns if c != "run"])

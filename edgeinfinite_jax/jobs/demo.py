@@ -26,7 +26,10 @@ the training stages resume from their orbax checkpoints):
    ``dequantize_params``) per ``demo.quant_presets``: held-out loss against float,
    and the passkey accuracy of the quantized edgeinfinite model at 8x.
 5. ``metrics.json``, ``results.md`` (printed at the end) and the plots
-   ``passkey_heatmap_<method>.png``, ``ttft_memory.png`` in DIR.
+   ``passkey_heatmap_<method>.png``, ``ttft_memory.png`` in DIR (``demo_report.py``).
+
+(Over 400 lines on purpose: the five stages read top to bottom in one file, each a
+short function sharing the stage-record helpers; the tables live in demo_report.py.)
 """
 
 from __future__ import annotations
@@ -325,11 +328,9 @@ def _heldout_batches(config, n, split="heldout"):
 
 
 def stage_quant(config, workdir, base, models, record) -> dict:
-  """Weight-only PTQ of the base model (float -> quantize -> dequantize) per preset.
-
-  Hook for the integer path: when the model/engine gain an integer (or
-  fake-quant) mode, run it here on the same held-out batches and report the
-  agreement of its greedy tokens with this dequantized model.
+  """Weight-only PTQ of the base model (float -> quantize -> dequantize) per preset:
+  held-out loss and passkey at 8x; then the integer path's agreement with
+  fake-quant on the same held-out batches (``integer_check``).
   """
   path = os.path.join(workdir, "quant.json")
   done = _finished_stage(record, "quant", path, "stage 4/5: quantization")
