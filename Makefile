@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= results/demo
 CONFIG ?= experiments/configs/demo.py
 
-.PHONY: demo test bench install install-test clean
+.PHONY: demo test quick bench install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,18 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m edgeinfinite_jax.cli.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # Random test order (pytest-randomly) with the seed printed first: SEED=N make test replays an order.
+# pytest-xdist runs one worker per core (JOBS=N to choose; JOBS=0 runs in this process), a
+# test file per worker at a time (--dist loadfile: module fixtures are built once).
+JOBS ?= auto
 test: $(VENV)/.installed-test
 	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
 	echo "test order: pytest-randomly seed $$seed (replay: SEED=$$seed make test)"; \
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider -p randomly --randomly-seed=$$seed
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -p randomly --randomly-seed=$$seed \
+	  -n $(JOBS) --dist loadfile
+
+# The developer's loop: everything not marked slow (about 3 minutes on 2 cores).
+quick: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" -n $(JOBS) --dist loadfile
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m edgeinfinite_jax.bench

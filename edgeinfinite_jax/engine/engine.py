@@ -176,6 +176,19 @@ class Engine:
   its rules, the scales in ``params`` and the integer accumulator depths of the
   scenario are checked here, before anything compiles.
 
+  What compiles when: two jitted step functions per route (``prefill`` of one
+  segment, ``decode`` of one token), each traced on its first call and never again
+  for this engine (lengths and positions are traced int32; ``compile_counts()``).
+  ``with_params`` shares them. Another Scenario, model config or quant config is
+  another Engine, with its own compilations.
+
+  State (``EngineState``), per route, fixed by ``Scenario.routes``: one
+  ``LayerCache`` per layer with ``sink_k/v [B, n_sink, K, D]`` and ``ring_k/v
+  [B, ring_len, K, D]`` in the compute dtype (the integer K/V dtype in integer
+  mode), the memory ``M [B, K, D, D]`` and ``z [B, K, D]`` in float32 (zero-sized
+  unless edgeinfinite), and ``length``, an int32 scalar. B = ``Scenario.batch_size``,
+  K = kv heads, D = head dim.
+
   Call contract:
 
   * ``prefill(tokens)``: integer ``[batch, time]``, ``batch == Scenario.batch_size``,

@@ -22,7 +22,7 @@ config that would change that run stops before anything is written
 checkpoint whose files fail their sha256 manifest, or that orbax cannot read, is
 moved to ``checkpoints/corrupt-<step>`` and the one before it is restored.
 Multi-process runs decide all of this on process 0, which alone writes files
-other than orbax's.
+other than orbax's (``resume.py``; the files themselves: ``workdir.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 from typing import Any, NamedTuple
 
@@ -46,11 +45,11 @@ from edgeinfinite_jax import configs
 from edgeinfinite_jax.configs import validate as config_rules
 from edgeinfinite_jax.model import transformer as model_lib
 from edgeinfinite_jax.train import optim
+from edgeinfinite_jax.train import resume
 from edgeinfinite_jax.train import sharding
 from edgeinfinite_jax.train import workdir as workdir_lib
 from edgeinfinite_jax.model.config import ConfigError, ModelConfig
 from edgeinfinite_jax.checkpoints import models
-from jax.experimental import multihost_utils
 
 class TrainState(NamedTuple):
   step: jax.Array   # int32 scalar: optimizer updates done so far
@@ -216,111 +215,6 @@ def _abstract(shapes, shardings):
                       shapes, shardings)
 
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  """Atomic (tmp dir + rename) saves, keeping the last ``checkpoint.keep``."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options)
-
-
-# ----------------------------------------------------------------------------- workdir
-
-
-def _from_main(value: int) -> int:
-  """Process 0's ``value`` on every process (one process: ``value``)."""
-  if jax.process_count() == 1:
-    return value
-  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-
-
-def _main_decides(fn, workdir: str):
-  """``fn()`` on process 0 only; a WorkdirError / CheckpointError it raises is
-  raised on every process (the others point to process 0's message), so no
-  process goes on into a collective the others never reach."""
-  error, result = None, None
-  if jax.process_index() == 0:
-    try:
-      result = fn()
-    except (workdir_lib.WorkdirError, workdir_lib.CheckpointError) as e:
-      error = e
-  if not _from_main(int(error is None)):
-    raise error or workdir_lib.WorkdirError(
-        f"workdir {workdir}: process 0 stopped the run; its output says why")
-  return result
-
-
-def _prepare_workdir(workdir: str, config, model_config: ModelConfig, fresh: bool) -> None:
-  """Process 0: refuse a config that changes the recorded run (or, ``fresh``,
-  move that run aside), then record this one."""
-  config_json = config.to_json_best_effort(indent=2, sort_keys=True)
-  if fresh:
-    moved = workdir_lib.move_aside(workdir)
-    if moved:
-      print(f"train.fresh: moved the previous run of {workdir} to {moved}", flush=True)
-  else:
-    # defaults: a workdir recorded before a key existed resumes under its default
-    workdir_lib.check_run(workdir, json.loads(config_json), model_config.to_dict(),
-                          configs.base_config().to_dict(), ModelConfig().to_dict())
-  workdir_lib.write_record(workdir, config_json, model_config.to_dict())
-
-
-def _reject(directory: str, step: int, reason: str, rejected: list) -> None:
-  moved = workdir_lib.quarantine(directory, step)
-  rejected.append(f"step {step}: {reason} (moved to {moved})")
-  print(f"warning: checkpoint {os.path.join(directory, str(step))} is bad: {reason}; moved "
-        f"to {moved}; falling back to the checkpoint before it", file=sys.stderr, flush=True)
-
-
-def _pick_checkpoint(directory: str, rejected: list) -> int:
-  """Process 0: the newest step whose manifest verifies (-1: none saved yet);
-  failing ones are moved aside. Raises CheckpointError when steps existed but
-  none is intact: a workdir with checkpoints never silently starts over."""
-  for step in workdir_lib.checkpoint_steps(directory):
-    reason = workdir_lib.verify(os.path.join(directory, str(step)))
-    if reason is None:
-      return step
-    _reject(directory, step, reason, rejected)
-  if rejected:
-    raise workdir_lib.CheckpointError(
-        f"no intact checkpoint in {directory}; every one was moved aside (never deleted):\n  "
-        + "\n  ".join(rejected)
-        + "\nRestore one by hand (move a corrupt-<step> back to <step>) or start over with "
-          "train.fresh=True")
-  return -1
-
-
-def _restore(workdir: str, config, abstract_state):
-  """(manager, state) from the newest intact checkpoint; (None, None) if none.
-
-  A step whose checksum manifest fails is skipped for the one before it. A
-  step without a manifest that orbax cannot read is skipped the same way in a
-  one-process run; with a manifest that verifies, or with several processes
-  (which must agree on one step), such a failure stops the run with orbax's
-  reason in one line.
-  """
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  rejected: list[str] = []
-  while True:
-    step = _main_decides(lambda: _pick_checkpoint(directory, rejected), workdir)
-    step = _from_main(-1 if step is None else step)  # None: not process 0
-    if step < 0:
-      return None, None
-    mngr = checkpoint_manager(workdir, config)
-    try:
-      return mngr, mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # orbax / TensorStore errors come in many types
-      mngr.close()
-      step_dir = os.path.join(directory, str(step))
-      reason = f"orbax cannot restore it: {workdir_lib.one_line(e)}"
-      if workdir_lib.has_manifest(step_dir):
-        raise workdir_lib.CheckpointError(
-            f"checkpoint {step_dir}: {reason}; its files match their sha256 manifest, so it "
-            "is intact but does not fit this run (model or optimizer shapes?)") from e
-      if jax.process_count() > 1:
-        raise workdir_lib.CheckpointError(f"checkpoint {step_dir}: {reason}") from e
-      _reject(directory, step, reason, rejected)
-
 
 # ----------------------------------------------------------------------------- run
 
@@ -349,7 +243,7 @@ def run(config, workdir: str, *, stop_after: int | None = None, model=None,
   if fresh is None:
     fresh = bool(config.train.get("fresh", False))
   # Process 0 holds the lock for the whole run; every process learns whether it got it.
-  lock = _main_decides(lambda: workdir_lib.Lock(workdir, "trainer").acquire(), workdir)
+  lock = resume.main_decides(lambda: workdir_lib.Lock(workdir, "trainer").acquire(), workdir)
   try:
     return _run(config, workdir, stop_after, model, loss, fresh)
   finally:
@@ -364,7 +258,7 @@ def _run(config, workdir, stop_after, model, loss, fresh) -> dict:
   # 0. The model, then the workdir's record: a config that changes the recorded
   # run stops here, before anything is compiled or written.
   model_config, base_params = model if model is not None else model_and_base_params(config)
-  _main_decides(lambda: _prepare_workdir(workdir, config, model_config, fresh), workdir)
+  resume.main_decides(lambda: resume.prepare_workdir(workdir, config, model_config, fresh), workdir)
 
   # 1. Mesh.
   mesh = sharding.make_mesh(config)
@@ -413,14 +307,14 @@ def _run(config, workdir, stop_after, model, loss, fresh) -> dict:
   # 7. Resume from the newest intact checkpoint, restored straight into its
   # shardings (also with checkpoint.enabled=False: that only stops saving).
   with sharding.activation_context(mesh, rules):
-    mngr, state = _restore(workdir, config, _abstract(state_shapes, state_sh))
+    mngr, state = resume.restore(workdir, config, _abstract(state_shapes, state_sh))
     if state is None:
       state = jax.jit(init, out_shardings=state_sh)(init_rng, base_params)
   if mngr is not None and not config.checkpoint.enabled:
     mngr.close()
     mngr = None
   elif mngr is None and config.checkpoint.enabled:
-    mngr = checkpoint_manager(workdir, config)
+    mngr = resume.checkpoint_manager(workdir, config)
   start = int(jax.device_get(state.step))
   if is_main:
     share = optim.summary(abstract_params, groups)
