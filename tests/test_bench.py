@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from edgeinfinite_jax.bench import suite as bench
+from edgeinfinite_jax.bench import plan, probes, suite
+from edgeinfinite_jax.bench import report as report_lib  # `report` is the fixture below
 
 pytestmark = pytest.mark.slow  # end to end: minutes on a 2-core CPU
 
@@ -62,11 +63,11 @@ def test_prefill_table_has_a_parsable_row_per_method_and_length(report):
   assert "## Errors" not in md, md[md.find("## Errors"):]
   rows = _table(md, "| method | context | TTFT")
   got = {(r[0], int(r[1])) for r in rows}
-  assert got == {(m, n) for m in bench.METHODS for n in LENGTHS}
+  assert got == {(m, n) for m in plan.METHODS for n in LENGTHS}
   for method, length, ttft, per_tok, compile_s, delta, peak, state, compiles in rows:
     assert _number(ttft) > 0 and _number(per_tok) > 0 and _number(peak) > 0
     assert _number(delta) >= 0 and _number(state) > 0
-    if method in bench.ENGINE_METHODS:
+    if method in plan.ENGINE_METHODS:
       assert _number(compile_s) > 0
       assert compiles == "2"  # one prefill-segment and one decode function, long route
 
@@ -74,11 +75,11 @@ def test_prefill_table_has_a_parsable_row_per_method_and_length(report):
 def test_decode_table_and_targets(report):
   _, md, _ = report
   rows = _table(md, "| method | context | median")
-  assert {(r[0], int(r[1])) for r in rows} == {(m, n) for m in bench.METHODS for n in LENGTHS}
+  assert {(r[0], int(r[1])) for r in rows} == {(m, n) for m in plan.METHODS for n in LENGTHS}
   for r in rows:
     assert _number(r[2]) > 0 and _number(r[3]) > 0
   targets = _table(md, "| target |")
-  assert [t[0].split(" (here")[0] for t in targets] == list(bench.TARGETS)
+  assert [t[0].split(" (here")[0] for t in targets] == list(report_lib.TARGETS)
   assert all(t[2] in ("pass", "FAIL", "not measured") for t in targets)
   # The state-size target is checkable at any scale, and must hold.
   assert targets[1][2] == "pass"
@@ -92,26 +93,26 @@ def test_plot_and_raw_results_are_written_and_linked(report):
   for link in links:
     assert os.path.getsize(out.parent / link) > 0
   results = json.loads((out.parent / "benchmarks/results.json").read_text())
-  assert {r["method"] for r in results["prefill"]} == set(bench.METHODS)
+  assert {r["method"] for r in results["prefill"]} == set(plan.METHODS)
   for r in results["prefill"]:  # --repeats 2: the fastest of two reads
     assert len(r["ttft_runs_s"]) == 2 and r["ttft_s"] == min(r["ttft_runs_s"])
   assert "## QAT step cost\n\nSkipped: --no-qat." in md
 
 
 def test_skipping_follows_the_trend_of_shorter_lengths():
-  assert bench._estimate([], 1024) is None
-  assert bench._estimate([(1024, 2.0)], 4096) == pytest.approx(8.0)
+  assert probes.estimate([], 1024) is None
+  assert probes.estimate([(1024, 2.0)], 4096) == pytest.approx(8.0)
   # Quadratic trend: 4x per doubling.
-  assert bench._estimate([(1024, 1.0), (2048, 4.0)], 8192) == pytest.approx(64.0)
+  assert probes.estimate([(1024, 1.0), (2048, 4.0)], 8192) == pytest.approx(64.0)
   # Never extrapolates sub-linearly.
-  assert bench._estimate([(1024, 1.0), (2048, 1.0)], 4096) == pytest.approx(2.0)
+  assert probes.estimate([(1024, 1.0), (2048, 1.0)], 4096) == pytest.approx(2.0)
 
 
 def test_length_and_method_flags_are_validated():
-  assert bench._parse_lengths("1k,4096, 2k") == [1024, 2048, 4096]
+  assert suite.parse_lengths("1k,4096, 2k") == [1024, 2048, 4096]
   with pytest.raises(Exception):
-    bench._parse_methods("full,bogus")
-  assert bench._parse_methods("transformers,full") == ["full", "transformers"]
+    suite.parse_methods("full,bogus")
+  assert suite.parse_methods("transformers,full") == ["full", "transformers"]
 
 
 def test_qat_section_renders_what_qat_step_cost_returned(report):
@@ -119,17 +120,17 @@ def test_qat_section_renders_what_qat_step_cost_returned(report):
   results = json.loads((out.parent / "benchmarks/results.json").read_text())
   raw = {"fp_step_ms": 10.0, "qat_step_ms": 12.5, "ratio": 1.25, "method": "edgeqat_ed"}
   results["qat"] = {"raw": raw}
-  md = bench.render_markdown(results)
+  md = report_lib.render_markdown(results)
   assert "| qat_step_ms | 12.5 |" in md
   assert "| QAT / full-precision step time | 1.25 (pass: target <= 1.5) |" in md
   results["qat"] = {"raw": {**raw, "ratio": 1.6}}
   assert "| QAT / full-precision step time | 1.60 (FAIL: target <= 1.5) |" in (
-      bench.render_markdown(results))
+      report_lib.render_markdown(results))
 
 
 def test_lengths_past_the_time_budget_or_a_failure_are_skipped_and_said_so(tmp_path,
                                                                            monkeypatch):
-  """Planning only: _run_job is replaced by a model of the costs, no subprocess runs."""
+  """Planning only: probes.run_job is replaced by a model of the costs, no subprocess runs."""
   calls = []
 
   def fake_run_job(job, timeout):
@@ -143,11 +144,11 @@ def test_lengths_past_the_time_budget_or_a_failure_are_skipped_and_said_so(tmp_p
       out["ttft_s"] = (n / 64) ** 2  # quadratic: 1, 4, then 16 (est.) > 10
     return out
 
-  monkeypatch.setattr(bench, "_run_job", fake_run_job)
+  monkeypatch.setattr(probes, "run_job", fake_run_job)
   out = tmp_path / "B.md"
   argv = ["--quick", "--lengths", "64,128,256", "--methods", "full,streaming",
           "--max-seconds", "10", "--no-qat", "--no-plot", "--out", str(out)]
-  bench.run(bench.build_parser().parse_args(argv), argv)
+  suite.run(suite.build_parser().parse_args(argv), argv)
   md = out.read_text()
   rows = {(r[0], int(r[1])): r[2] for r in _table(md, "| method | context | TTFT")}
   assert rows[("full", 64)] == "1.000" and rows[("full", 128)] == "4.000"

@@ -2,13 +2,16 @@
 
 The benchmark's ``qat`` row (target: at most 1.5x). Both steps are compiled as
 ``train.run`` compiles them (donated state), and alternate so that machine load
-hits both alike.
+hits both alike. ``run_job`` is that row's worker, in a process of its own
+(``python -m edgeinfinite_jax.bench.qat_step JOB_JSON``, see ``probes``): the
+training stack it imports stays out of the engine workers' memory.
 """
 
 from __future__ import annotations
 
 import functools
 import statistics
+import sys
 import time
 
 import jax
@@ -17,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from edgeinfinite_jax import configs
+from edgeinfinite_jax.bench import measure
 from edgeinfinite_jax.model import transformer as model_lib
 from edgeinfinite_jax.model.config import quantized
 from edgeinfinite_jax.train import calib, optim, qat
@@ -80,3 +84,21 @@ def qat_step_cost(config, n: int = 10, warmup: int = 2) -> dict:
           "ratio_of_medians": qat_ms / fp_ms, "n": n,
           "method": method, "preset": config.quant.preset or "w8a8",
           "batch": list(tokens.shape)}
+
+
+def run_job(job: dict) -> dict:
+  """``qat_step_cost`` on the benchmark's model (``job`` as ``probes.measure_qat`` builds it).
+
+  The batch is small (``job["batch"]`` rows of ``job["seq_len"]`` tokens) so that
+  the two compiled training steps fit the run's time budget on a CPU.
+  """
+  config = configs.base_config()
+  config.model.update(job["model"])
+  config.data.batch_size = job["batch"]
+  config.data.seq_len = job["seq_len"]
+  config.seed = job.get("seed", 0)
+  return {"method": "qat", "raw": qat_step_cost(config, n=job["n"], warmup=job["warmup"])}
+
+
+if __name__ == "__main__":
+  sys.exit(measure.serve(sys.argv[1], {"qat": run_job}))

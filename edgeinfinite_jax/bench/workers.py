@@ -1,0 +1,206 @@
+"""The JAX side of the benchmark: the checkpoint it measures and the engine worker.
+
+``write_checkpoint`` runs in the orchestrator: random weights for the plan's
+model, saved with ``save_hf`` so that the engine and the transformers reference
+(``torch_worker.py``) load the same weights.
+
+``engine_worker`` runs in a fresh process per measurement,
+``python -m edgeinfinite_jax.bench.workers JOB_JSON`` (``probes.worker_command``),
+so that its peak memory is its own: it builds an ``Engine`` for one method,
+warms up (compiles) on a one-segment prompt, reads the whole prompt inside a
+``measure.MemoryWindow``, reads it again (``repeats``), and times decode steps.
+The QAT worker is ``qat_step.run_job``, in its own module and process: importing
+the training stack (optax, orbax) here would count in the engine's peak RSS.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgeinfinite_jax.bench import measure
+from edgeinfinite_jax.checkpoints.hf import load_hf, save_hf
+from edgeinfinite_jax.engine.engine import Engine, Scenario, state_nbytes
+from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.model.gate import with_memory
+from edgeinfinite_jax.model.transformer import abstract_params
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def random_params(config: ModelConfig, seed: int):
+  """Random weights in numpy for the shapes ``model.abstract_params`` gives.
+
+  Not ``init_params``: that traces and compiles the model's whole init, which
+  took 17-28 s here (2 busy CPU cores) for the tiny ``--quick`` model as for the
+  55M one, against 0.5 s and 2.5 s for this fill -- seconds added to every
+  smoke run and test for values the timings do not depend on. The fill follows
+  ``init_params``'s scheme (normal(0.02) kernels and embeddings, unit norm
+  scales, zero biases) on exactly its tree (``abstract_params`` is
+  ``eval_shape`` of ``init_params``), so the checkpoint is a normal model.
+  """
+  rng = np.random.default_rng(seed)
+
+  def make(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale":
+      return np.ones(leaf.shape, np.float32)
+    if name == "bias":
+      return np.zeros(leaf.shape, np.float32)
+    return (0.02 * rng.standard_normal(leaf.shape, dtype=np.float32)).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(make, abstract_params(config))
+
+
+def write_checkpoint(model: dict, scenario: dict, seed: int, path: str) -> tuple[ModelConfig, int]:
+  """Checks the scenario, saves random weights of ``model`` to ``path``: (config, #params)."""
+  config = ModelConfig(**model)
+  Scenario(segment_len=scenario["segment_len"], n_sink=scenario["n_sink"],
+           n_window=scenario["n_window"])  # raises on a bad --segment-len/--window/--sink
+  params = random_params(config, seed)
+  n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+  save_hf(config, params, path)
+  return config, n_params
+
+
+# ----------------------------------------------------------------------------- engine worker
+class _CompileLog:
+  """XLA compile events of this process (``jax.monitoring``), with their durations."""
+
+  def __init__(self):
+    self.events: list[tuple[str, float]] = []
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, name, secs, **kw):
+    if name.startswith("/jax/core/compile/"):
+      self.events.append((name, secs))
+
+  def backend_compiles_since(self, mark: int) -> int:
+    return sum(1 for n, _ in self.events[mark:] if n.endswith("backend_compile_duration"))
+
+
+def _engine(job: dict) -> tuple[Engine, int]:
+  """The engine for ``job["method"]`` (long route, sized for the context), and the vocab."""
+  sc, L = job["scenario"], job["scenario"]["segment_len"]
+  config, params = load_hf(job["checkpoint"])
+  if job["method"] == "full":
+    config = config.with_memory(attention_type="full")
+  else:
+    config, params = with_memory(config, params, rng=jax.random.key(1),
+                                 attention_type=job["method"], segment_len=L,
+                                 n_sink=sc["n_sink"], n_window=sc["n_window"])
+  n_decode = job["decode_warmup"] + job["decode_steps"]
+  capacity = -(-(job["length"] + n_decode + 1) // L) * L
+  return Engine(config, params, Scenario(
+      segment_len=L, n_sink=sc["n_sink"], n_window=sc["n_window"], batch_size=1,
+      max_new_tokens=max(n_decode, 1), short_threshold=0,
+      max_context=capacity)), config.vocab_size
+
+
+def _warm_up(engine: Engine, warm, log: _CompileLog) -> dict:
+  """One segment of prefill and one decode step: compiles both step functions."""
+  log.events.clear()  # loading and with_memory's gate init compiled small things
+  t0 = time.perf_counter()
+  state, logits = engine.prefill(warm)
+  state, logits = engine.decode(state, warm[:, 0])
+  jax.block_until_ready(logits)
+  return dict(warmup_s=time.perf_counter() - t0, compile_s=sum(s for _, s in log.events),
+              compile_count_warmup=engine.compile_count())
+
+
+def _read_again(engine: Engine, tokens) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(engine.prefill(tokens)[1])
+  return time.perf_counter() - t0
+
+
+def _prefill(engine: Engine, tokens, repeats: int):
+  """The first read, memory-measured, then the repeats: (row fields, state, memory window).
+
+  Not ``eval.passkey.cost_curve``, though both time a steady-state prefill: that
+  one reads several lengths in one process and keeps only the best time and the
+  state's size, while a row here needs the first read's memory window (one
+  length per process), every read's time (``ttft_runs_s``) and the state itself,
+  which the decode steps continue from.
+  """
+  with measure.MemoryWindow() as mem:
+    t0 = time.perf_counter()
+    state, logits = engine.prefill(tokens)
+    jax.block_until_ready(logits)
+    first = time.perf_counter() - t0
+  out = mem.result()
+  out["finite"] = bool(np.all(np.isfinite(np.asarray(logits))))
+  out.update(measure.best_of(first, functools.partial(_read_again, engine, tokens), repeats))
+  return out, state, mem
+
+
+def _timed_decode(engine: Engine, state, token):
+  t0 = time.perf_counter()
+  state, logits = engine.decode(state, token)
+  jax.block_until_ready(logits)
+  return state, time.perf_counter() - t0
+
+
+def _decode(engine: Engine, state, toks, warmup: int):
+  """Single-token steps from ``state``: (statistics after ``warmup``, the state after)."""
+  times = []
+  for i in range(len(toks)):
+    state, t = _timed_decode(engine, state, toks[i:i + 1])
+    times.append(t)
+  return measure.decode_stats(times[warmup:]), state
+
+
+def _paired_decode(engine: Engine, state, other, toks, warmup: int, short: int) -> dict:
+  """The same compiled step on a state of ``short`` tokens and on this one, alternating,
+  so that the machine's load changes hit both alike: the median ratio of the pairs."""
+  pairs = []
+  for i in range(len(toks)):
+    state, t_long = _timed_decode(engine, state, toks[i:i + 1])
+    other, t_short = _timed_decode(engine, other, toks[i:i + 1])
+    pairs.append((t_long, t_short))
+  pairs = pairs[warmup:]
+  return dict(context=short, ratio=statistics.median(a / b for a, b in pairs),
+              long_ms=1e3 * statistics.median(a for a, _ in pairs),
+              short_ms=1e3 * statistics.median(b for _, b in pairs))
+
+
+def engine_worker(job: dict) -> dict:
+  """One engine measurement (``job`` as ``probes.job_for`` builds it)."""
+  log = _CompileLog()
+  length, warmup, short = job["length"], job["decode_warmup"], job.get("paired_context")
+  engine, vocab = _engine(job)
+  rng = np.random.default_rng(job["seed"])
+  out: dict[str, Any] = dict(method=job["method"], length=length)
+  out.update(_warm_up(engine, rng.integers(0, vocab, (1, min(job["scenario"]["segment_len"],
+                                                              length)), dtype=np.int32), log))
+  n_events = len(log.events)
+  mem = None
+  if job["prefill"]:
+    prefill, state, mem = _prefill(engine, rng.integers(0, vocab, (1, length), dtype=np.int32),
+                                   job["repeats"])
+    out.update(prefill)
+  else:  # synthetic state holding `length` tokens: decode cost does not depend on values
+    state = engine.init_state("long").replace(length=jnp.asarray(length, jnp.int32))
+    out["synthetic_state"] = True
+  out["state_bytes"] = state_nbytes(state)
+  if job["decode_steps"]:
+    toks = rng.integers(0, vocab, (warmup + job["decode_steps"],), dtype=np.int32)
+    stats, state = _decode(engine, state, toks, warmup)
+    out.update(stats, decode_context=length)
+    if short:  # the decode target's paired measurement
+      other, _ = engine.prefill(rng.integers(0, vocab, (1, short), dtype=np.int32))
+      out["paired"] = _paired_decode(engine, state, other, toks, warmup, short)
+  out["recompiles_after_warmup"] = log.backend_compiles_since(n_events)
+  out["compile_count"] = engine.compile_count()
+  out["peak_rss_mib"] = measure.process_peak_mib(mem)
+  return out
+
+
+if __name__ == "__main__":
+  sys.exit(measure.serve(sys.argv[1], {"engine": engine_worker}))
