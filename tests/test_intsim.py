@@ -433,7 +433,7 @@ def test_modes_agree_between_qlinear_matmul_and_fully_connected():
     s_a, s_w, s_y, z_a, z_y = np.float32(0.02), rng.uniform(0.001, 0.01, 6).astype(np.float32), np.float32(0.3), 5, -7
     m = np.float64(s_a) * s_w.astype(np.float64) / np.float64(s_y)
     m0, shift = intsim.quantize_multiplier(m)
-    for mode in intsim.MODES:
+    for mode in intsim.REQUANT_MODES:
         real = (s_a * s_w) / s_y if mode in ("onnx", "xnnpack") else m
         y1 = intsim.qlinear_matmul(a, s_a, z_a, w.T, s_w, np.zeros(6, np.int8), s_y, z_y, jnp.int8, mode)
         y2 = intsim.fully_connected(a, z_a, w, None, m0, shift, z_y, jnp.int8, mode, real_multiplier=real)
@@ -449,7 +449,7 @@ def test_traced_arguments_under_jit_match_eager():
     bias = rng.integers(-1000, 1000, 5).astype(np.int32)
     fc = lambda x, z, m0, sh, bias: intsim.fully_connected(x, z, b.T, bias, m0, sh, 1, jnp.int8, "gemmlowp")
     with jax.enable_x64(False):  # callers need not enable x64; the internal scope must not leak
-        for mode in intsim.MODES:
+        for mode in intsim.REQUANT_MODES:
             args = (a, np.float32(0.05), np.int8(3), b, b_s, b_zp, np.float32(0.4), np.int8(-2))
             eager = intsim.qlinear_matmul(*args, jnp.int8, mode)
             traced = jax.jit(lambda *t: intsim.qlinear_matmul(*t, jnp.int8, mode))(*args)

@@ -115,7 +115,7 @@ def test_calibration():
   states = ptq.init_calibration({k: specs[k] for k in ("layers_0/q", "layers_0/attn_input")})
   b1, b2 = RNG.standard_normal((2, 5, 4, 8)), RNG.standard_normal((2, 5, 4, 8)) * 2
   for batch in (b1, b2):
-    states = ptq.calibrate(states, {"layers_0/q": batch})
+    states = ptq.update_calibration(states, {"layers_0/q": batch})
   scale, zp = ptq.calibrated_qparams({"layers_0/q": states["layers_0/q"]})["layers_0/q"]
   both = np.concatenate([b1, b2])
   ref = qz.qparams_from_range(both.min(), both.max(), specs["layers_0/q"])
@@ -124,4 +124,4 @@ def test_calibration():
   with pytest.raises(ValueError, match=r"layers_0/attn_input: observer has seen no data"):
     ptq.calibrated_qparams(states)
   with pytest.raises(ValueError, match=r"\['layers_9/q'\] have no observer"):
-    ptq.calibrate(states, {"layers_9/q": b1})
+    ptq.update_calibration(states, {"layers_9/q": b1})

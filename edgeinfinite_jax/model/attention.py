@@ -35,7 +35,7 @@ from edgeinfinite_jax.model import gate as gate_lib
 from edgeinfinite_jax.model import memory as memory_lib
 from edgeinfinite_jax.model.config import ModelConfig
 from edgeinfinite_jax.model.rope import apply_rope, local_positions
-from edgeinfinite_jax.quant import losses
+from edgeinfinite_jax.quant import intsim, losses
 from edgeinfinite_jax.quant import layer_quant as qapply
 
 NEG_INF = -1e30  # finite: a fully masked row must not produce NaN
@@ -84,7 +84,7 @@ def dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
     k_codes = qx.qint("k", k)
     logits = qapply.code_dot("btkgd,bskd->bkgts", (q_i.reshape(b, t, kh, h // kh, d), sq, zq),
                              k_codes) * inv_sqrt_d
-    q_hat, k_hat = (qapply.dequantize(*a, q.dtype) for a in ((q_i, sq, zq), k_codes))
+    q_hat, k_hat = (intsim.to_real(*a, q.dtype) for a in ((q_i, sq, zq), k_codes))
   else:
     q_hat, k_hat = qx.act("q", q, q_pos), qx.act("k", k, k_pos)
     logits = grouped_logits(q_hat, k_hat)

@@ -2,6 +2,11 @@
 
 Conventions
 - ``real = (q - zero_point) * scale``; scales are float32, as in both file formats.
+  The package's single definitions of the quantization arithmetic live here, and
+  ``quantizers`` / ``lsq`` / ``layer_quant`` / ``qconfig`` import them: ``to_codes`` and
+  ``to_real`` (quantize / dequantize without checks, traceable), ``round_int`` (the
+  rounding modes, ``ROUNDINGS``), ``REQUANT_MODES``, and the accumulator bounds
+  (``I32_MAX``, ``WIDE_LIMIT`` = TFLite's 2^47, ``accumulator_limit``).
 - Rounding is a parameter, not a fact: each runtime rounds differently.
   ``quantize``: ``"half_to_even"`` is ONNX QuantizeLinear (float32 ``x / scale``, then
   rint); ``"half_away_from_zero"`` is TFLite's reference Quantize (``std::round``).
@@ -48,9 +53,15 @@ from jax import lax
 from jax.experimental import checkify
 
 ROUNDINGS = ("half_to_even", "half_away_from_zero")
-MODES = ("onnx", "gemmlowp", "tflite_optimized", "litert_reference", "xnnpack")
-_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
-_WIDE_LIMIT = 2**47  # TFLite's int64 requantization assumes |acc| < 2^47
+REQUANT_MODES = ("onnx", "gemmlowp", "tflite_optimized", "litert_reference", "xnnpack")
+I32_MIN, I32_MAX = -(2**31), 2**31 - 1
+WIDE_LIMIT = 2**47  # TFLite's int64 requantization assumes |acc| < 2^47
+
+
+def accumulator_limit(wide: bool) -> tuple[int, str]:
+    """(largest |accumulator| the runtimes handle, its name in messages): int32, or
+    (``wide``: an operand above 8 bits) TFLite's int64 bound 2^47."""
+    return (WIDE_LIMIT, "int64 (TFLite 2^47)") if wide else (I32_MAX, "int32")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -140,11 +151,11 @@ def _acc_dtype(a_dtype, a_zp, b_dtype, b_zp, k, bias=None):
     worst = _span(a_zp, a_dtype) * _span(b_zp, b_dtype) * k
     if (b := _host(bias)) is not None and b.size:
         worst += int(np.abs(b.astype(np.int64)).max())
-    limit = _WIDE_LIMIT if wide else _I32_MAX
+    limit, kind = accumulator_limit(wide)
     if worst > limit:
         raise ValueError(
             f"depth K={k}: worst case |a-a_zp|max*|b-b_zp|max*K (+|bias|max) = {worst} exceeds "
-            f"the {'int64 (TFLite 2^47)' if wide else 'int32'} accumulator limit {limit}; "
+            f"the {kind} accumulator limit {limit}; "
             "the runtimes would wrap, so intsim refuses. Split K.")
     return jnp.int64 if wide else jnp.int32
 
@@ -153,7 +164,7 @@ def _check_requant(multiplier, shift, real_multiplier, mode, wide, n):
     for name, v in (("multiplier", multiplier), ("shift", shift), ("real_multiplier", real_multiplier)):
         if v is not None:
             _check_shape(name, v, n)
-    _check_int("multiplier", multiplier, 0, _I32_MAX, "the non-negative int32 range")
+    _check_int("multiplier", multiplier, 0, I32_MAX, "the non-negative int32 range")
     # TFLite asserts shift in [-31, 30]; its int64 overload needs 15 - shift >= 1.
     hi = 14 if wide else 30
     _check_int("shift", shift, -31, hi, f"TFLite's {'int64' if wide else 'int32'} requantization range")
@@ -197,15 +208,40 @@ def exact_div(a, b):
     return a / (b + zero.astype(b.dtype))
 
 
-def _round_half_away(v):
-    # floor(|v| + 0.5) is wrong for 0.49999997 (the sum rounds up to 1.0), and "v - trunc(v)"
-    # on a product v may be contracted into an FMA by XLA:CPU (it does so for a*b - c),
-    # seeing the unrounded product. Comparisons against floor + 0.5 avoid both.
+def round_int(v, rounding):
+    """Rounding to integers (float result, v's dtype) in the named mode (``ROUNDINGS``):
+    ``half_to_even`` (ONNX, ``jnp.round``) or ``half_away_from_zero`` (C ``std::round``).
+
+    Half away: floor(|v| + 0.5) is wrong for 0.49999997 (the sum rounds up to 1.0), and
+    "v - trunc(v)" on a product v may be contracted into an FMA by XLA:CPU (it does so
+    for a*b - c), seeing the unrounded product. Comparisons against floor + 0.5 avoid
+    both. A zero result is +0.0 (the sign is applied only where |v| >= 0.5).
+    """
+    if rounding == "half_to_even":
+        return jnp.round(v)
     a = jnp.abs(v)
     f = jnp.floor(a)
     r = jnp.where(a >= f + 0.5, f + 1, f)
     r = jnp.where(a >= 2.0 ** jnp.finfo(v.dtype).nmant, a, r)  # integral; f + 0.5 inexact
-    return jnp.copysign(r, v)
+    return jnp.where(v <= -0.5, -r, r)
+
+
+def to_codes(x, scale, zero_point, lo, hi, dtype, rounding):
+    """The quantization arithmetic, defined once: clip(round(f32(x) / scale) + zero_point,
+    lo, hi) as ``dtype``. No checks, no broadcasting of qparams (the caller's
+    entry point does both); scale float32, zero point float32 (integer-valued)."""
+    r = round_int(exact_div(x.astype(jnp.float32), scale), rounding)
+    # Clip before the cast: XLA's float->int cast saturates, numpy's is undefined.
+    return jnp.clip(r + zero_point, lo, hi).astype(dtype)
+
+
+def to_real(q, scale, zero_point, dtype=jnp.float32):
+    """The dequantization arithmetic, defined once: ``(q - zero_point) * scale`` in
+    float32, then ``dtype``. No checks, no broadcasting of qparams (the caller's entry
+    point does both). The subtraction runs in the promoted type of q and zero_point:
+    int32 codes and zero point (ONNX DequantizeLinear, ``dequantize``), or codes and a
+    float32 zero point (the fake-quant forward; exact for |q - zero_point| < 2^24)."""
+    return ((q - zero_point).astype(jnp.float32) * scale).astype(dtype)
 
 
 def _quantize_multiplier(m, xp):
@@ -240,7 +276,7 @@ def _srdhm(a, b):
     p = a * b
     p = p + jnp.where(p >= 0, 1 << 30, 1 - (1 << 30))
     r = lax.div(p, jnp.asarray(1 << 31, p.dtype))  # truncates toward zero, as C does
-    return jnp.where((a == _I32_MIN) & (b == _I32_MIN), _I32_MAX, r)
+    return jnp.where((a == I32_MIN) & (b == I32_MIN), I32_MAX, r)
 
 
 def _rdbpot(x, n):
@@ -255,7 +291,7 @@ def _requant(acc, m0, shift, real_m, zp, lo, hi, mode):
     if mode in ("onnx", "xnnpack"):
         y = jnp.round(acc.astype(jnp.float32) * real_m.astype(jnp.float32))
     elif mode == "litert_reference":
-        y = _round_half_away(acc.astype(jnp.float64) * real_m.astype(jnp.float64))
+        y = round_int(acc.astype(jnp.float64) * real_m.astype(jnp.float64), "half_away_from_zero")
     else:
         x, m0, shift = acc.astype(jnp.int64), m0.astype(jnp.int64), shift.astype(jnp.int64)
         if acc.dtype == jnp.int64:
@@ -266,7 +302,7 @@ def _requant(acc, m0, shift, real_m, zp, lo, hi, mode):
         else:
             left, right = jnp.maximum(shift, 0), jnp.maximum(-shift, 0)
             xs = x << left
-            xs = ((xs - _I32_MIN) & 0xFFFFFFFF) + _I32_MIN  # C's int32 left shift wraps
+            xs = ((xs - I32_MIN) & 0xFFFFFFFF) + I32_MIN  # C's int32 left shift wraps
             h = _srdhm(xs, m0)
             if mode == "gemmlowp":
                 y = _rdbpot(h, right)
@@ -331,9 +367,7 @@ def _quantize(x, scale, zero_point, dtype, rounding):
 
 @functools.partial(jax.jit, static_argnames=("dtype", "rounding", "lo", "hi"))
 def _quantize_jit(x, scale, zp, dtype, rounding, lo, hi):
-    v = exact_div(x.astype(jnp.float32), scale)
-    r = jnp.round(v) if rounding == "half_to_even" else _round_half_away(v)
-    return jnp.clip(r + zp.astype(jnp.float32), lo, hi).astype(dtype)
+    return to_codes(x, scale, zp.astype(jnp.float32), lo, hi, dtype, rounding)
 
 
 def dequantize(q, scale, zero_point, *, checked=False):
@@ -351,8 +385,8 @@ def _dequantize(q, scale, zero_point):
     q = jnp.asarray(q)
     _check_scale("scale", scale)
     _check_zp("zero_point", zero_point, q.dtype)
-    d = (q.astype(jnp.int32) - jnp.asarray(zero_point, jnp.int32)).astype(jnp.float32)
-    return d * jnp.asarray(scale, jnp.float32)
+    return to_real(q.astype(jnp.int32), jnp.asarray(scale, jnp.float32),
+                   jnp.asarray(zero_point, jnp.int32))
 
 
 def _matmul_checks(a_q, a_zp, b_q, b_zp, b_types):
@@ -400,7 +434,7 @@ def qlinear_matmul(a_q, a_scale, a_zp, b_q, b_scale, b_zp, y_scale, y_zp, out_dt
     bias_q [N] (not part of ONNX QLinearMatMul): integer bias on the s_a*s_b[c] grid,
     added to the accumulator before requantization, as TFLite FULLY_CONNECTED does.
     """
-    _choice("mode", mode, MODES)
+    _choice("mode", mode, REQUANT_MODES)
     lo, hi = _int_range("out_dtype", out_dtype)
     a_q, b_q = _matmul_checks(a_q, a_zp, b_q, b_zp, (jnp.int8, jnp.uint8))
     _check_scalar(a_scale=a_scale, y_scale=y_scale, y_zero_point=y_zp)
@@ -450,7 +484,7 @@ def requantize(acc, multiplier, shift, zero_point, out_dtype, mode, *, real_mult
     results differ only when acc*M lies within ~2^-24 (relative) of a rounding tie.
     An int64 `acc` selects TFLite's int64 (16x8) requantization.
     """
-    _choice("mode", mode, MODES)
+    _choice("mode", mode, REQUANT_MODES)
     acc = jnp.asarray(acc)
     if acc.dtype not in (jnp.int32, jnp.int64):
         raise ValueError(f"acc dtype {acc.dtype} must be int32 or int64")
@@ -481,7 +515,7 @@ def fully_connected(x_q, x_zp, w_q, bias_q, multiplier, shift, y_zp, out_dtype, 
     act_min / act_max: fused-activation clamp, concrete ints (default: out_dtype's range).
     real_multiplier: as in `requantize` (LiteRT REF uses f64 s_in * s_w[c] / s_out).
     """
-    _choice("mode", mode, MODES)
+    _choice("mode", mode, REQUANT_MODES)
     x_q, w_q = jnp.asarray(x_q), jnp.asarray(w_q)
     if x_q.dtype not in (jnp.int8, jnp.int16) or w_q.dtype != jnp.int8:
         raise ValueError(f"dtypes x={x_q.dtype}, w={w_q.dtype} unsupported; x int8 or int16, w int8")
@@ -495,7 +529,7 @@ def fully_connected(x_q, x_zp, w_q, bias_q, multiplier, shift, y_zp, out_dtype, 
     _check_zp("y_zero_point", y_zp, out_dtype)
     if bias_q is not None:
         if not wide:
-            _check_int("bias_q", bias_q, _I32_MIN, _I32_MAX, "the int32 range")
+            _check_int("bias_q", bias_q, I32_MIN, I32_MAX, "the int32 range")
         elif not jnp.issubdtype(jnp.asarray(bias_q).dtype, jnp.integer):
             raise ValueError(f"bias_q dtype {jnp.asarray(bias_q).dtype} must be an integer dtype")
     _check_requant(multiplier, shift, real_multiplier, mode, wide, n)

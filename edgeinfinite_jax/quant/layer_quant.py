@@ -38,7 +38,7 @@ Float (dequantize / requantize around them, as NPU toolchains do): RMSNorm, RoPE
 softmax, SiLU·up, residual adds, the embedding lookup and lm_head (over their
 fake-quantized weights when ``embeddings`` / ``lm_head`` are set), and the
 EdgeInfinite memory (sigma, retrieval, update, gate; M fake-quantized on write
-when ``memory_state`` is set). ``dequantize(integer values)`` equals the
+when ``memory_state`` is set). ``intsim.to_real(integer values)`` equals the
 fake-quantized value bit for bit at every site, so fake_quant and integer differ
 only in how the projections' accumulators are rescaled (float vs fixed point)
 and in the float summation order of the attention dots.
@@ -68,8 +68,6 @@ MLP_SITES = ("mlp_input", "gate_out", "up_out", "down_input", "down_out")
 # the ones chosen by this layer (from its own Q̂K̂ logits against token 0).
 PREV_MASK_SITES = ("attn_input", "q", "k")
 CUR_MASK_SITES = ("v", "o_input", "mlp_input", "down_input")
-_I32_MAX = 2**31 - 1
-_I64_LIMIT = 2**47  # TFLite's int64 requantization assumes |acc| < 2^47
 
 
 def active(quant: QuantConfig | None) -> bool:
@@ -193,7 +191,7 @@ class LayerQuant(NamedTuple):
   def qint(self, site, x):
     """Integer mode: (integer values in the spec's dtype, scale f32, zero point f32).
 
-    ``dequantize`` of the result equals ``act(site, x)`` bit for bit (same
+    ``intsim.to_real`` of the result equals ``act(site, x)`` bit for bit (same
     division, rounding, clip, and, for learned sites, LSQ's ``round(x/s + z)``).
     """
     self.record(site, x)
@@ -231,7 +229,7 @@ class LayerQuant(NamedTuple):
       return x
     if self.integer:
       q, s, z = self.qint(site, x)
-      return q if store_int else dequantize(q, s, z, dtype)
+      return q if store_int else intsim.to_real(q, s, z, dtype)
     return self.act(site, x)
 
   def kv_read(self, which, x, dtype):
@@ -239,12 +237,7 @@ class LayerQuant(NamedTuple):
     if not jnp.issubdtype(x.dtype, jnp.integer):
       return x
     p = self.params[f"kv_cache_{which}"]
-    return dequantize(x, p["scale"], p.get("zero_point", 0.0), dtype)
-
-
-def dequantize(q, s, z, dtype):
-  """(q - z)·s in float32, then ``dtype``: the fake-quant forward's exact formula."""
-  return ((q.astype(jnp.float32) - z) * s).astype(dtype)
+    return intsim.to_real(x, p["scale"], p.get("zero_point", 0.0), dtype)
 
 
 def _unit_range(spec):
@@ -352,18 +345,18 @@ def _integer_project(qx, site_in, site_out, x, kernel, spec, n_in, n_contract, b
       if bias is not None:
         real = real + bias.reshape(-1).astype(jnp.float64)
       q, s, z = qx.codes(site_out, lambda s: qz.exact_div(real, f64(s)))
-    return dequantize(q, s, z, dtype).reshape(out_shape)
+    return intsim.to_real(q, s, z, dtype).reshape(out_shape)
   out_spec = site_spec(qx.quant, site_out)
   p = qx.params[site_out]
   sy, zy = p["scale"], p.get("zero_point", jnp.zeros((), jnp.float32))
   bias_q = None
   if bias is not None:  # TFLite: bias on the s_x·s_w grid, zero point 0, int32
     b = bias.reshape(-1).astype(jnp.float32)
-    bias_q = jnp.clip(jnp.round(b / (sx * sw)), -_I32_MAX, _I32_MAX).astype(jnp.int32)
+    bias_q = jnp.clip(jnp.round(b / (sx * sw)), -intsim.I32_MAX, intsim.I32_MAX).astype(jnp.int32)
   y_q = intsim.qlinear_matmul(x_q, sx, zx.astype(jnp.int32), w_q, sw, 0, sy,
                               zy.astype(jnp.int32), out_spec.int_dtype, qx.quant.requant_mode,
                               bias_q=bias_q)
-  y = dequantize(y_q, jnp.asarray(sy, jnp.float32), jnp.asarray(zy, jnp.float32), dtype)
+  y = intsim.to_real(y_q, jnp.asarray(sy, jnp.float32), jnp.asarray(zy, jnp.float32), dtype)
   return y.reshape(out_shape)
 
 
@@ -402,13 +395,12 @@ def _span(spec: QuantSpec) -> int:
 
 def check_depth(name: str, a: QuantSpec, b: QuantSpec, depth: int) -> None:
   """Raises if an integer dot of ``depth`` products could overflow its accumulator."""
-  wide = a.bits > 8 or b.bits > 8
-  limit = _I64_LIMIT if wide else _I32_MAX
+  limit, kind = intsim.accumulator_limit(a.bits > 8 or b.bits > 8)
   worst = _span(a) * _span(b) * depth
   if worst > limit:
     raise QuantConfigError(
         f"{name}: depth {depth} gives a worst-case accumulator |a-z_a|max*|b-z_b|max*depth = "
-        f"{worst} > the {'int64 (TFLite 2^47)' if wide else 'int32'} limit {limit} "
+        f"{worst} > the {kind} limit {limit} "
         f"({a.bits}-bit x {b.bits}-bit); the NPU would wrap. Use fewer bits or a smaller "
         "dimension")
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgeinfinite_jax.quant.intsim import exact_div
-from edgeinfinite_jax.quant.quantizers import _TINY, _fail, _jit, _reduce, check_scale, compute_qparams, expand_qparams, round_int
+from edgeinfinite_jax.quant.intsim import exact_div, round_int, to_real
+from edgeinfinite_jax.quant.quantizers import _TINY, _fail, _jit, _reduce, check_scale, compute_qparams, expand_qparams
 
 
 def lsq_grad_factor(x_shape, scale_shape, spec):
@@ -62,7 +62,7 @@ def _lsq_quant(x, s, z, spec, g):
   zr = round_int(z, spec.rounding)
   v = exact_div(x.astype(jnp.float32), s) + zr
   q = round_int(jnp.minimum(jnp.maximum(v, float(spec.qmin)), float(spec.qmax)), spec.rounding)
-  return ((q - zr) * s).astype(x.dtype)
+  return to_real(q, s, zr, x.dtype)
 
 
 def _lsq_fwd(x, s, z, spec, g):

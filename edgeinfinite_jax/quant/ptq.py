@@ -18,11 +18,13 @@ per_channel = one scale per output column (per row for the embedding), per_group
 Learned weight scales (``weight_scales="learned"``, LSQ) sit next to their kernel at
 ``.../{name}_proj/quant/scale``; ``quantize_params`` uses them instead of min/max.
 
-Activations. ``calibrate`` takes a dict ``name -> activation`` per batch, named
-``layers_{i}/{site}`` with the sites of ``ACTIVATION_SITES``; ``activation_specs``
-lists the ones a config calibrates. ``quant/calib.py`` runs the model with its
-capture hooks to produce those dicts and writes the resulting scales into the
-params tree.
+Activations: observer states per activation name, ``layers_{i}/{site}`` with the
+sites of ``ACTIVATION_SITES`` (``activation_specs`` lists the ones a config
+calibrates): ``init_calibration``, then ``update_calibration`` with a dict
+``name -> activation`` per batch, then ``calibrated_qparams``. The model-level
+``calibrate`` (``train/calib.py``) runs the model with its capture hooks to produce
+those dicts, feeds them through these functions and writes the resulting scales
+into the params tree.
 """
 
 from __future__ import annotations
@@ -229,8 +231,8 @@ def init_calibration(specs: Mapping[str, QuantSpec], observer=None) -> dict:
   return {n: CalibrationState(get(n), get(n).init(s)) for n, s in specs.items()}
 
 
-def calibrate(observer_states: Mapping[str, CalibrationState],
-              named_activations: Mapping[str, Any]) -> dict:
+def update_calibration(observer_states: Mapping[str, CalibrationState],
+                       named_activations: Mapping[str, Any]) -> dict:
   """One calibration batch: update each named observer with its activation.
 
   Names absent from ``named_activations`` keep their state; unknown names raise.

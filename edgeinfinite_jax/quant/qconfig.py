@@ -27,7 +27,7 @@ Placements (each a QuantSpec or None = stays float):
 
 Activation scales: ``dynamic`` (from each tensor as it is quantized: per_token is
 causal, per_tensor sees the whole sequence), ``calibrated`` (static per-tensor
-scales from observers, ``quant/calib.py``) or ``learned`` (LSQ+ parameters under
+scales from observers, ``train/calib.py``) or ``learned`` (LSQ+ parameters under
 ``.../quant/...``, trained by QAT). Softmax probabilities with dynamic scales use
 their known range [0, 1] (TFLite fixes the softmax output scale the same way), so
 they stay causal. ``weight_scales``: ``dynamic`` (min/max of the current weights,
@@ -36,7 +36,7 @@ per linear layer, EdgeQAT's LinearQ).
 
 Integer mode (``mode="integer"``) runs every q/k/v/o/gate/up/down projection as
 int8/int16 x int8/int4 with int32/int64 accumulation and fixed-point
-requantization (``requant_mode``, one of ``intsim.MODES``), and QK^T and PV as
+requantization (``requant_mode``, one of ``intsim.REQUANT_MODES``), and QK^T and PV as
 integer dots; see ``quant/apply.py`` for the exact list of integer and float ops.
 It needs static per-tensor activation scales, per-tensor or per-channel weights
 and a ``linear_outputs`` spec (``integer_mode()`` adds one).
@@ -63,7 +63,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from edgeinfinite_jax.quant.quantizers import QuantSpec
+from edgeinfinite_jax.quant.intsim import REQUANT_MODES
+from edgeinfinite_jax.quant.quantizers import STE_MODES, QuantSpec
 import ml_collections
 
 PLACEMENTS = ("linear_weights", "linear_inputs", "linear_outputs", "q", "k", "v", "attn_probs",
@@ -73,9 +74,7 @@ ACTIVATION_PLACEMENTS = ("linear_inputs", "linear_outputs", "q", "k", "v", "attn
 MODES = ("float", "fake_quant", "integer")
 ACTIVATION_SCALES = ("dynamic", "calibrated", "learned")
 WEIGHT_SCALES = ("dynamic", "learned")
-REQUANT_MODES = ("onnx", "gemmlowp", "tflite_optimized", "litert_reference", "xnnpack")
 FAKE_QUANT_DOTS = ("float", "exact")
-STE_MODES = ("plain", "clipped")
 
 
 class QuantConfigError(ValueError):

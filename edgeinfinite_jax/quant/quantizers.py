@@ -1,7 +1,9 @@
 """Quantizer math: specs, scales, fake quantization with a straight-through estimator.
 
 Pure functions over arrays; nothing here holds state. Conventions (shared with
-``intsim.py`` so fake-quant and integer paths agree bit for bit):
+``intsim.py`` so fake-quant and integer paths agree bit for bit: the rounding
+(``round_int``, ``ROUNDINGS``) and the quantize / dequantize arithmetic
+(``to_codes`` / ``to_real``) are intsim's, imported):
 
 * ``real = (q - zero_point) * scale``; ``q`` integer, ``scale`` float32 > 0,
   ``zero_point`` an integer (int32) inside the integer range.
@@ -42,9 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from edgeinfinite_jax.quant.intsim import exact_div
+from edgeinfinite_jax.quant.intsim import ROUNDINGS, exact_div, round_int, to_codes, to_real
 
-ROUNDINGS = ("half_to_even", "half_away_from_zero")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 STE_MODES = ("plain", "clipped")
 _TINY = float(np.finfo(np.float32).tiny)  # smaller scales could be flushed to 0 (FTZ)
@@ -181,16 +182,6 @@ def expand_qparams(p, shape, spec, name="qparams"):
   return p
 
 
-def round_int(v, rounding):
-  """Rounding to integers (float result) in the named mode."""
-  if rounding == "half_to_even":
-    return jnp.round(v)
-  # trunc + sign when the exact fractional part is >= 0.5; floor(|v| + 0.5) is wrong
-  # for 0.49999997 (the sum rounds up to 1.0).
-  t = jnp.trunc(v)
-  return t + jnp.where(jnp.abs(v - t) >= 0.5, jnp.sign(v), 0.0)
-
-
 def _host(v):
   if v is None or isinstance(v, jax.core.Tracer):
     return None
@@ -271,13 +262,12 @@ def _quantize_int(x, scale, zero_point, spec):
 
 
 def _quantize(x, scale, zp, spec):
-  r = round_int(exact_div(x.astype(jnp.float32), scale), spec.rounding)
-  # Clip before the cast: XLA's float->int cast saturates, numpy's is undefined.
-  return jnp.clip(r + zp, spec.qmin, spec.qmax).astype(spec.int_dtype)
+  return to_codes(x, scale, zp, spec.qmin, spec.qmax, spec.int_dtype, spec.rounding)
 
 
 def dequantize(q, scale, zero_point, spec):
-  """float32 (q - zero_point) * scale (intsim / ONNX DequantizeLinear order)."""
+  """float32 (q - zero_point) * scale (``intsim.to_real``, ONNX DequantizeLinear order),
+  with ``spec``'s checks and qparam shapes (per_group scales expanded)."""
   check_scale(scale)
   check_zero_point(zero_point, spec)
   return _dequantize(q, scale, zero_point, spec)
@@ -287,7 +277,7 @@ def dequantize(q, scale, zero_point, spec):
 def _dequantize(q, scale, zero_point, spec):
   s = expand_qparams(scale, q.shape, spec, "scale").astype(jnp.float32)
   z = expand_qparams(zero_point, q.shape, spec, "zero_point").astype(jnp.int32)
-  return (q.astype(jnp.int32) - z).astype(jnp.float32) * s
+  return to_real(q.astype(jnp.int32), s, z)
 
 
 # ----------------------------------------------------------------------------- fake quant
@@ -320,8 +310,7 @@ def _fake_quant(x, scale, zero_point, spec, ste):
 
 
 def _fq_forward(x, s, z, spec):
-  q = _quantize(x, s, z, spec).astype(jnp.float32)
-  return ((q - z) * s).astype(x.dtype)
+  return to_real(_quantize(x, s, z, spec).astype(jnp.float32), s, z, x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

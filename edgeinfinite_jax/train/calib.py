@@ -9,7 +9,7 @@ and returns ``{"layers_{i}/{site}": activation}`` (the names of
 data-dependent init: it captures every batch under a copy of the quant config
 with the activation quantizers off (weights stay quantized as configured, so the
 statistics are those the quantized model will see), feeds each static site's
-observer, and writes ``layers_i/{attn,mlp}/quant/{site}/{scale, zero_point}``
+observer (``ptq.init_calibration`` / ``ptq.update_calibration``), and writes ``layers_i/{attn,mlp}/quant/{site}/{scale, zero_point}``
 (``calibrated`` and ``learned`` alike: learned LSQ+ parameters start from the
 calibrated min/max qparams, unit-consistent, rather than the released code's
 first-batch heuristic, edgeqat.md §3.3). The low-bit branch of token-adaptive
@@ -103,26 +103,26 @@ def calibrate(config, params, batches: Iterable, observer_name: str = "minmax",
   path = lambda key, leaf: (key[0], key[1], "quant", key[2], leaf)
   have = lambda key: path(key, "scale") in flat
   todo = {k: s for k, s in specs.items() if not (only_missing and have(k))}
-  base_sites = {k[:2] + (k[2][:-3] if k[2].endswith("_lo") else k[2],) for k in todo}
-  states = {}
-  if base_sites:
+  base = lambda key: key[:2] + (key[2][:-3] if key[2].endswith("_lo") else key[2],)
+  name = lambda key: f"{key[0]}/{key[2]}"  # the capture's (and ptq's) activation name
+  sites = {name(base(k)): specs[base(k)] for k in todo}
+  states = ptq.init_calibration(sites, observer(observer_name))
+  if sites:
     calib = calibration_config(config)
-    make = lambda: observer(observer_name)
+    seen = False
     for batch in batches:
       tokens = batch["tokens"] if isinstance(batch, dict) else batch
       acts = capture(calib, params, tokens)
-      for key in base_sites:
-        x = acts.get(f"{key[0]}/{key[2]}")
-        if x is None:
-          raise ValueError(f"calibrate: site {key[0]}/{key[2]} was not captured")
-        o, st = states.get(key, (make(), None))
-        st = o.init(specs[key]) if st is None else st
-        states[key] = (o, o.update(st, x))
-    if not states:
+      for n in sites:
+        if n not in acts:
+          raise ValueError(f"calibrate: site {n} was not captured")
+      states = ptq.update_calibration(states, {n: acts[n] for n in sites})
+      seen = True
+    if not seen:
       raise ValueError("calibrate: got no batches")
   for key, spec in todo.items():
-    base = key[:2] + (key[2][:-3] if key[2].endswith("_lo") else key[2],)
-    o, st = states[base]
+    c = states[name(base(key))]
+    o, st = c.observer, c.state
     if key[2].endswith("_lo") or isinstance(o, obs.MseObserver) and spec != st.spec:
       scale, zp = qz.qparams_from_range(st.stats["min"], st.stats["max"], spec)
     else:
