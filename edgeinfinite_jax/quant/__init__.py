@@ -6,9 +6,10 @@
 * ``intsim``: integer kernels bit-exact against onnxruntime and LiteRT, and the one
   definition of the shared arithmetic (``to_codes``, ``to_real``, ``round_int``,
   ``REQUANT_MODES``, the accumulator limits) that the other modules import.
-* ``apply``: the config applied inside the model's layers (fake_quant and integer
-  modes, capture hooks); ``modules``: the scale parameters the layers declare.
+* ``layer_quant``: the config applied inside the model's layers (fake_quant and
+  integer modes, capture hooks); ``params``: the scale parameters the layers declare.
 * ``ptq``: quantized parameter sets, save / restore, observer states per activation
   (model-level calibration is ``train/calib.py``); ``losses``: EdgeQAT losses and adaptive bits.
-QAT training and the ``quant`` job are in ``edgeinfinite_jax/qat.py``.
+This package imports nothing else of edgeinfinite_jax (the lowest layer). QAT
+training is ``train/qat.py``, the ``quant`` job ``jobs/quant.py``.
 """
