@@ -43,7 +43,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -p randomly --randomly-seed=$$seed \
 	  -n $(JOBS) --dist loadfile
 
-# The developer's loop: everything not marked slow (about 3 minutes on 2 cores).
+# The developer's loop: every test not marked slow (tests/ and setup.cfg say what slow is).
 quick: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" -n $(JOBS) --dist loadfile
 
