@@ -122,7 +122,7 @@ def test_bad_points_rejected_before_any_run(tmp_path):
 def test_usage_errors(tmp_path):
   cfg = _config(tmp_path, 'add({"optim.lr": 1e-3})')
   plain = tmp_path / "plain.py"
-  plain.write_text("from edgeinfinite_jax import experiment\n"
+  plain.write_text("from edgeinfinite_jax import configs\n"
                    "def get_config(arg=None):\n  return configs.base_config()\n")
   with pytest.raises(sweep.SweepError, match="defines no sweep"):
     sweep.plan(str(plain), str(tmp_path / "w"))
@@ -194,7 +194,6 @@ def test_parallel_runs_at_once(tmp_path, monkeypatch):
 LAUNCHER = textwrap.dedent("""
     import sys
     from edgeinfinite_jax.cli import sweep
-from edgeinfinite_jax.configs import overrides
     work, child = sys.argv[1], sys.argv[2]
     run = sweep.Run(0, "r", {"x": 1}, [sys.executable, "-c", child, work + "/r"], work + "/r")
     sweep.execute(sweep.Sweep("fake.py", work, [run], [run], ["x"], [], {}), progress=False)

@@ -60,7 +60,7 @@ def run(config, workdir: str) -> dict:
   split = data_lib.load(config.data)
   bs = config.data.batch_size
   calib_set = qat.batches(split.train, bs, q.calib_batches, seed=config.seed + 1)
-  heldout = [b["tokens"] for b in data_lib.evalqat.batches(split.heldout, bs,
+  heldout = [b["tokens"] for b in data_lib.eval_batches(split.heldout, bs,
                                                         max(config.train.eval_batches, 1))]
   fp = trainer.evaluate(teacher_cfg, teacher_params, [{"tokens": t} for t in heldout])
   metrics: dict[str, Any] = {"method": q.method, "preset": config.quant.preset or "w8a8",
