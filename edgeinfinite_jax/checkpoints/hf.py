@@ -19,6 +19,8 @@ Why the shape of this module:
   bias) and mistral without a sliding window; RoPE ``default``, ``linear`` and
   ``llama3``; both the transformers v4 layout (top-level ``rope_theta`` and
   ``rope_scaling``) and the v5 one (``rope_parameters``).
+
+(Over 400 lines on purpose: the Hugging Face key map and the load and save that read it, kept side by side so the two directions cannot drift.)
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ Conventions shared by every generator:
 The tokenizer interface: ``encode(text, add_bos=...) -> list[int]``,
 ``decode(ids) -> str`` and the attributes ``bos_id``, ``eos_id``, ``pad_id``,
 ``vocab_size`` (``bos_id`` / ``eos_id`` may be None to omit them).
+
+(Over 400 lines on purpose: five task generators that share one encoder, filler and answer-placement toolkit; split, each would import the rest.)
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ K/V), float kernels are frozen to PTQ ``QuantizedTensor`` int8 weights once at
 construction, and the exported step functions take those integers: what an NPU
 toolchain would be handed. Token-adaptive bits rank a whole sequence and are not
 available here (``forward`` applies them).
+
+(Over 400 lines on purpose: Scenario, EngineState and Engine are one contract, documented here once; export lives in export.py.)
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ below are the float model unchanged. Quantized, they add static scales under
 ``.../quant/...`` (``quant/modules.py``). Capturing activations
 (``apply(..., mutable=["intermediates"])``) sows ``layers_i/{attn,mlp}/{site}``
 (see ``quant/apply.py``).
+
+(Just over 400 lines: the decoder's modules and forward; RoPE, attention, the cache and the gate are their own files.)
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ Conventions
   wrap the jitted function in ``checkify.checkify`` and throw its error (without the
   wrapper JAX refuses to stage the check, saying so). Unchecked, a zero or negative
   traced scale saturates every value silently.
+
+(Over 400 lines on purpose: every integer kernel and the arithmetic they share, the one definition the rest of quant/ imports; each kernel is a short checked entry point plus its jitted body.)
 """
 
 from __future__ import annotations

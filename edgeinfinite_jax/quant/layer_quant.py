@@ -42,6 +42,8 @@ when ``memory_state`` is set). ``intsim.to_real(integer values)`` equals the
 fake-quantized value bit for bit at every site, so fake_quant and integer differ
 only in how the projections' accumulators are rescaled (float vs fixed point)
 and in the float summation order of the attention dots.
+
+(Over 400 lines on purpose: the per-layer quantization context is one object, LayerQuant, whose methods the layers call; its projections and integer dots use its state.)
 """
 
 from __future__ import annotations

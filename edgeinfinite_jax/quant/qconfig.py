@@ -55,6 +55,8 @@ for evaluation (no gradient reaches the codes) and needs integer mode's placemen
 and static scales; ``qat.integer_agreement`` uses it as the reference of the
 integer path.
 Every error names the key, its value and the rule it breaks.
+
+(Over 400 lines on purpose: QuantConfig, its validation rules and the named presets, one place for what a quantization config may say.)
 """
 
 from __future__ import annotations
