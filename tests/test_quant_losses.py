@@ -4,21 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rng_for
 
 from edgeinfinite_jax.quant import losses
 from edgeinfinite_jax.quant import quantizers as qz
 from edgeinfinite_jax.quant.quantizers import QuantSpec
 
-RNG = None  # set per test by _seeded (below)
-
-
-@pytest.fixture(autouse=True)
-def _seeded(request):
-  """Each test draws from its own seeded generator, so a test's inputs are the same
-  whatever ran before it (a shared module generator made them order-dependent)."""
-  global RNG
-  RNG = rng_for(request)
+RNG = None  # a generator seeded by each test's id, set by conftest before the test
 
 
 # ----------------------------------------------------------------------------- entropy
