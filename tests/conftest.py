@@ -20,6 +20,5 @@ def _seeded_module_rng(request):
   """A test module that draws its inputs from a module-level ``RNG`` gets a fresh one
   per test, seeded by the test's id: with one shared generator, each test's inputs
   depended on which tests of the module ran before it."""
-  if getattr(request.module, "RNG", 0) is None or isinstance(
-      getattr(request.module, "RNG", None), np.random.Generator):
+  if hasattr(request.module, "RNG"):
     request.module.RNG = rng_for(request)

@@ -10,17 +10,11 @@ only, so loading a config file never imports the trainer.
 from __future__ import annotations
 
 import difflib
-from typing import Any
 
 import ml_collections
 
 from edgeinfinite_jax.configs import schema
-from edgeinfinite_jax.model.config import ConfigError, ModelConfig
-
-
-def require(ok: bool, key: str, value: Any, rule: str) -> None:
-  if not ok:
-    raise ConfigError(f"{key}={value!r}: {rule}")
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig, require
 
 
 def positive_int(v) -> bool:

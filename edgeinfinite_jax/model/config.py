@@ -32,7 +32,8 @@ class ConfigError(ValueError):
   """A configuration value breaks a rule; the message names key, value and rule."""
 
 
-def _require(ok: bool, key: str, value: Any, rule: str):
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+  """Raises ConfigError naming the key, its value and the rule, unless ``ok``."""
   if not ok:
     raise ConfigError(f"{key}={value!r}: {rule}")
 
@@ -63,7 +64,7 @@ def check_types(obj, where: str) -> None:
   for f in dataclasses.fields(obj):
     test, rule = _TYPE_RULES.get(f.type, (None, None))
     if test is not None:
-      _require(test(getattr(obj, f.name)), f"{where}.{f.name}", getattr(obj, f.name), rule)
+      require(test(getattr(obj, f.name)), f"{where}.{f.name}", getattr(obj, f.name), rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,7 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.head_dim == 0 and isinstance(self.num_heads, int) and self.num_heads > 0:
-      _require(isinstance(self.hidden_size, int) and self.hidden_size % self.num_heads == 0,
+      require(isinstance(self.hidden_size, int) and self.hidden_size % self.num_heads == 0,
                "model.hidden_size", self.hidden_size,
                f"must be divisible by num_heads={self.num_heads} (or set head_dim explicitly)")
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
@@ -188,7 +189,7 @@ class ModelConfig:
     limit, m = self.max_position_embeddings, self.memory
     if seq_len <= limit or (m.segmented and m.rope_positions == "cache_relative"):
       return
-    _require(m.segmented, key, seq_len,
+    require(m.segmented, key, seq_len,
              f"exceeds model.max_position_embeddings={limit} with full attention; raise "
              "max_position_embeddings or shorten the sequences")
     warnings.warn(f"{key}={seq_len} exceeds model.max_position_embeddings={limit}: the "
@@ -230,11 +231,11 @@ def _reject_unknown(cls, d, where):
 def check_cache_layout(segment_len, n_sink: int, n_window: int, where: str) -> None:
   """The rules of a segmented cache layout, shared by ``model.memory`` and the engine's
   ``Scenario`` (``where`` names the one being checked)."""
-  _require(segment_len > 0, f"{where}.segment_len", segment_len, "must be > 0")
-  _require(n_sink >= 0, f"{where}.n_sink", n_sink, "must be >= 0")
-  _require(n_window >= 0 and n_window % segment_len == 0, f"{where}.n_window", n_window,
+  require(segment_len > 0, f"{where}.segment_len", segment_len, "must be > 0")
+  require(n_sink >= 0, f"{where}.n_sink", n_sink, "must be >= 0")
+  require(n_window >= 0 and n_window % segment_len == 0, f"{where}.n_window", n_window,
            f"must be >= 0 and a multiple of segment_len={segment_len}")
-  _require(n_sink <= segment_len, f"{where}.n_sink", n_sink,
+  require(n_sink <= segment_len, f"{where}.n_sink", n_sink,
            f"must be <= segment_len={segment_len} (sink tokens come from the first segment)")
 
 
@@ -244,36 +245,36 @@ def validate(c: ModelConfig) -> None:
   for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
               "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
     v = getattr(c, key)
-    _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
              f"model.{key}", v, "must be a positive integer")
-  _require(c.head_dim % 2 == 0, "model.head_dim", c.head_dim, "must be even (RoPE rotates pairs)")
-  _require(c.num_heads % c.num_kv_heads == 0, "model.num_kv_heads", c.num_kv_heads,
+  require(c.head_dim % 2 == 0, "model.head_dim", c.head_dim, "must be even (RoPE rotates pairs)")
+  require(c.num_heads % c.num_kv_heads == 0, "model.num_kv_heads", c.num_kv_heads,
            f"must divide num_heads={c.num_heads}")
-  _require(c.rms_norm_eps > 0, "model.rms_norm_eps", c.rms_norm_eps, "must be > 0")
-  _require(c.rope_theta > 0, "model.rope_theta", c.rope_theta, "must be > 0")
-  _require(c.dtype in DTYPES, "model.dtype", c.dtype, f"must be one of {DTYPES}")
+  require(c.rms_norm_eps > 0, "model.rms_norm_eps", c.rms_norm_eps, "must be > 0")
+  require(c.rope_theta > 0, "model.rope_theta", c.rope_theta, "must be > 0")
+  require(c.dtype in DTYPES, "model.dtype", c.dtype, f"must be one of {DTYPES}")
   r = c.rope_scaling
-  _require(r.rope_type in ROPE_TYPES, "model.rope_scaling.rope_type", r.rope_type,
+  require(r.rope_type in ROPE_TYPES, "model.rope_scaling.rope_type", r.rope_type,
            f"must be one of {ROPE_TYPES}")
-  _require(r.factor > 0, "model.rope_scaling.factor", r.factor, "must be > 0")
+  require(r.factor > 0, "model.rope_scaling.factor", r.factor, "must be > 0")
   if r.rope_type == "llama3":
-    _require(r.high_freq_factor > r.low_freq_factor, "model.rope_scaling.high_freq_factor",
+    require(r.high_freq_factor > r.low_freq_factor, "model.rope_scaling.high_freq_factor",
              r.high_freq_factor, f"must exceed low_freq_factor={r.low_freq_factor}")
   m = c.memory
-  _require(m.attention_type in ATTENTION_TYPES, "model.memory.attention_type",
+  require(m.attention_type in ATTENTION_TYPES, "model.memory.attention_type",
            m.attention_type, f"must be one of {ATTENTION_TYPES}")
-  _require(m.gate in GATE_FORMS, "model.memory.gate", m.gate, f"must be one of {GATE_FORMS}")
-  _require(m.update_rule in UPDATE_RULES, "model.memory.update_rule", m.update_rule,
+  require(m.gate in GATE_FORMS, "model.memory.gate", m.gate, f"must be one of {GATE_FORMS}")
+  require(m.update_rule in UPDATE_RULES, "model.memory.update_rule", m.update_rule,
            f"must be one of {UPDATE_RULES}")
-  _require(m.rope_positions in ROPE_POSITIONS, "model.memory.rope_positions",
+  require(m.rope_positions in ROPE_POSITIONS, "model.memory.rope_positions",
            m.rope_positions, f"must be one of {ROPE_POSITIONS}")
   check_cache_layout(m.segment_len, m.n_sink, m.n_window, "model.memory")
-  _require(m.gate_mlp_hidden > 0, "model.memory.gate_mlp_hidden", m.gate_mlp_hidden,
+  require(m.gate_mlp_hidden > 0, "model.memory.gate_mlp_hidden", m.gate_mlp_hidden,
            "must be > 0")
-  _require(m.force_gate in FORCE_GATE, "model.memory.force_gate", m.force_gate,
+  require(m.force_gate in FORCE_GATE, "model.memory.force_gate", m.force_gate,
            f"must be one of {FORCE_GATE}")
-  _require(m.eps > 0, "model.memory.eps", m.eps, "must be > 0")
-  _require(m.truncate_every >= 0, "model.memory.truncate_every", m.truncate_every,
+  require(m.eps > 0, "model.memory.eps", m.eps, "must be > 0")
+  require(m.truncate_every >= 0, "model.memory.truncate_every", m.truncate_every,
            "must be >= 0 (0 = full backpropagation)")
 
 

@@ -50,7 +50,7 @@ from edgeinfinite_jax.train import optim
 from edgeinfinite_jax.train import resume
 from edgeinfinite_jax.train import sharding
 from edgeinfinite_jax.train import workdir as workdir_lib
-from edgeinfinite_jax.model.config import ConfigError, ModelConfig
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig, require
 from edgeinfinite_jax.checkpoints import models
 
 class TrainState(NamedTuple):
@@ -202,9 +202,8 @@ def validate(config, n_devices: int | None = None, check_paths: bool = True) -> 
                     check_paths=check_paths)
   pretrained = bool(models.init_source(config.init))
   if config.data.tokenizer == "byte" and not pretrained:
-    config_rules.require(m.vocab_size >= 259, "model.vocab_size", m.vocab_size,
-                         "must be >= 259, the byte tokenizer's vocabulary "
-                         "(data.tokenizer='byte')")
+    require(m.vocab_size >= 259, "model.vocab_size", m.vocab_size,
+            "must be >= 259, the byte tokenizer's vocabulary (data.tokenizer='byte')")
   if not pretrained:  # (with a checkpoint the architecture comes from its file)
     check_trainable(config, m)
     m.check_sequence_length(config.data.seq_len)
