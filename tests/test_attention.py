@@ -167,6 +167,7 @@ def test_edgeinfinite_with_local_gate_and_long_window_equals_full():
                              model.forward(base, params, tokens), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_memory_changes_outputs_only_beyond_the_window():
   base = _tiny()
   params = model.init_params(base, jax.random.key(0))

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from edgeinfinite_jax.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -11,6 +13,7 @@ TINY = "experiments/configs/pretrain_tiny.py:tiny"  # relative to ROOT, the subp
 TINY_ABS = os.path.join(ROOT, TINY)
 
 
+@pytest.mark.slow
 def test_unknown_override_is_one_line_naming_the_nearest_key(tmp_path):
   """ml_collections used to print a 55-line traceback ending in AttributeError."""
   workdir = tmp_path / "run"
@@ -38,6 +41,10 @@ def test_override_error_checks_every_form_of_the_flag():
       base + ["--noconfig.train.progres"])
   assert "did you mean --config.optim.lr?" in main.override_error(
       ["main", "--config", TINY_ABS, "--config.optimm.lr=1"])
+  assert main.override_error(base + ["--config.quantize.method=qat"]).startswith(
+      "--config.quantize.method: no such config key in ")  # the section's old name:
+  assert "('quantize' was renamed 'quant_job')" in main.override_error(  # told the new one
+      base + ["--config.quantize.method=qat"])
   assert main.override_error(base + ["--config.zzzzzz=1"]).endswith(
       f"--config.zzzzzz: no such config key in {TINY_ABS}")  # nothing near: no guess
   # A config file that does not load is absl's to report (with its own message).

@@ -82,6 +82,12 @@ def test_validate_names_key_and_rule():
   bad.unknown_section = 1
   with pytest.raises(ConfigError, match="unknown top-level key.*unknown_section"):
     registry.validate(bad, n_devices=1)
+  bad = configs.base_config()  # a config written before the rename is told the new name
+  bad.quantize = {"method": "fp"}
+  with pytest.raises(ConfigError, match="quantize \\('quantize' was renamed 'quant_job'\\)"):
+    registry.validate(bad, n_devices=1)
+  with pytest.raises(ConfigError, match="'quantize' was renamed 'quant_job'"):
+    configs.apply_overrides(configs.base_config(), {"quantize.method": "fp"})
   bad = configs.base_config()
   bad.data.batch_size = 6
   with pytest.raises(ConfigError, match="data.batch_size=6: must be divisible by .* 4"):

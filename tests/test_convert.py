@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import Lazy, requires  # noqa: E402
+
+pytestmark = requires("torch", "transformers")
+torch, transformers = Lazy("torch"), Lazy("transformers")
 
 import hf_fixtures  # noqa: E402
 from edgeinfinite_jax.checkpoints import hf as convert  # noqa: E402

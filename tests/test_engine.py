@@ -67,6 +67,7 @@ def test_compile_once_per_step_function_and_route_whatever_the_length():
                                      "prefill_long": 1, "decode_long": 1}
 
 
+@pytest.mark.slow
 def test_with_params_swaps_weights_without_recompiling():
   cfg, params = _model("edgeinfinite")
   other = jax.tree.map(lambda x: x * 1.1, params)
@@ -170,6 +171,7 @@ def test_exported_step_functions_reproduce_the_engine_in_a_fresh_process(tmp_pat
   assert loaded["scenario"]["segment_len"] == L
 
 
+@pytest.mark.slow
 def test_export_manifest_records_each_route_with_its_own_model_config(tmp_path):
   """Routes run different models (short: the base model with full attention, long:
   the memory model); each gets its own config and cache layout in the manifest."""
@@ -239,6 +241,7 @@ def test_one_state_branches_two_ways_without_donation():
   np.testing.assert_array_equal(np.asarray(logits_b2), np.asarray(want_b))
 
 
+@pytest.mark.slow
 def test_a_state_from_another_engine_is_refused_by_name():
   cfg, params = _model("edgeinfinite")
   engine = Engine(cfg, params, _scenario())

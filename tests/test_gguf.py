@@ -18,9 +18,11 @@ import gguf
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # transformers refuses GGUF files without it
+from conftest import Lazy, requires  # noqa: E402
+
+# accelerate: transformers refuses GGUF files without it
+pytestmark = requires("torch", "transformers", "accelerate")
+torch, transformers = Lazy("torch"), Lazy("transformers")
 
 import gguf_fixtures  # noqa: E402
 import hf_fixtures  # noqa: E402
@@ -118,6 +120,11 @@ def test_header_matches_gguf_reader(models, root):
 @pytest.fixture()
 def no_tensor_reads(monkeypatch):
   """Fails the test if any tensor is dequantized: refusals must come from the header."""
+  # The loader probes once per process which types this gguf install dequantizes (on a
+  # zero block, not a tensor); probe before patching, or the test would fail whenever
+  # it is the first of its process to load a file (random order found it).
+  gguf_loader.dequantizable_types()
+
   def boom(*a, **k):
     raise AssertionError("a tensor was read before the file was refused")
   monkeypatch.setattr(gguf.quants, "dequantize", boom)

@@ -108,6 +108,7 @@ def test_lr_multiplier_and_weight_decay_groups():
   np.testing.assert_allclose(scale(wd), scale(no), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gate_preset_train_step_changes_only_the_gate():
   config = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                        num_kv_heads=2).with_memory(attention_type="edgeinfinite",

@@ -68,7 +68,7 @@ def _job_config(tmp_path, method, preset):
   module = configs.load_module(os.path.join(ROOT, "experiments/configs/quant_tiny.py"))
   config = module.get_config(f"tiny,method={method},preset={preset},base={tmp_path}/base")
   config.data.update(seq_len=32, max_bytes=200_000)
-  config.quantize.update(base_steps=20, calib_batches=2)
+  config.quant_job.update(base_steps=20, calib_batches=2)
   config.train.update(steps=12, log_every=1, eval_batches=2)
   return config
 
@@ -103,11 +103,11 @@ def test_qat_step_cost_reports_both_steps():
 
 
 def test_quant_job_config_errors_name_key_and_rule(tmp_path):
-  cases = [({"quantize.method": "gptq"}, r"quantize.method='gptq': must be one of"),
-           ({"quantize.observer": "max"}, r"quantize.observer='max'"),
-           ({"quantize.group_size": 24, "quantize.method": "ptq_fine"},
+  cases = [({"quant_job.method": "gptq"}, r"quant_job.method='gptq': must be one of"),
+           ({"quant_job.observer": "max"}, r"quant_job.observer='max'"),
+           ({"quant_job.group_size": 24, "quant_job.method": "ptq_fine"},
             r"group_size=24: does not divide"),
-           ({"quant.preset": "w3a3", "quantize.method": "qat"}, r"preset='w3a3'")]
+           ({"quant.preset": "w3a3", "quant_job.method": "qat"}, r"preset='w3a3'")]
   for overrides, needle in cases:
     config = configs.apply_overrides(_job_config(tmp_path, "fp", "w8a8"), overrides)
     with pytest.raises(ValueError, match=needle):

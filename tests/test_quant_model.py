@@ -46,6 +46,7 @@ def test_float_mode_is_bit_identical(attention_type, fast):
   np.testing.assert_array_equal(model.forward(float_cfg, params, x), want)
 
 
+@pytest.mark.slow
 def test_fake_quant_weights_equal_the_dequantized_ptq_kernels(fast):
   base = tiny()
   params = model.init_params(base, jax.random.key(0))
@@ -106,6 +107,7 @@ def test_engine_equals_training_path_with_quantized_kv_and_memory(name):
     assert np.mean(d <= 1e-4) >= 0.95 and d.max() < 3e-3, (np.mean(d <= 1e-4), d.max())
 
 
+@pytest.mark.slow
 def test_capture_through_the_segment_scan_with_a_quantized_memory(fast):
   cfg, params = _memory_model("edgeinfinite")
   quant = qc.fine_grained("w4a8", group_size=16).replace(memory_state=QuantSpec(8))
@@ -115,6 +117,7 @@ def test_capture_through_the_segment_scan_with_a_quantized_memory(fast):
   assert got["layers_0/q_hat"].shape == (5, 2, L, 4, 8) and "layers_0/memory" not in got
 
 
+@pytest.mark.slow
 def test_calibration_writes_every_static_site_and_learned_inits(fast):
   cfg = tiny()
   params = model.init_params(cfg, jax.random.key(0))
@@ -163,6 +166,7 @@ def test_adaptive_bits_select_the_least_important_fraction_per_layer(fast):
   assert np.abs(np.asarray(logits) - np.asarray(off)).max() > 1e-4  # low bits change outputs
 
 
+@pytest.mark.slow
 def test_ptq_params_save_and_restore(tmp_path, fast):
   cfg = tiny()
   params = model.init_params(cfg, jax.random.key(0))
@@ -195,6 +199,7 @@ def test_fine_grained_ptq_beats_round_to_nearest_per_tensor_at_w4(fast):
   assert fine < 0.5 * rtn, (fine, rtn)
 
 
+@pytest.mark.slow
 def test_bad_input_raises_before_compilation(fast):
   cfg = tiny()
   params = model.init_params(cfg, jax.random.key(0))

@@ -24,8 +24,10 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import Lazy, requires  # noqa: E402
+
+pytestmark = requires("torch", "transformers")
+torch, transformers = Lazy("torch"), Lazy("transformers")
 
 import hf_fixtures  # noqa: E402
 from edgeinfinite_jax.checkpoints import hf as convert  # noqa: E402
@@ -78,13 +80,11 @@ def test_numerics_changing_keys_still_refused(change, fragment):
     convert.config_from_hf({**_config("smollm2_135m_instruct"), **change})
 
 
-try:  # skipping the (meta-device) weight init makes building an 8B model 4x faster
-  from transformers.initialization import no_init_weights
-except ImportError:  # transformers 4.x
-  from transformers.modeling_utils import no_init_weights
-
-
 def _meta_model(d):
+  try:  # skipping the (meta-device) weight init makes building an 8B model 4x faster
+    from transformers.initialization import no_init_weights
+  except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
   cfg = transformers.AutoConfig.for_model(**d)
   with torch.device("meta"), no_init_weights():
     return transformers.AutoModelForCausalLM.from_config(cfg)

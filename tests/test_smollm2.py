@@ -19,15 +19,15 @@ import pytest
 from edgeinfinite_jax.checkpoints import gguf as gguf_loader, models
 from edgeinfinite_jax.model import transformer as model
 from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
+from conftest import Lazy, requires
 
-pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
+pytestmark = [pytest.mark.smollm2, pytest.mark.slow,
+              requires("torch", "transformers", "accelerate")]
 if not models.is_installed("smollm2"):
   pytest.skip(f"needs the real model: {models.MODELS['smollm2'].install}",
               allow_module_level=True)
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+torch, transformers = Lazy("torch"), Lazy("transformers")
 
 PATH = models.gguf_path("smollm2")
 TEXT = inspect.getsource(json.decoder) + inspect.getsource(inspect)[:6000]

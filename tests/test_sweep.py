@@ -99,6 +99,7 @@ def test_final_metrics_last_values_and_metrics_json(tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 
+@pytest.mark.slow
 def test_bad_points_rejected_before_any_run(tmp_path):
   cfg = _config(tmp_path, """
       add({"optim.lr": 1e-3})
@@ -119,6 +120,7 @@ def test_bad_points_rejected_before_any_run(tmp_path):
   assert r.returncode == 2 and "optim.nope" in r.stderr and not work.exists()
 
 
+@pytest.mark.slow
 def test_usage_errors(tmp_path):
   cfg = _config(tmp_path, 'add({"optim.lr": 1e-3})')
   plain = tmp_path / "plain.py"
@@ -138,6 +140,7 @@ def test_usage_errors(tmp_path):
   assert r.returncode == 2 and "--parallel=0: must be a positive integer" in r.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_prints_commands(tmp_path):
   cfg = _config(tmp_path, """
       for lr in (1e-3, 3e-3):
@@ -215,6 +218,7 @@ def _alive(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_sigkilled_launcher_takes_its_run_along(tmp_path):
   work = str(tmp_path / "work")

@@ -49,6 +49,7 @@ def runs(tmp_path_factory):
           "full_dir": full_dir, "killed_dir": killed_dir}
 
 
+@pytest.mark.slow
 def test_loss_falls(runs):
   losses = runs["full"]["losses"]
   assert len(losses) == STEPS
@@ -56,6 +57,7 @@ def test_loss_falls(runs):
   assert np.isfinite(runs["full"]["eval_loss"]) and runs["full"]["eval_ppl"] > 1
 
 
+@pytest.mark.slow
 def test_the_step_compiles_once_per_run(runs):
   """Fixed shapes: 40 steps (log, eval and checkpoint steps among them) trace the step
   function once; a resumed run traces it once more, in its own process state."""
@@ -63,11 +65,13 @@ def test_the_step_compiles_once_per_run(runs):
   assert runs["killed"]["step_compiles"] == 1 and runs["resumed"]["step_compiles"] == 1
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(runs):
   # the killed run is a second run of the same config from scratch
   assert runs["killed"]["losses"] == runs["full"]["losses"][:25]
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_final_loss(runs):
   resumed = runs["resumed"]
   assert len(resumed["losses"]) == STEPS - 20  # restarted from the checkpoint at step 20
@@ -82,6 +86,7 @@ def test_resume_reaches_the_same_final_loss(runs):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_metrics_config_and_checkpoints_written(runs):
   workdir = runs["full_dir"]
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -127,6 +132,7 @@ def test_loss_mask_selects_targets():
   assert float(count) == 2 and float(total) == pytest.approx(float(expect), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_raises_naming_the_step(tmp_path):
   config = tiny_config(**{"optim.lr": 1e30, "optim.warmup_steps": 0, "train.steps": 3,
                           "train.log_every": 3, "checkpoint.enabled": False})
@@ -298,6 +304,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(runs, tmp_path, 
   assert workdir_lib.verify(latest) is None and workdir_lib.has_manifest(latest)
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_stops_and_keeps_everything(runs, tmp_path):
   workdir = _copy_of_full_run(runs, tmp_path)
   for step in (30, 40):

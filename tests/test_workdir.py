@@ -57,7 +57,7 @@ def _config(**changes):
                  "progress": False, "fresh": False},
        "checkpoint": {"every": 10, "keep": 2, "enabled": True},
        "mesh": {"data": -1}, "distributed": {"initialize": False},
-       "init": {"hf_path": ""}, "demo": {"sft_steps": 5}, "quantize": {"method": "fp"},
+       "init": {"hf_path": ""}, "demo": {"sft_steps": 5}, "quant_job": {"method": "fp"},
        "quant": {"preset": ""}}
   for dotted, value in changes.items():
     *parents, leaf = dotted.split(".")
@@ -75,7 +75,7 @@ def test_run_diff_counts_what_changes_the_run():
       "train.log_every": 1, "train.eval_every": 10, "train.eval_batches": 3,
       "train.progress": True, "train.fresh": True, "checkpoint.every": 5,
       "checkpoint.enabled": False, "mesh.data": 2, "distributed.initialize": True,
-      "job": "demo", "demo.sft_steps": 9, "quantize.method": "qat", "quant.preset": "w8a8"}),
+      "job": "demo", "demo.sft_steps": 9, "quant_job.method": "qat", "quant.preset": "w8a8"}),
       last_step=40) == []
   # what it computes: every key, dotted, recorded -> now
   assert wd.run_diff(old, _config(**{"model.memory.attention_type": "edgeinfinite",

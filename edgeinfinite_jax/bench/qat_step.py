@@ -32,7 +32,7 @@ def qat_step_cost(config, n: int = 10, warmup: int = 2) -> dict:
   """Median wall time of one QAT training step vs one full-precision step.
 
   Same model (``config.model``), batch (``data.batch_size`` x ``data.seq_len``
-  random tokens) and optimizer; the QAT step is ``quantize.method``'s recipe at
+  random tokens) and optimizer; the QAT step is ``quant_job.method``'s recipe at
   ``quant.preset`` (a training method; "edgeqat_ed" when the method is fp/PTQ),
   student and teacher both evaluated. After ``warmup`` calls of each (the first
   compiles), the two steps alternate for ``n`` rounds, so a change in machine
@@ -40,9 +40,9 @@ def qat_step_cost(config, n: int = 10, warmup: int = 2) -> dict:
   the per-round ratios. Both steps donate their state, as ``train.run``'s does.
   """
   model_config = configs.model_config(config)
-  method = config.quantize.method if config.quantize.method in qat.TRAINED else "edgeqat_ed"
+  method = config.quant_job.method if config.quant_job.method in qat.TRAINED else "edgeqat_ed"
   sub = ml_collections.ConfigDict(config.to_dict())
-  sub.quantize.method = method
+  sub.quant_job.method = method
   quant = qat.method_quant(sub)
   student_cfg = quantized(model_config, quant)
   rng = np.random.default_rng(0)

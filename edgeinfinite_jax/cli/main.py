@@ -67,6 +67,7 @@ def override_error(argv) -> str | None:
     if key not in valid:
       near = difflib.get_close_matches(key, valid, n=1)
       hint = f"; did you mean --config.{near[0]}?" if near else ""
+      hint = configs.renamed_hint(key) + hint
       return f"--config.{key}: no such config key in {spec}{hint}"
   return None
 

@@ -11,8 +11,8 @@ overrides and the schema's rules. Experiment files use this namespace::
 
 from edgeinfinite_jax.configs.args import load_module, parse_arg, sweep_points
 from edgeinfinite_jax.configs.overrides import apply_overrides, key_parent
-from edgeinfinite_jax.configs.schema import JOB_NAMES, base_config
+from edgeinfinite_jax.configs.schema import JOB_NAMES, base_config, renamed_hint
 from edgeinfinite_jax.configs.validate import model_config
 
 __all__ = ["JOB_NAMES", "apply_overrides", "base_config", "key_parent", "load_module",
-           "model_config", "parse_arg", "sweep_points"]
+           "model_config", "parse_arg", "renamed_hint", "sweep_points"]

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from edgeinfinite_jax.configs import schema
 from edgeinfinite_jax.model.config import ConfigError
 
 
@@ -32,7 +33,8 @@ def key_parent(config: ml_collections.ConfigDict, dotted: str, what: str = "key"
   node = config
   for p in parents:
     if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-      raise ConfigError(f"{what} {dotted!r}: {p!r} is not a config section")
+      raise ConfigError(f"{what} {dotted!r}: {p!r} is not a config section"
+                        f"{schema.renamed_hint(dotted)}")
     node = node[p]
   if leaf not in node:
     raise ConfigError(f"{what} {dotted!r}: no such config key")

@@ -14,7 +14,7 @@ Two sections sound alike and mean different things:
 * ``quant``: *how the model computes*, a ``QuantConfig`` (preset, bit widths,
   mode) read by ``QuantConfig.from_dict``; used by every job that runs a
   quantized model.
-* ``quantize``: *the settings of the job* ``quant`` (which method, which base
+* ``quant_job``: *the settings of the job* ``quant`` (which method, which base
   model, how many calibration batches); read only by ``jobs/quant.py``.
 """
 
@@ -27,7 +27,17 @@ import ml_collections
 
 from edgeinfinite_jax.model.config import ModelConfig
 
-JOB_NAMES = ("train", "demo", "quant")  # jobs/registry.py registers each (tested)
+JOB_NAMES = ("train", "demo", "quant")
+
+# Keys renamed in the schema, so that an old config or command line is told the new
+# name instead of only "no such key" (configs.validate / overrides / cli.main).
+RENAMED = {"quantize": "quant_job"}
+
+
+def renamed_hint(dotted: str) -> str:
+  """`` ('quantize' was renamed 'quant_job')`` when the key's first part was renamed."""
+  head = dotted.split(".", 1)[0]
+  return f" ({head!r} was renamed {RENAMED[head]!r})" if head in RENAMED else ""  # jobs/registry.py registers each (tested)
 
 # Job ``demo`` (jobs/demo.py): pretrain -> S-SFT -> passkey -> PTQ -> results.
 DEMO = {
@@ -62,7 +72,7 @@ DEMO = {
 QUANT = {"preset": "", "preset_args": {}, "mode": "fake_quant", "edgeqat": {}}
 
 # Job ``quant`` (jobs/quant.py): method, base model, calibration, integer check.
-QUANTIZE = {
+QUANT_JOB = {
     "method": "fp",               # one of train.qat.QUANT_METHODS
     "base_steps": 200,            # pretraining of the float base (no init)
     "base_workdir": "",           # where that run lives ("" = <workdir>/base; reused)
@@ -142,5 +152,5 @@ def base_config() -> ml_collections.ConfigDict:
                "gguf": ""},         # a .gguf file or a named model (models.MODELS: smollm2)
       "demo": copy.deepcopy(DEMO),  # job "demo" (jobs/demo.py): its stages' settings
       "quant": copy.deepcopy(QUANT),  # a QuantConfig (preset + overrides), see quant/qconfig.py
-      "quantize": copy.deepcopy(QUANTIZE),  # job "quant" (jobs/quant.py): method, base, calibration
+      "quant_job": copy.deepcopy(QUANT_JOB),  # job "quant" (jobs/quant.py): method, base, calibration
   })

@@ -29,7 +29,7 @@ def model_config(config) -> ModelConfig:
 # Sections whose keys are fixed by the schema. ``model`` is checked by
 # ModelConfig.from_dict, ``quant`` by QuantConfig.from_dict, ``mesh`` by the mesh rules.
 _CLOSED = ("data", "optim", "train", "checkpoint", "distributed", "init", "demo",
-           "demo.memory", "quantize")
+           "demo.memory", "quant_job")
 
 
 def _section(config, dotted: str):
@@ -43,7 +43,8 @@ def check_keys(config) -> None:
   base = schema.base_config()
   unknown = sorted(set(config.keys()) - set(base.keys()))
   if unknown:
-    raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid keys: "
+    raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}"
+                      f"{schema.renamed_hint(unknown[0])}; valid keys: "
                       f"{', '.join(sorted(base.keys()))}")
   for section in _CLOSED:
     have, known = _section(config, section), _section(base, section)

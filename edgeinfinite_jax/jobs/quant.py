@@ -4,7 +4,7 @@ base model (pretrained here, or ``init.*``) -> the method's QuantConfig at
 ``quant.preset`` -> PTQ (calibrate) or QAT/EdgeQAT (``train/qat.py``) -> held-out
 loss and perplexity -> the integer path's agreement where the config can run in
 integer mode -> ``<workdir>/quant_metrics.json``. Its settings are the
-``quantize`` section (``configs/schema.py``).
+``quant_job`` section (``configs/schema.py``).
 """
 
 from __future__ import annotations
@@ -25,25 +25,25 @@ from edgeinfinite_jax.train import calib, qat, trainer
 
 
 def validate(config) -> None:
-  """Rules of the ``quantize`` / ``quant`` sections (job ``quant``), before any work."""
-  known = schema.QUANTIZE
-  extra = sorted(set(config.quantize.keys()) - set(known))
+  """Rules of the ``quant_job`` / ``quant`` sections (job ``quant``), before any work."""
+  known = schema.QUANT_JOB
+  extra = sorted(set(config.quant_job.keys()) - set(known))
   if extra:
-    raise ConfigError(f"unknown key(s) {', '.join('quantize.' + k for k in extra)}; valid "
+    raise ConfigError(f"unknown key(s) {', '.join('quant_job.' + k for k in extra)}; valid "
                       f"keys: {', '.join(sorted(known))}")
-  q = config.quantize
+  q = config.quant_job
   if q.observer not in calib.OBSERVERS:
-    raise ConfigError(f"quantize.observer={q.observer!r}: must be one of "
+    raise ConfigError(f"quant_job.observer={q.observer!r}: must be one of "
                       f"{sorted(calib.OBSERVERS)}")
   for key in ("base_steps", "calib_batches", "group_size"):
     v = q[key]
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-      raise ConfigError(f"quantize.{key}={v!r}: must be a positive integer")
+      raise ConfigError(f"quant_job.{key}={v!r}: must be a positive integer")
   if q.requant_mode not in qc.REQUANT_MODES:
-    raise ConfigError(f"quantize.requant_mode={q.requant_mode!r}: must be one of "
+    raise ConfigError(f"quant_job.requant_mode={q.requant_mode!r}: must be one of "
                       f"{qc.REQUANT_MODES}")
   if q.qat_lr < 0 or q.quant_lr_mult < 0:
-    raise ConfigError(f"quantize.qat_lr={q.qat_lr!r} / quant_lr_mult={q.quant_lr_mult!r}: "
+    raise ConfigError(f"quant_job.qat_lr={q.qat_lr!r} / quant_lr_mult={q.quant_lr_mult!r}: "
                       "must be >= 0")
   quantized(configs.model_config(config), qat.method_quant(config))  # model rules
 
@@ -54,7 +54,7 @@ def run(config, workdir: str) -> dict:
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
-  q = config.quantize
+  q = config.quant_job
   teacher_cfg, teacher_params = qat.base_model(config, workdir)
   quant = qat.method_quant(config)
   split = data_lib.load(config.data)

@@ -22,11 +22,11 @@ A weight of 0 switches a term off (it is then not computed); the unweighted valu
 of every active term is logged next to the total (``ce``, ``kd``, ``entropy``,
 ``dist``). Token-adaptive bits need no loss: the student applies them in its
 forward (``quant.edgeqat.adaptive_fraction``). The quantizer parameters form their
-own trainable group (``.*/quant/.*``, lr x ``quantize.quant_lr_mult``, no weight
+own trainable group (``.*/quant/.*``, lr x ``quant_job.quant_lr_mult``, no weight
 decay) unless ``optim.groups`` is set.
 
 The ``quant`` job (``run``): a float base model (``init.hf_path`` / ``init.gguf``, or a short
-pretraining run on the configured data, reused from ``quantize.base_workdir``),
+pretraining run on the configured data, reused from ``quant_job.base_workdir``),
 then one method of ``QUANT_METHODS`` at ``quant.preset``, then held-out perplexity and
 the integer-vs-fake-quant agreement written to ``quant_metrics.json``.
 """
@@ -72,7 +72,7 @@ TRAINED = ("qat", "edgeqat_e", "edgeqat_ed", "edgeqat_all")
 def recipe(method: str, preset: str, group_size: int = 32) -> QuantConfig | None:
   """The QuantConfig of one (method, preset) point of the results table."""
   if method not in QUANT_METHODS:
-    raise ConfigError(f"quantize.method={method!r}: must be one of {sorted(QUANT_METHODS)}")
+    raise ConfigError(f"quant_job.method={method!r}: must be one of {sorted(QUANT_METHODS)}")
   if method == "fp":
     return None
   base = qc.preset(preset)
@@ -95,7 +95,7 @@ def recipe(method: str, preset: str, group_size: int = 32) -> QuantConfig | None
 def method_quant(config) -> QuantConfig | None:
   """The job's QuantConfig: the method's recipe at ``quant.preset``, then every other
   key of the ``quant`` section on top (e.g. ``quant.edgeqat.published_sign``)."""
-  q = config.quantize
+  q = config.quant_job
   preset = config.quant.preset or "w8a8"
   base = recipe(q.method, preset, q.group_size)
   if base is None:
@@ -173,10 +173,10 @@ def qat_config(config):
   """``config`` for QAT's ``train.run``: quantizer group (own lr, no decay), QAT lr."""
   c = ml_collections.ConfigDict(config.to_dict())
   if not c.optim.groups:
-    mult = float(config.quantize.quant_lr_mult)
+    mult = float(config.quant_job.quant_lr_mult)
     c.optim.groups = optim.partition([(optim.QUANT, mult, 0.0)], 1.0)
-  if config.quantize.qat_lr:
-    c.optim.lr = float(config.quantize.qat_lr)
+  if config.quant_job.qat_lr:
+    c.optim.lr = float(config.quant_job.qat_lr)
   return c
 
 
@@ -196,12 +196,12 @@ def batches(rows, batch_size, n, seed=0):
 
 def base_model(config, workdir):
   """(float model config, params): ``init.hf_path`` / ``init.gguf``, or a pretraining run of
-  ``quantize.base_steps`` steps in ``quantize.base_workdir`` (resumed / reused)."""
+  ``quant_job.base_steps`` steps in ``quant_job.base_workdir`` (resumed / reused)."""
   if models.init_source(config.init):
     return train.model_and_base_params(config)
-  base_dir = config.quantize.base_workdir or os.path.join(workdir, "base")
+  base_dir = config.quant_job.base_workdir or os.path.join(workdir, "base")
   pre = ml_collections.ConfigDict(config.to_dict())
-  steps = int(config.quantize.base_steps)
+  steps = int(config.quant_job.base_steps)
   pre.train.steps = steps
   pre.checkpoint.update(every=steps, enabled=True)
   out = train.run(pre, base_dir)

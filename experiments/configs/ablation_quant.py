@@ -4,7 +4,7 @@
       --workdir=sweeps/quant
 
 Job ``quant`` (``jobs/quant.py``) on the model and base run of ``quant_tiny.py``: the
-float base model is trained once in ``quantize.base_workdir`` and reused by every
+float base model is trained once in ``quant_job.base_workdir`` and reused by every
 point (run the first point alone, or keep ``--parallel 1``, so that two points do
 not train it at the same time). Each point quantizes it with ``method`` at one of
 the presets W8A8, W4A8, W4A16 (weight-only), A16W8 and W4A4 and reports held-out

@@ -1,12 +1,12 @@
 """Quantization results on a tiny Llama: PTQ, QAT and EdgeQAT at W8A8 / W4A8 / W4A4.
 
   python -m edgeinfinite_jax.cli.main --config=experiments/configs/quant_tiny.py:tiny \
-      --config.quantize.method=edgeqat_ed --config.quant.preset=w4a8 \
+      --config.quant_job.method=edgeqat_ed --config.quant.preset=w4a8 \
       --workdir=workdirs/quant_tiny/edgeqat_ed_w4a8
 
 One run = one point (job ``quant``, ``jobs/quant.py``): a float base model (pretrained
-on the embedded corpus for ``quantize.base_steps`` steps in
-``quantize.base_workdir``, shared by every point and reused once trained), then
+on the embedded corpus for ``quant_job.base_steps`` steps in
+``quant_job.base_workdir``, shared by every point and reused once trained), then
 the method at the preset, then ``quant_metrics.json`` in the workdir: held-out
 perplexity (float base and quantized), and for methods that can run in integer
 mode the integer-vs-fake-quant agreement (max logit difference in output
@@ -37,7 +37,7 @@ def get_config(arg=None):
   a = _arg(arg)
   config = configs.base_config()
   config.job = "quant"
-  config.quantize.update(method=a.method, base_workdir=a.base, calib_batches=4,
+  config.quant_job.update(method=a.method, base_workdir=a.base, calib_batches=4,
                          group_size=32, observer="minmax")
   config.quant.preset = a.preset
   config.model.max_position_embeddings = 2048
@@ -45,29 +45,29 @@ def get_config(arg=None):
     config.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2)
     config.data.update(seq_len=64, batch_size=8, max_bytes=400_000)
-    config.quantize.update(base_steps=150)
+    config.quant_job.update(base_steps=150)
     config.train.update(steps=30, log_every=10, eval_every=0, eval_batches=4, progress=False)
     config.optim.update(lr=3e-3, warmup_steps=10)
-    config.quantize.qat_lr = 1e-3
+    config.quant_job.qat_lr = 1e-3
     config.checkpoint.update(every=30, keep=1)
   else:
     config.model.update(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
                         num_kv_heads=4)
     config.data.update(seq_len=256, batch_size=32)
-    config.quantize.update(base_steps=3000, group_size=64)
+    config.quant_job.update(base_steps=3000, group_size=64)
     config.train.update(steps=500, log_every=50, eval_every=0, eval_batches=8)
     config.optim.update(lr=1e-3, warmup_steps=200)
-    config.quantize.qat_lr = 2.5e-4
+    config.quant_job.qat_lr = 2.5e-4
     config.checkpoint.update(every=500, keep=1)
   return config
 
 
 def sweep(add, arg=None):
   """Full precision once, then method x preset."""
-  add({"quantize.method": "fp"})
+  add({"quant_job.method": "fp"})
   for method in METHODS:
     for preset in PRESETS:
-      add({"quantize.method": method, "quant.preset": preset})
+      add({"quant_job.method": method, "quant.preset": preset})
 
 
 def metrics():
