@@ -282,3 +282,84 @@ def test_scenario_sizes_must_be_ints_not_bools():
     Scenario(n_sink=False)
   with pytest.raises(ConfigError, match=r"Scenario.segment_len='16'"):
     Scenario(segment_len="16")
+
+
+# ------------------------------------------------------------ continuing prefill, generate
+
+
+@pytest.mark.parametrize("attention_type", ["full", "streaming", "edgeinfinite"])
+def test_continued_prefill_equals_one_prefill_of_the_concatenation(attention_type):
+  """A prompt read in parts (a chat turn, a streamed document), split inside blocks and
+  on a block boundary, gives the state and logits of one prefill of the whole; the
+  parts reuse the compiled prefill step (the first fills the rest of the block)."""
+  cfg, params = _model(attention_type)
+  engine = Engine(cfg, params, _scenario())
+  tokens = _tokens(75)  # L = 8: the window (16) wraps, blocks enter the memory
+  whole, want = engine.prefill(tokens)
+  state, logits = engine.prefill(tokens[:, :13])  # long route (> short_threshold)
+  for a, b in ((13, 16), (16, 19), (19, 20), (20, 53), (53, 75)):  # mid, aligned, 1, ...
+    state, logits = engine.prefill(tokens[:, a:b], state=state)
+  assert int(state.length) == 75 and state.route == whole.route == "long"
+  np.testing.assert_allclose(logits, want, atol=2e-5)
+  for got, ref in zip(jax.tree.leaves(state), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+  assert engine.compile_counts() == {"prefill_long": 1}
+  # and decoding from it continues the same sequence
+  nxt = _tokens(1, seed=9)[:, 0]
+  np.testing.assert_allclose(engine.decode(state, nxt)[1], engine.decode(whole, nxt)[1],
+                             atol=2e-5)
+
+
+def test_continued_prefill_checks_the_state_and_the_capacity():
+  cfg, params = _model("full")
+  engine = Engine(cfg, params, _scenario())
+  state, _ = engine.prefill(_tokens(3))  # short route: holds short_threshold + max_new
+  with pytest.raises(ValueError, match=r"prompt of 3 \+ 60 = 63 tokens exceeds the short "
+                                       r"route's cache capacity 56"):
+    engine.prefill(_tokens(60), state=state)
+  engine.decode(state, _tokens(1)[:, 0])  # donated: consumed
+  with pytest.raises(ValueError, match="prefill state: this state was donated"):
+    engine.prefill(_tokens(2), state=state)
+
+
+@pytest.mark.parametrize("attention_type", ["full", "edgeinfinite"])
+def test_generate_loop_on_device_equals_a_host_loop_of_decode_steps(attention_type):
+  """The compiled loop gives the tokens a host loop of decode + sample gives, greedy and
+  sampled (same fold_in(rng, i) per token), and compiles once per route whatever the
+  prompt length, the number of new tokens or the sampling settings."""
+  cfg, params = _model(attention_type)
+  engine = Engine(cfg, params, _scenario())
+  prompt = _tokens(21)
+
+  def host_loop(n, temperature, top_k, rng):
+    state, logits = engine.prefill(prompt)
+    out = []
+    for i in range(n):
+      tok = engine._sample_fn(logits, jax.random.fold_in(rng, i), jnp.float32(temperature),
+                              jnp.int32(top_k))
+      out.append(np.asarray(tok))
+      if i + 1 < n:
+        state, logits = engine.decode(state, tok)
+    return np.stack(out, 1)
+
+  for n, temperature, top_k in ((7, 0.0, 0), (12, 1.0, 0), (5, 0.8, 3)):
+    rng = jax.random.key(n)
+    got = engine.generate(prompt, n, temperature=temperature, top_k=top_k, rng=rng)
+    np.testing.assert_array_equal(got, host_loop(n, temperature, top_k, rng))
+  engine.generate(_tokens(40), 3)
+  assert engine.compile_counts()["generate_long"] == 1
+
+
+def test_generate_stops_each_row_at_eos():
+  cfg, params = _model("edgeinfinite")
+  engine = Engine(cfg, params, _scenario())
+  free = engine.generate(_tokens(21), 10)
+  eos = int(free[0, 3])  # row 0 emits it at step 3 (or earlier)
+  out = engine.generate(_tokens(21), 10, eos_id=eos)
+  for row, ref in zip(out, free):
+    hit = np.flatnonzero(ref == eos)
+    stop = hit[0] if hit.size else 10
+    np.testing.assert_array_equal(row[:stop + 1], ref[:stop + 1])  # the same until eos
+    assert (row[stop:] == eos).all()  # then eos repeats
+  with pytest.raises(ValueError, match=r"eos_id=64: must be None or a token id in \[0, 64\)"):
+    engine.generate(_tokens(21), 3, eos_id=VOCAB)

@@ -7,9 +7,12 @@ Contract (after gemma's sampler):
   capacity of full-attention caches. Changing any Scenario field recompiles;
   nothing else does.
 * Each route (``short``, ``long``) has exactly one jitted prefill-segment
-  function and one jitted decode function. A prompt is fed segment by segment;
-  the last partial segment is padded and masked. Positions and lengths are traced
-  int32 values.
+  function, one jitted decode function and one jitted generate loop (every new
+  token inside one ``while_loop``, no host round trip per token). A prompt is fed
+  segment by segment; the last partial segment is padded and masked; a prompt
+  appended to an existing state first fills the rest of the current block.
+  Positions, lengths, the number of new tokens and the sampling settings are
+  traced values.
 * Prompts of at most ``short_threshold`` tokens take the short route: the
   unmodified base model (full attention, no memory) over an ordinary KV cache.
   Longer prompts take the long route with the model's attention type.
@@ -178,9 +181,10 @@ class Engine:
   its rules, the scales in ``params`` and the integer accumulator depths of the
   scenario are checked here, before anything compiles.
 
-  What compiles when: two jitted step functions per route (``prefill`` of one
-  segment, ``decode`` of one token), each traced on its first call and never again
-  for this engine (lengths and positions are traced int32; ``compile_counts()``).
+  What compiles when: three jitted functions per route (``prefill`` of one segment,
+  ``decode`` of one token, the ``generate`` loop), each traced on its first call and
+  never again for this engine (lengths, positions, ``max_new_tokens``, sampling
+  settings and ``eos_id`` are traced; ``compile_counts()``).
   ``with_params`` shares them. Another Scenario, model config or quant config is
   another Engine, with its own compilations.
 
@@ -197,9 +201,13 @@ class Engine:
     ``time >= 1``, ids in ``[0, vocab_size)`` (``model.check_tokens``, the rule
     ``forward`` applies). Returns a new ``EngineState`` and float32 logits
     ``[batch, vocab]`` of the last token.
+  * ``prefill(tokens, state=state)``: appends to a state of this engine (consumed,
+    as by ``decode``), on its route; equals one prefill of the concatenation.
   * ``decode(state, token)``: integer ``[batch]``; the state must come from this
     engine (same batch, route and cache shapes) and not be consumed. Returns a new
     state and ``[batch, vocab]`` logits.
+  * ``generate(tokens, n, ...)``: int32 ``[batch, n]`` on the host, synchronised
+    once per call.
   * Donation: ``decode`` donates ``state`` to the step function, which writes the
     new state into its buffers (no copy of the caches per token). Afterwards the
     state passed in is consumed: every array in it is deleted, and passing it again
@@ -207,7 +215,7 @@ class Engine:
     state more than once (branching, beam search), pass ``donate=False`` (decodes a
     copy; the original stays valid) or take ``copy_state(state)`` first; neither
     compiles anything more. Nothing else is donated: tokens, params and logits
-    stay the caller's, and ``prefill`` builds its own state.
+    stay the caller's, and ``prefill`` without ``state=`` builds its own state.
   """
 
   def __init__(self, config: ModelConfig, params, scenario: Scenario, quant=None):
@@ -230,9 +238,10 @@ class Engine:
       qapply.check_attention_depth(cfg, self.n_sink[route] + self.ring_len[route])
     self._traces = collections.Counter()
     self._state_avals = {}  # route -> [(path, ShapeDtypeStruct)] of init_state(route)
-    self._prefill = {r: self._jit_step(r, "prefill") for r in self.route_configs}
-    self._decode = {r: self._jit_step(r, "decode") for r in self.route_configs}
-    self._sample = jax.jit(self._sample_fn)
+    self._prefill = {r: self._jit(f"prefill_{r}", self._step(r)) for r in self.route_configs}
+    self._decode = {r: self._jit(f"decode_{r}", self._step(r)) for r in self.route_configs}
+    self._generate = {r: self._jit(f"generate_{r}", self._generate_loop(r), donate=False)
+                      for r in self.route_configs}
 
   def _prepare(self, params):
     """Checks the static scales; integer mode quantizes the weights once, here."""
@@ -263,11 +272,12 @@ class Engine:
 
   # -- step functions ---------------------------------------------------------
 
-  def _jit_step(self, route, kind):
+  def _step(self, route):
+    """The step of ``route``: ``(params, state, tokens [B, c], n_valid) -> (state, logits)``
+    for a prefill segment (c = segment_len) or a decode token (c = 1)."""
     config = self.route_configs[route]
 
     def step(params, state: EngineState, tokens, n_valid):
-      self._traces[f"{kind}_{route}"] += 1  # runs only while tracing
       chunk = cache_lib.Chunk(state.length)
       positions = state.length + jnp.arange(tokens.shape[1], dtype=jnp.int32)
       model = Transformer(config)
@@ -277,7 +287,52 @@ class Engine:
       logits = model.apply(params, last, method=Transformer.logits)[:, 0]
       return EngineState(caches, state.length + n_valid, state.route), logits
 
-    return jax.jit(step, donate_argnums=(1,))
+    return step
+
+  def _jit(self, name, fn, donate=True):
+    """``fn`` jitted, counting its traces; ``donate``: the state (argument 1) is donated
+    (a step returns the new state in its buffers; the generate loop returns tokens
+    only, so nothing of it could reuse them)."""
+    def counted(*args):
+      self._traces[name] += 1  # runs only while tracing
+      return fn(*args)
+    return jax.jit(counted, donate_argnums=(1,) if donate else ())
+
+  def _generate_loop(self, route):
+    """``(params, state, logits, n, rng, temperature, top_k, eos_id) -> tokens
+    [B, max_new_tokens]``: the whole decode loop in one compiled ``while_loop``.
+
+    Token i is sampled from the logits with ``fold_in(rng, i)`` (as a host loop of
+    ``decode`` calls would), then fed back, except the last. ``n`` is traced (at most
+    ``Scenario.max_new_tokens``, the buffer's static size); the loop ends after ``n``
+    tokens or once every row has produced ``eos_id`` (-1: never), and a finished
+    row's later tokens are ``eos_id``.
+    """
+    step, sample = self._step(route), self._sample_fn
+    size = self.scenario.max_new_tokens
+
+    def loop(params, state, logits, n, rng, temperature, top_k, eos_id):
+      batch = logits.shape[0]
+      out = jnp.full((batch, size), jnp.maximum(eos_id, 0), jnp.int32)
+      done = jnp.zeros((batch,), bool)
+
+      def body(carry):
+        i, state, logits, out, done = carry
+        tok = sample(logits, jax.random.fold_in(rng, i), temperature, top_k)
+        tok = jnp.where(done, eos_id, tok)
+        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+        done = done | (tok == eos_id)
+        state, logits = jax.lax.cond(
+            i + 1 < n, lambda s: step(params, s, tok[:, None], jnp.int32(1)),
+            lambda s: (s, logits), state)
+        return i + 1, state, logits, out, done
+
+      carry = (jnp.int32(0), state, logits, out, done)
+      _, _, _, out, _ = jax.lax.while_loop(
+          lambda c: (c[0] < n) & ~jnp.all(c[4]), body, carry)
+      return out
+
+    return loop
 
   def init_state(self, route: str) -> EngineState:
     config = self.route_configs[route]
@@ -348,22 +403,39 @@ class Engine:
       return None
     return self.ring_len[route]
 
-  def prefill(self, tokens):
-    """Reads a prompt [batch, time] (time >= 1); returns (state, last-token logits)."""
+  def prefill(self, tokens, state: EngineState | None = None):
+    """Reads a prompt [batch, time] (time >= 1); returns (state, last-token logits).
+
+    ``state=None`` starts fresh, on the route of the prompt's length. ``state=`` an
+    earlier state of this engine appends the tokens to it (a chat turn, a document
+    that arrives in parts), on that state's route, with the same compiled step: the
+    first chunk fills the rest of the current block (padded to a segment, its
+    length traced), the others are aligned segments, so nothing recompiles. The
+    result equals one prefill of the concatenation (tested). A continued state is
+    donated like ``decode``'s: keep using the returned one.
+    """
     tokens = self._check_tokens(tokens, 2, "prefill tokens")
     t = tokens.shape[1]
-    route = self.route_for(t)
+    if state is None:
+      route, start = self.route_for(t), 0
+    else:
+      self._check_state(state, "prefill state")
+      route, start = state.route, int(state.length)
     limit = self._limit(route)
-    if limit is not None and t > limit:
-      raise ValueError(f"prompt of {t} tokens exceeds the {route} route's cache capacity "
-                       f"{limit} (raise Scenario.max_context)")
+    if limit is not None and start + t > limit:
+      have = f"{start} + {t} = {start + t}" if start else f"{t}"
+      raise ValueError(f"prompt of {have} tokens exceeds the {route} route's cache capacity "
+                       f"{limit} (raise Scenario.max_context"
+                       + (", or prefill the whole text on the long route)" if start else ")"))
     L = self.scenario.segment_len
-    padded = np.zeros((tokens.shape[0], self.scenario.capacity(t)), np.int32)
-    padded[:, :t] = tokens
-    state, logits = self.init_state(route), None
-    for s in range(0, t, L):
-      n_valid = jnp.int32(min(L, t - s))
-      state, logits = self._prefill[route](self.params, state, padded[:, s:s + L], n_valid)
+    state = self.init_state(route) if state is None else state
+    logits, read = None, 0
+    while read < t:
+      n = min(L - (start + read) % L, t - read)  # to the end of the current block
+      chunk = np.zeros((tokens.shape[0], L), np.int32)
+      chunk[:, :n] = tokens[:, read:read + n]
+      state, logits = self._prefill[route](self.params, state, chunk, jnp.int32(n))
+      read += n
     return state, logits
 
   def decode(self, state: EngineState, token, *, donate: bool = True):
@@ -388,12 +460,18 @@ class Engine:
     self._check_state(state, "copy_state")
     return jax.tree.map(jnp.copy, state)
 
-  def generate(self, tokens, max_new_tokens=None, *, temperature=0.0, top_k=0, rng=None):
-    """Greedy (temperature 0) or sampled continuation, [batch, max_new_tokens].
+  def generate(self, tokens, max_new_tokens=None, *, temperature=0.0, top_k=0, rng=None,
+               eos_id=None, state: EngineState | None = None):
+    """Greedy (temperature 0) or sampled continuation, int32 [batch, max_new_tokens].
 
-    ``temperature``: a finite number >= 0 (0 = greedy); ``top_k``: an int >= 0 (0 = the
-    whole vocabulary). Anything else raises ValueError naming it (the sampler would
-    otherwise fall back to greedy without a word).
+    The prompt is read by ``prefill(tokens, state=state)``; the new tokens are then
+    produced by one compiled loop (``_generate_loop``): no host round trip per token,
+    one compilation per route whatever the prompt length, ``max_new_tokens``,
+    sampling settings or ``eos_id`` (all traced). ``temperature``: a finite number
+    >= 0 (0 = greedy); ``top_k``: an int >= 0 (0 = the whole vocabulary); ``eos_id``:
+    a token id that ends a row (its later tokens repeat it) or None. Anything else
+    raises ValueError naming it, before any work (the sampler would otherwise fall
+    back to greedy without a word). ``decode`` stays for step-by-step use.
     """
     n = self.scenario.max_new_tokens if max_new_tokens is None else max_new_tokens
     if (not isinstance(n, (int, np.integer)) or isinstance(n, bool)
@@ -406,16 +484,24 @@ class Engine:
                        "(0 = greedy)")
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
       raise ValueError(f"top_k={top_k!r}: must be an int >= 0 (0 = no top-k cut)")
+    vocab = self.route_configs["short"].vocab_size
+    if eos_id is not None and (not isinstance(eos_id, (int, np.integer))
+                               or isinstance(eos_id, bool) or not 0 <= eos_id < vocab):
+      raise ValueError(f"eos_id={eos_id!r}: must be None or a token id in [0, {vocab})")
+    tokens = self._check_tokens(tokens, 2, "prefill tokens")
+    route = self.route_for(tokens.shape[1]) if state is None else state.route
+    limit = self._limit(route)
+    start = 0 if state is None else int(state.length)
+    if limit is not None and start + tokens.shape[1] + n - 1 > limit:
+      raise ValueError(f"generate: {start + tokens.shape[1]} prompt tokens + {n - 1} decoded "
+                       f"exceed the {route} route's cache capacity {limit} (raise "
+                       "Scenario.max_context, or ask for fewer new tokens)")
     rng = jax.random.key(0) if rng is None else rng
-    state, logits = self.prefill(tokens)
-    out = []
-    for i in range(n):
-      tok = self._sample(logits, jax.random.fold_in(rng, i), jnp.float32(temperature),
-                         jnp.int32(top_k))
-      out.append(tok)
-      if i + 1 < n:
-        state, logits = self.decode(state, tok)
-    return np.stack([np.asarray(t) for t in out], axis=1)
+    state, logits = self.prefill(tokens, state)
+    out = self._generate[route](self.params, state, logits, jnp.int32(n), rng,
+                                jnp.float32(temperature), jnp.int32(top_k),
+                                jnp.int32(-1 if eos_id is None else eos_id))
+    return np.asarray(out)[:, :n]
 
   def compile_count(self) -> int:
     """XLA compilations of the step functions so far (all routes)."""

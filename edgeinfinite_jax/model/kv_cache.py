@@ -68,12 +68,36 @@ def ring_positions(config: ModelConfig, block, ring_len):
   return (held[:, None] * L + jnp.arange(L, dtype=jnp.int32)[None]).reshape(-1)
 
 
+def _write_block(ring, x, slot_start, in_block, L):
+  """``ring`` with the chunk ``x [B, c, K, D]`` written from offset ``in_block`` of the
+  block slot at ``slot_start``, clipped at the block's end.
+
+  A decode token (c = 1) is written in place. A prefill chunk (c = L) starts
+  mid-block when a prefill continues a state (``Engine.prefill(tokens, state=)``):
+  its first ``L - in_block`` rows belong to this block and the rest are padding
+  (the engine feeds only the rest of the block); writing all ``L`` rows would spill
+  into the next slot, which still holds the oldest block of the window. So the slot
+  is rebuilt with the chunk shifted in and written back whole.
+  """
+  x = x.astype(ring.dtype)
+  c = x.shape[1]
+  if c == 1:
+    return jax.lax.dynamic_update_slice_in_dim(ring, x, slot_start + in_block, axis=1)
+  old = jax.lax.dynamic_slice_in_dim(ring, slot_start, L, axis=1)
+  src = jnp.arange(L, dtype=jnp.int32) - in_block
+  take = ((src >= 0) & (src < c))[None, :, None, None]
+  new = jnp.where(take, jnp.take(x, jnp.clip(src, 0, c - 1), axis=1), old)
+  return jax.lax.dynamic_update_slice_in_dim(ring, new, slot_start, axis=1)
+
+
 def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k, v, inv_freq,
                      gate_params, qx):
   """Engine path: one chunk (a segment, or a single decode token) of one layer.
 
-  The chunk must lie inside one block (prefill chunks are aligned blocks; decode
-  chunks are one token). Returns (output float32 [B, C, H, D], new cache). With
+  A chunk is a single decode token or a prefill segment of ``L`` rows whose valid
+  rows end at or before its first block's end (an aligned block; or, continuing a
+  state, the rest of the current block); rows past the block's end are padding and
+  are not written. Returns (output float32 [B, C, H, D], new cache). With
   ``qx``, k/v are already quantized on write (integer values when the cache holds
   integers; ``qx.kv_read`` turns entries back into floats).
   """
@@ -98,11 +122,8 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
       return qx.memory(mem)
 
     memory = jax.lax.cond((chunk.start % L == 0) & (evict >= 0), compress, lambda x: x, memory)
-  offset = slot_start + jnp.mod(chunk.start, L)
-  ring_k = jax.lax.dynamic_update_slice_in_dim(cache.ring_k, k.astype(cache.ring_k.dtype),
-                                               offset, axis=1)
-  ring_v = jax.lax.dynamic_update_slice_in_dim(cache.ring_v, v.astype(cache.ring_v.dtype),
-                                               offset, axis=1)
+  ring_k = _write_block(cache.ring_k, k, slot_start, jnp.mod(chunk.start, L), L)
+  ring_v = _write_block(cache.ring_v, v, slot_start, jnp.mod(chunk.start, L), L)
   q_pos = chunk.start + jnp.arange(c, dtype=jnp.int32)
   sink_k, sink_v = cache.sink_k, cache.sink_v
   if S:
