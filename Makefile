@@ -36,16 +36,18 @@ demo: $(VENV)/.installed
 # Random test order (pytest-randomly) with the seed printed first: SEED=N make test replays an order.
 # pytest-xdist runs one worker per core (JOBS=N to choose; JOBS=0 runs in this process), a
 # test file per worker at a time (--dist loadfile: module fixtures are built once).
+# PYTEST_ARGS adds pytest options (e.g. PYTEST_ARGS=--durations=30).
 JOBS ?= auto
 test: $(VENV)/.installed-test
 	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
 	echo "test order: pytest-randomly seed $$seed (replay: SEED=$$seed make test)"; \
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -p randomly --randomly-seed=$$seed \
-	  -n $(JOBS) --dist loadfile
+	  -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # The developer's loop: every test not marked slow (tests/ and setup.cfg say what slow is).
 quick: $(VENV)/.installed-test
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" -n $(JOBS) --dist loadfile
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" -n $(JOBS) --dist loadfile \
+	  $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m edgeinfinite_jax.bench

@@ -287,7 +287,9 @@ def test_scenario_sizes_must_be_ints_not_bools():
 # ------------------------------------------------------------ continuing prefill, generate
 
 
-@pytest.mark.parametrize("attention_type", ["full", "streaming", "edgeinfinite"])
+@pytest.mark.parametrize("attention_type", [pytest.param("full", marks=pytest.mark.slow),
+                                            pytest.param("streaming", marks=pytest.mark.slow),
+                                            "edgeinfinite"])
 def test_continued_prefill_equals_one_prefill_of_the_concatenation(attention_type):
   """A prompt read in parts (a chat turn, a streamed document), split inside blocks and
   on a block boundary, gives the state and logits of one prefill of the whole; the
@@ -322,7 +324,8 @@ def test_continued_prefill_checks_the_state_and_the_capacity():
     engine.prefill(_tokens(2), state=state)
 
 
-@pytest.mark.parametrize("attention_type", ["full", "edgeinfinite"])
+@pytest.mark.parametrize("attention_type", [pytest.param("full", marks=pytest.mark.slow),
+                                            "edgeinfinite"])
 def test_generate_loop_on_device_equals_a_host_loop_of_decode_steps(attention_type):
   """The compiled loop gives the tokens a host loop of decode + sample gives, greedy and
   sampled (same fold_in(rng, i) per token), and compiles once per route whatever the

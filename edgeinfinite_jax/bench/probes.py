@@ -31,7 +31,7 @@ TORCH_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_w
 WORKER_MODULES = {"engine": "edgeinfinite_jax.bench.workers",
                   "qat": "edgeinfinite_jax.bench.qat_step"}
 DECODE_FIELDS = ("method", "decode_ms_median", "decode_ms_min", "decode_ms_p90",
-                 "decode_steps", "state_bytes", "paired")
+                 "decode_steps", "state_bytes", "paired", "generate")
 
 
 # ----------------------------------------------------------------------------- one job
@@ -84,6 +84,8 @@ def job_for(plan: Plan, checkpoint: str, method: str, length: int, prefill: bool
   paired = plan.paired_context(method, length) if decode else None
   if paired:
     job["paired_context"] = paired
+  if method != REFERENCE and decode and prefill and length == min(plan.decode_lengths):
+    job["generate"] = 3  # repeats of the generate-loop vs decode-steps pair
   return job
 
 

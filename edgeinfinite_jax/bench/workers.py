@@ -170,6 +170,33 @@ def _paired_decode(engine: Engine, state, other, toks, warmup: int, short: int) 
               short_ms=1e3 * statistics.median(b for _, b in pairs))
 
 
+def _generate_vs_steps(engine: Engine, prompt, n: int, repeats: int) -> dict:
+  """``generate(prompt, n)`` (one compiled loop, one host sync) against the same work
+  through the step-by-step API: ``prefill`` and ``n - 1`` ``decode`` calls, each fed
+  the greedy token of the last (checked on the host, as ``decode`` does). Both are
+  compiled first, then run alternately ``repeats`` times: the median of each and of
+  the pairs' ratios."""
+  def looped():
+    t0 = time.perf_counter()
+    engine.generate(prompt, n)
+    return time.perf_counter() - t0
+
+  def stepped():
+    t0 = time.perf_counter()
+    state, logits = engine.prefill(prompt)
+    for _ in range(n - 1):
+      state, logits = engine.decode(state, jnp.argmax(logits, -1).astype(jnp.int32))
+    np.asarray(jnp.argmax(logits, -1))
+    return time.perf_counter() - t0
+
+  looped(), stepped()  # compiles the loop (the steps are compiled already)
+  pairs = [(looped(), stepped()) for _ in range(repeats)]
+  return dict(tokens=n, context=prompt.shape[1],
+              generate_s=statistics.median(a for a, _ in pairs),
+              steps_s=statistics.median(b for _, b in pairs),
+              ratio=statistics.median(a / b for a, b in pairs), repeats=repeats)
+
+
 def engine_worker(job: dict) -> dict:
   """One engine measurement (``job`` as ``probes.job_for`` builds it)."""
   log = _CompileLog()
@@ -196,6 +223,10 @@ def engine_worker(job: dict) -> dict:
     if short:  # the decode target's paired measurement
       other, _ = engine.prefill(rng.integers(0, vocab, (1, short), dtype=np.int32))
       out["paired"] = _paired_decode(engine, state, other, toks, warmup, short)
+    if job.get("generate") and job["prefill"]:  # the generate target, at this context
+      out["generate"] = _generate_vs_steps(
+          engine, rng.integers(0, vocab, (1, length), dtype=np.int32),
+          engine.scenario.max_new_tokens, job["generate"])
   out["recompiles_after_warmup"] = log.backend_compiles_since(n_events)
   out["compile_count"] = engine.compile_count()
   out["peak_rss_mib"] = measure.process_peak_mib(mem)

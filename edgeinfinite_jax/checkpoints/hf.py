@@ -322,22 +322,10 @@ def check_finite(flat: Mapping[str, np.ndarray], where: str, allow_non_finite: b
                           f"{', '.join(bad)} (pass allow_non_finite=True to load them anyway)")
 
 
-def load_hf(path: str, dtype: Any = jnp.float32, *, allow_non_finite: bool = False):
-  """``(config, {"params": ...})`` from an HF checkpoint directory.
-
-  ``dtype`` is the compute dtype recorded in ``config.dtype``; parameters are
-  always float32 (bf16/f16 tensors are upcast). Raises ConfigError for an
-  unsupported config and CheckpointError listing every missing, unexpected,
-  mis-shaped or non-float tensor (checked on the file headers, before any
-  tensor is read), naming a weight file that cannot be read (truncated, not
-  safetensors), and naming tensors with NaN/inf values unless
-  ``allow_non_finite``.
-  """
-  with open(os.path.join(path, "config.json")) as f:
-    config = config_from_hf(json.load(f), dtype)
-  expected = {k: tuple(v.shape)
-              for k, v in flatten(model_lib.abstract_params(config)["params"]).items()}
-  plan, errors, lm_head = [], [], None
+def _plan_tensors(path: str, config: ModelConfig, expected: dict) -> list:
+  """``[(file, hf name, our path or None for a tied lm_head, kind)]`` from the file
+  headers alone; raises CheckpointError listing every bad or missing tensor."""
+  plan, errors = [], []
   for file in _weight_files(path):
     try:
       with safe_open(file, framework="numpy") as f:
@@ -370,6 +358,26 @@ def load_hf(path: str, dtype: Any = jnp.float32, *, allow_non_finite: bool = Fal
                     f"{list(hf_shape(_lookup(ours, _OURS_TO_HF)[1], expected[ours]))})")
   if errors:
     raise CheckpointError(f"{path}: {len(errors)} bad tensor(s):\n  " + "\n  ".join(errors))
+  return plan
+
+
+def load_hf(path: str, dtype: Any = jnp.float32, *, allow_non_finite: bool = False):
+  """``(config, {"params": ...})`` from an HF checkpoint directory.
+
+  ``dtype`` is the compute dtype recorded in ``config.dtype``; parameters are
+  always float32 (bf16/f16 tensors are upcast). Raises ConfigError for an
+  unsupported config and CheckpointError listing every missing, unexpected,
+  mis-shaped or non-float tensor (checked on the file headers, before any
+  tensor is read), naming a weight file that cannot be read (truncated, not
+  safetensors), and naming tensors with NaN/inf values unless
+  ``allow_non_finite``.
+  """
+  with open(os.path.join(path, "config.json")) as f:
+    config = config_from_hf(json.load(f), dtype)
+  expected = {k: tuple(v.shape)
+              for k, v in flatten(model_lib.abstract_params(config)["params"]).items()}
+  plan = _plan_tensors(path, config, expected)
+  lm_head = None
   flat = {}
   for file in sorted({p[0] for p in plan}):
     try:

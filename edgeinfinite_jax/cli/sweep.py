@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -182,15 +183,8 @@ def _validation_devices(config) -> int:
   return max(1, math.prod(sizes))
 
 
-def plan(config: str, workdir: str, overrides: Sequence[str] | Mapping[str, Any] = (),
-         only: str | Sequence | None = None, check_paths: bool = True) -> Sweep:
-  """Loads ``FILE[:ARG]``, expands its sweep and validates every point.
-
-  ``overrides``: ``["--config.KEY=VALUE", ...]`` or ``{KEY: value}``, applied
-  to every run. ``only``: indices or run names (comma-separated string or a
-  sequence). Raises SweepError listing every bad point; nothing is run or
-  written.
-  """
+def _load(config: str):
+  """(base config, sweep points, metric names) of ``FILE[:ARG]``; SweepError if any fails."""
   path, arg = _split_spec(config)
   if not os.path.isfile(path):
     raise SweepError(f"--config={config}: no such file {path!r}")
@@ -201,7 +195,6 @@ def plan(config: str, workdir: str, overrides: Sequence[str] | Mapping[str, Any]
   if not hasattr(module, "sweep"):
     raise SweepError(f"--config={config}: {path} defines no sweep(add, arg=None); a sweep "
                      "needs one (it calls add({'dotted.key': value}) once per run)")
-  common = _parse_overrides(overrides)
   try:
     points = configs.sweep_points(module, arg)
     base = module.get_config(arg)
@@ -212,16 +205,12 @@ def plan(config: str, workdir: str, overrides: Sequence[str] | Mapping[str, Any]
     raise SweepError(f"--config={config}: {type(e).__name__}: {e}") from e
   if not points:
     raise SweepError(f"--config={config}: sweep() added no points")
+  return base, points, metric_names
 
-  for key in common:
-    swept_by = [str(i) for i, p in enumerate(points) if key in p]
-    if swept_by:
-      raise SweepError(f"--config.{key}={common[key]}: {key} is swept (by point(s) "
-                       f"{','.join(swept_by)}); a common override may not name a swept key")
-  try:
-    overrides_lib.resolve(base, common)
-  except ConfigError as e:
-    raise SweepError(f"--config.KEY=VALUE flags: {e}") from None
+
+def _runs(config: str, base, common: dict, points: list, check_paths: bool):
+  """One ``Run`` per point (its command line; values of the swept keys as resolved) and
+  the swept keys; SweepError listing every invalid or repeated point."""
   errors, runs, seen, swept, resolved_configs = [], [], {}, [], []
   for i, point in enumerate(points):
     label = f"sweep point {i} {point}"
@@ -247,9 +236,32 @@ def plan(config: str, workdir: str, overrides: Sequence[str] | Mapping[str, Any]
   if errors:
     raise SweepError(f"{len(errors)} of {len(points)} sweep point(s) of {config} are invalid; "
                      "nothing was run:\n  " + "\n  ".join(errors))
-
   for r, resolved in zip(runs, resolved_configs):
     r.values = {k: overrides_lib.value_at(resolved, k) for k in swept}
+  return runs, swept
+
+
+def plan(config: str, workdir: str, overrides: Sequence[str] | Mapping[str, Any] = (),
+         only: str | Sequence | None = None, check_paths: bool = True) -> Sweep:
+  """Loads ``FILE[:ARG]``, expands its sweep and validates every point.
+
+  ``overrides``: ``["--config.KEY=VALUE", ...]`` or ``{KEY: value}``, applied
+  to every run. ``only``: indices or run names (comma-separated string or a
+  sequence). Raises SweepError listing every bad point; nothing is run or
+  written.
+  """
+  base, points, metric_names = _load(config)
+  common = _parse_overrides(overrides)
+  for key in common:
+    swept_by = [str(i) for i, p in enumerate(points) if key in p]
+    if swept_by:
+      raise SweepError(f"--config.{key}={common[key]}: {key} is swept (by point(s) "
+                       f"{','.join(swept_by)}); a common override may not name a swept key")
+  try:
+    overrides_lib.resolve(base, common)
+  except ConfigError as e:
+    raise SweepError(f"--config.KEY=VALUE flags: {e}") from None
+  runs, swept = _runs(config, base, common, points, check_paths)
   names = [r.name for r in runs]
   for r in runs:  # distinct points whose slugs collide (after sanitising / cutting)
     if names.count(r.name) > 1:
@@ -402,6 +414,23 @@ def execute(sweep: Sweep, parallel: int = 1, progress: bool = True, out=None) ->
     lock.release()
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+  """SIGTERM raises KeyboardInterrupt in the main thread, so a killed launcher stops its
+  runs (``Launcher.stop``) instead of leaving them orphaned."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def on_term(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+  previous = signal.signal(signal.SIGTERM, on_term)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def _execute(sweep: Sweep, parallel: int, progress: bool, out) -> dict:
   _check_state(sweep)
   _save_state(sweep)
@@ -439,16 +468,12 @@ def _execute(sweep: Sweep, parallel: int, progress: bool, out) -> dict:
       failed.append(run)
     bar.update(1)
 
-  previous = None
-  if threading.current_thread() is threading.main_thread():
-    def on_term(signum, frame):
-      raise KeyboardInterrupt(f"signal {signum}")
-    previous = signal.signal(signal.SIGTERM, on_term)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
   try:
-    futures = [pool.submit(one, r) for r in todo]
-    for f in concurrent.futures.as_completed(futures):
-      f.result()
+    with _sigterm_interrupts():
+      futures = [pool.submit(one, r) for r in todo]
+      for f in concurrent.futures.as_completed(futures):
+        f.result()
   except BaseException:
     launcher.stop()
     pool.shutdown(wait=True, cancel_futures=True)
@@ -456,8 +481,6 @@ def _execute(sweep: Sweep, parallel: int, progress: bool, out) -> dict:
   finally:
     pool.shutdown(wait=True)
     bar.close()
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
   aggregate(sweep, out=out)
   if failed:
     print(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)}; rerun the same "

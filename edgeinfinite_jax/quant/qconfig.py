@@ -227,6 +227,21 @@ def validate(c: QuantConfig) -> None:
   for p in PLACEMENTS:
     s = getattr(c, p)
     _require(s is None or isinstance(s, QuantSpec), p, s, "must be a QuantSpec or None")
+  _check_granularities(c)
+  if c.mode == "integer":
+    for p in ("linear_weights", "embeddings", "lm_head"):
+      s = getattr(c, p)
+      _require(s is None or (s.symmetric and s.signed), f"{p}.symmetric", s and s.symmetric,
+               "integer mode needs signed symmetric weights (zero point 0, the intsim and "
+               "TFLite weight contract)")
+    _check_integer(c)
+  elif c.mode == "fake_quant" and c.fake_quant_dots == "exact":
+    _check_integer(c, "fake_quant_dots='exact'")
+  _check_edgeqat(c)
+
+
+def _check_granularities(c: QuantConfig) -> None:
+  """Which scale granularity each site may use, given how its scales are found."""
   for p in ("linear_weights", "embeddings", "lm_head"):
     s = getattr(c, p)
     _require(s is None or s.granularity != "per_token", f"{p}.granularity",
@@ -255,15 +270,10 @@ def validate(c: QuantConfig) -> None:
              "linear_weights.granularity", w and w.granularity,
              "weight_scales='learned' learns one LSQ step size per tensor or per output "
              "channel; needs per_tensor or per_channel weights")
-  if c.mode == "integer":
-    for p in ("linear_weights", "embeddings", "lm_head"):
-      s = getattr(c, p)
-      _require(s is None or (s.symmetric and s.signed), f"{p}.symmetric", s and s.symmetric,
-               "integer mode needs signed symmetric weights (zero point 0, the intsim and "
-               "TFLite weight contract)")
-    _check_integer(c)
-  elif c.mode == "fake_quant" and c.fake_quant_dots == "exact":
-    _check_integer(c, "fake_quant_dots='exact'")
+
+
+def _check_edgeqat(c: QuantConfig) -> None:
+  """The EdgeQAT options: loss weights, token-adaptive bits."""
   e = c.edgeqat
   _require(isinstance(e, EdgeQATOptions), "edgeqat", e, "must be EdgeQATOptions")
   for key in ("entropy_weight", "distribution_weight", "kd_weight", "ce_weight"):
