@@ -68,6 +68,27 @@ DEMO = {
     "quant_eval_batches": 4,
 }
 
+# Section ``data``: the token stream every job reads (data/corpus.py, data/tasks.py).
+DATA = {
+    "source": "embedded",     # embedded | text | json | parquet | hub
+    "path": "",               # files (comma-separated / globs) or a hub name
+    "text_field": "text",
+    "split": "train",         # hub only
+    "tokenizer": "byte",      # "byte" or a local HF tokenizer directory
+    "seq_len": 128,
+    "batch_size": 8,          # global batch, in rows
+    "max_bytes": 3_000_000,   # cap on the text read
+    "heldout_fraction": 0.05,
+    # source "task" (S-SFT rows, loss on answers) and task_mix (share of
+    # task rows, full loss, mixed into a text source); see data/corpus.py.
+    "tasks": "passkey",       # "passkey" or weighted "passkey:3,kv_recall:1"
+    "task_length": 0,         # target sample length, 0 = seq_len
+    "task_samples": 1024,     # training samples drawn for source "task"
+    "task_digits": 5,         # digits of passkey / needle values
+    "task_seed": 0,
+    "task_mix": 0.0,
+}
+
 # Section ``quant``: a QuantConfig as ``QuantConfig.from_dict`` reads it.
 QUANT = {"preset": "", "preset_args": {}, "mode": "fake_quant", "edgeqat": {}}
 
@@ -97,25 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
       "job": "train",
       "seed": 0,
       "model": model,
-      "data": {
-          "source": "embedded",     # embedded | text | json | parquet | hub
-          "path": "",               # files (comma-separated / globs) or a hub name
-          "text_field": "text",
-          "split": "train",         # hub only
-          "tokenizer": "byte",      # "byte" or a local HF tokenizer directory
-          "seq_len": 128,
-          "batch_size": 8,          # global batch, in rows
-          "max_bytes": 3_000_000,   # cap on the text read
-          "heldout_fraction": 0.05,
-          # source "task" (S-SFT rows, loss on answers) and task_mix (share of
-          # task rows, full loss, mixed into a text source); see data.py.
-          "tasks": "passkey",       # "passkey" or weighted "passkey:3,kv_recall:1"
-          "task_length": 0,         # target sample length, 0 = seq_len
-          "task_samples": 1024,     # training samples drawn for source "task"
-          "task_digits": 5,         # digits of passkey / needle values
-          "task_seed": 0,
-          "task_mix": 0.0,
-      },
+      "data": copy.deepcopy(DATA),  # the token stream, see DATA above
       "optim": {
           "lr": 3e-4,
           "warmup_steps": 100,
