@@ -414,6 +414,12 @@ class Engine:
     result equals one prefill of the concatenation (tested). A continued state is
     donated like ``decode``'s: keep using the returned one.
     """
+    return self._read(*self._placement(tokens, state), state)
+
+  def _placement(self, tokens, state, decoded: int | None = None):
+    """(checked tokens, route, start position) of a prompt read into ``state`` (None:
+    a fresh one), with room left for ``decoded`` more tokens (``generate``'s check);
+    ValueError before any work when the route's cache cannot hold them."""
     tokens = self._check_tokens(tokens, 2, "prefill tokens")
     t = tokens.shape[1]
     if state is None:
@@ -422,12 +428,20 @@ class Engine:
       self._check_state(state, "prefill state")
       route, start = state.route, int(state.length)
     limit = self._limit(route)
+    if limit is not None and decoded is not None and start + t + decoded > limit:
+      raise ValueError(f"generate: {start + t} prompt tokens + {decoded} decoded exceed the "
+                       f"{route} route's cache capacity {limit} (raise Scenario.max_context, "
+                       "or ask for fewer new tokens)")
     if limit is not None and start + t > limit:
       have = f"{start} + {t} = {start + t}" if start else f"{t}"
       raise ValueError(f"prompt of {have} tokens exceeds the {route} route's cache capacity "
                        f"{limit} (raise Scenario.max_context"
                        + (", or prefill the whole text on the long route)" if start else ")"))
-    L = self.scenario.segment_len
+    return tokens, route, start
+
+  def _read(self, tokens, route, start, state):
+    """Feeds checked ``tokens`` from position ``start`` segment by segment."""
+    L, t = self.scenario.segment_len, tokens.shape[1]
     state = self.init_state(route) if state is None else state
     logits, read = None, 0
     while read < t:
@@ -488,16 +502,9 @@ class Engine:
     if eos_id is not None and (not isinstance(eos_id, (int, np.integer))
                                or isinstance(eos_id, bool) or not 0 <= eos_id < vocab):
       raise ValueError(f"eos_id={eos_id!r}: must be None or a token id in [0, {vocab})")
-    tokens = self._check_tokens(tokens, 2, "prefill tokens")
-    route = self.route_for(tokens.shape[1]) if state is None else state.route
-    limit = self._limit(route)
-    start = 0 if state is None else int(state.length)
-    if limit is not None and start + tokens.shape[1] + n - 1 > limit:
-      raise ValueError(f"generate: {start + tokens.shape[1]} prompt tokens + {n - 1} decoded "
-                       f"exceed the {route} route's cache capacity {limit} (raise "
-                       "Scenario.max_context, or ask for fewer new tokens)")
+    tokens, route, start = self._placement(tokens, state, decoded=n - 1)
     rng = jax.random.key(0) if rng is None else rng
-    state, logits = self.prefill(tokens, state)
+    state, logits = self._read(tokens, route, start, state)
     out = self._generate[route](self.params, state, logits, jnp.int32(n), rng,
                                 jnp.float32(temperature), jnp.int32(top_k),
                                 jnp.int32(-1 if eos_id is None else eos_id))
