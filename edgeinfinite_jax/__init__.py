@@ -9,33 +9,53 @@ Public API (stable; documented in README.md):
 * ``forward(config, params, tokens) -> logits``
 * ``with_memory(config, params, *, rng, **memory_options) -> (config, params)``
 * ``Scenario``, ``Engine``, ``state_nbytes``
+* ``deploy.load(directory, runtime)``: exported graphs in LiteRT / ONNX Runtime
+
+The names resolve on first use (PEP 562): importing a sub-package such as
+``edgeinfinite_jax.deploy``, which runs with numpy and an edge runtime only, must
+not import JAX through this file.
 """
 
-from edgeinfinite_jax.model.config import ConfigError, MemoryConfig, ModelConfig, RopeScaling
-from edgeinfinite_jax.engine.engine import Engine, EngineState, Scenario, state_nbytes
-from edgeinfinite_jax.model.gate import with_memory
-from edgeinfinite_jax.model.transformer import forward, init_params
-from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
-from edgeinfinite_jax.checkpoints import hf as convert
-from edgeinfinite_jax.checkpoints import gguf as gguf_loader
+import importlib
+
+_PUBLIC = {
+    "ConfigError": "edgeinfinite_jax.model.config",
+    "MemoryConfig": "edgeinfinite_jax.model.config",
+    "ModelConfig": "edgeinfinite_jax.model.config",
+    "RopeScaling": "edgeinfinite_jax.model.config",
+    "Engine": "edgeinfinite_jax.engine.engine",
+    "EngineState": "edgeinfinite_jax.engine.engine",
+    "Scenario": "edgeinfinite_jax.engine.engine",
+    "state_nbytes": "edgeinfinite_jax.engine.engine",
+    "with_memory": "edgeinfinite_jax.model.gate",
+    "forward": "edgeinfinite_jax.model.transformer",
+    "init_params": "edgeinfinite_jax.model.transformer",
+    "load_tokenizer": "edgeinfinite_jax.checkpoints.tokenizer",
+    "load_hf": "edgeinfinite_jax.checkpoints.hf",        # (path, dtype=float32)
+    "save_hf": "edgeinfinite_jax.checkpoints.hf",        # (config, params, path)
+    "load_gguf": "edgeinfinite_jax.checkpoints.gguf",    # (path, dtype=float32)
+}
+_MODULES = {"convert": "edgeinfinite_jax.checkpoints.hf",
+            "gguf_loader": "edgeinfinite_jax.checkpoints.gguf"}
+
+__all__ = sorted(_PUBLIC)
 
 
-def load_hf(path, dtype=None):
-  """Loads a Hugging Face Llama-family checkpoint directory; see convert.load_hf."""
-  return convert.load_hf(path) if dtype is None else convert.load_hf(path, dtype=dtype)
+def __getattr__(name):
+  if name in _PUBLIC:
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+  elif name in _MODULES:
+    value = importlib.import_module(_MODULES[name])
+  else:
+    try:  # a sub-package: edgeinfinite_jax.deploy, edgeinfinite_jax.model, ...
+      value = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"{__name__}.{name}":
+        raise
+      raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+  globals()[name] = value  # resolved once
+  return value
 
 
-def load_gguf(path, dtype=None, **kwargs):
-  """Loads a llama.cpp GGUF file (llama / qwen2), dequantized; see gguf_loader.load_gguf."""
-  return gguf_loader.load_gguf(path, **kwargs) if dtype is None else gguf_loader.load_gguf(
-      path, dtype, **kwargs)
-
-
-def save_hf(config, params, path, **kwargs):
-  """Writes a checkpoint directory that transformers loads; see convert.save_hf."""
-  return convert.save_hf(config, params, path, **kwargs)
-
-
-__all__ = ["ConfigError", "Engine", "EngineState", "MemoryConfig", "ModelConfig", "RopeScaling",
-           "Scenario", "forward", "init_params", "load_gguf", "load_hf", "load_tokenizer",
-           "save_hf", "state_nbytes", "with_memory"]
+def __dir__():
+  return sorted(set(globals()) | set(_PUBLIC) | set(_MODULES))

@@ -27,7 +27,7 @@ LAYERS = (
     ("checkpoints",),
     ("data",),
     ("engine", "train"),
-    ("eval",),
+    ("eval", "deploy"),
     ("jobs",),
     ("cli", "bench"),
 )

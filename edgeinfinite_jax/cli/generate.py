@@ -56,9 +56,10 @@ def prompt_ids(tokenizer, document: str, question: str) -> list[int]:
 
 
 def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, *,
-                 gate_path: str | None = None,
-                 rope_positions: str = "cache_relative") -> engine_lib.Engine:
-  """An Engine for ``attention`` on a base model (``with_memory`` for the segmented kinds)."""
+                 gate_path: str | None = None, rope_positions: str = "cache_relative",
+                 quant=None) -> engine_lib.Engine:
+  """An Engine for ``attention`` on a base model (``with_memory`` for the segmented
+  kinds); ``quant``: a QuantConfig to run it in (its scales in ``params``)."""
   if attention != "full":
     config, params = gate_lib.with_memory(
         config, params, rng=jax.random.key(0), attention_type=attention,
@@ -68,7 +69,7 @@ def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, 
       params = gate_lib.load_gate(params, gate_path)
   elif gate_path:
     raise ValueError("--gate: only for --attention=edgeinfinite")
-  return engine_lib.Engine(config, params, scenario)
+  return engine_lib.Engine(config, params, scenario, quant=quant)
 
 
 def stream(engine: engine_lib.Engine, tokenizer, ids: Sequence[int], max_new_tokens: int, *,

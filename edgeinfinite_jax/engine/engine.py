@@ -38,22 +38,21 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgeinfinite_jax.model import memory as memory_lib
 from edgeinfinite_jax.model.config import ConfigError, ModelConfig, check_cache_layout
 from edgeinfinite_jax.model.transformer import Transformer, check_tokens, compute_dtype
 from edgeinfinite_jax.model.config import quant_of, quantized
 from edgeinfinite_jax.quant import layer_quant as qapply
 from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.engine import export as export_lib
+from edgeinfinite_jax.engine import segments
+from edgeinfinite_jax.engine.state import EngineState, state_nbytes
 from edgeinfinite_jax.model import kv_cache as cache_lib
 
 # Named scenarios (``Scenario.preset(name)``), per EdgeInfinite-Instruct's use cases.
@@ -131,45 +130,6 @@ class Route(NamedTuple):
   config: ModelConfig  # the model as this route runs it (the Scenario's sizes)
   n_sink: int          # raw sink slots per layer
   ring_len: int        # ring slots per layer (a multiple of segment_len)
-
-
-@flax.struct.dataclass
-class EngineState:
-  caches: Any          # list of cache_lib.LayerCache, one per layer
-  length: jax.Array    # int32 scalar: tokens read so far
-  route: str = flax.struct.field(pytree_node=False, default="long")
-
-
-# Exported step functions carry the state's tree structure in their signature.
-jax.export.register_namedtuple_serialization(
-    cache_lib.LayerCache, serialized_name="edgeinfinite_jax.LayerCache")
-jax.export.register_namedtuple_serialization(
-    memory_lib.Memory, serialized_name="edgeinfinite_jax.Memory")
-jax.export.register_pytree_node_serialization(
-    EngineState, serialized_name="edgeinfinite_jax.EngineState",
-    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
-    deserialize_auxdata=lambda b: tuple(json.loads(b.decode())))
-
-
-def _qt_aux_to_json(aux):
-  spec, shape, dtype = aux
-  return json.dumps([spec.to_dict(), list(shape), dtype]).encode()
-
-
-def _qt_aux_from_json(blob):
-  spec, shape, dtype = json.loads(blob.decode())
-  return (ptq.QuantSpec(**spec), tuple(shape), dtype)
-
-
-# Integer-mode params hold PTQ kernels (int values + scales) as QuantizedTensor nodes.
-jax.export.register_pytree_node_serialization(
-    ptq.QuantizedTensor, serialized_name="edgeinfinite_jax.QuantizedTensor",
-    serialize_auxdata=_qt_aux_to_json, deserialize_auxdata=_qt_aux_from_json)
-
-
-def state_nbytes(state) -> int:
-  """Bytes held by an engine state (every array leaf)."""
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
 
 
 class Engine:
@@ -356,7 +316,7 @@ class Engine:
   # -- public API -------------------------------------------------------------
 
   def route_for(self, prompt_len: int) -> str:
-    return "short" if prompt_len <= self.scenario.short_threshold else "long"
+    return segments.route_for(prompt_len, self.scenario.short_threshold)
 
   def _check_tokens(self, tokens, ndim, what):
     tokens = check_tokens(tokens, self.route_configs["short"].vocab_size, what, ndim)
@@ -427,29 +387,15 @@ class Engine:
     else:
       self._check_state(state, "prefill state")
       route, start = state.route, int(state.length)
-    limit = self._limit(route)
-    if limit is not None and decoded is not None and start + t + decoded > limit:
-      raise ValueError(f"generate: {start + t} prompt tokens + {decoded} decoded exceed the "
-                       f"{route} route's cache capacity {limit} (raise Scenario.max_context, "
-                       "or ask for fewer new tokens)")
-    if limit is not None and start + t > limit:
-      have = f"{start} + {t} = {start + t}" if start else f"{t}"
-      raise ValueError(f"prompt of {have} tokens exceeds the {route} route's cache capacity "
-                       f"{limit} (raise Scenario.max_context"
-                       + (", or prefill the whole text on the long route)" if start else ")"))
+    segments.check_capacity(route, start, t, self._limit(route), decoded)
     return tokens, route, start
 
   def _read(self, tokens, route, start, state):
     """Feeds checked ``tokens`` from position ``start`` segment by segment."""
-    L, t = self.scenario.segment_len, tokens.shape[1]
     state = self.init_state(route) if state is None else state
-    logits, read = None, 0
-    while read < t:
-      n = min(L - (start + read) % L, t - read)  # to the end of the current block
-      chunk = np.zeros((tokens.shape[0], L), np.int32)
-      chunk[:, :n] = tokens[:, read:read + n]
+    logits = None
+    for chunk, n in segments.chunks(tokens, start, self.scenario.segment_len):
       state, logits = self._prefill[route](self.params, state, chunk, jnp.int32(n))
-      read += n
     return state, logits
 
   def decode(self, state: EngineState, token, *, donate: bool = True):
@@ -519,10 +465,13 @@ class Engine:
 
   # -- export -----------------------------------------------------------------
 
-  def export(self, directory: str, routes=("short", "long")) -> dict:
-    """Serialises every step function to StableHLO plus ``manifest.json``; see
-    ``engine/export.py`` (``load_exported`` reloads one in a fresh process)."""
-    return export_lib.export(self, directory, routes)
+  def export(self, directory: str, routes=("short", "long"), formats=("stablehlo",),
+             progress: bool = True) -> dict:
+    """Writes every step function of ``routes`` in ``formats`` (``stablehlo`` for JAX,
+    ``tflite`` for LiteRT, ``onnx`` for ONNX Runtime) plus ``manifest.json``; see
+    ``engine/export.py``. ``edgeinfinite_jax.deploy.load`` runs the tflite/onnx files
+    without JAX; ``export.load_exported`` reloads a StableHLO one in JAX."""
+    return export_lib.export(self, directory, routes, formats, progress)
 
   def step_functions(self, route: str) -> dict:
     """``{"prefill": fn, "decode": fn}``: the jitted steps of ``route``, each

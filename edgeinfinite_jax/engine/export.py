@@ -1,56 +1,282 @@
-"""Exported step functions: StableHLO files and a manifest per route.
+"""Exported step functions: StableHLO for JAX, LiteRT and ONNX for edge runtimes.
 
-``export(engine, directory)`` serialises, for each route, the jitted prefill and
-decode steps exactly as the engine compiled them (``jax.export``), each taking
-``(params, state, tokens [batch, chunk], n_valid)`` and returning
-``(state, logits)``. ``manifest.json`` records the scenario once and, per route,
-the model config that route runs (the Scenario's cache sizes applied), its cache
-layout and its functions' input and output shapes, so a fresh process can call
-them (``load_exported``). Runtimes other than JAX (LiteRT, ONNX) start here.
+``export(engine, directory, routes, formats)`` writes, for each route, the prefill
+and decode steps exactly as the engine compiled them, and one ``manifest.json``.
+
+* ``stablehlo`` (``<step>.stablehlo``, ``jax.export``): the engine's own signature
+  ``(params, state, tokens [batch, chunk], n_valid) -> (state, logits)`` as pytrees;
+  ``load_exported`` reloads it in a fresh JAX process.
+* ``tflite`` (``<step>.tflite``, via ``litert-converter``, no TensorFlow) and
+  ``onnx`` (``<step>.onnx``, via ``jax2onnx``): the graph an edge runtime runs. The
+  parameters are baked in as constants (an NPU toolchain packs weights it can see;
+  the file is all a runtime needs), and the inputs and outputs are flat, named
+  arrays: one per non-empty state leaf, then ``tokens`` and ``n_valid`` in, the new
+  state's leaves (``new_<name>``) and ``logits`` out. Empty leaves (the memory of a route without
+  one) are neither: converters drop unused inputs and re-apply names by position,
+  so every graph input must be used. ``manifest["functions"][step]["graph"]``
+  maps each name to its leaf path, shape and dtype; ``edgeinfinite_jax.deploy``
+  runs these files with nothing but the runtime and numpy.
+
+Before converting, each graph is scanned for 64-bit types (``check_no_64bit``):
+edge runtimes and NPU toolchains have no float64/int64 kernels, and the converters'
+own failures name an MLIR pass, not the model's op.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+# load_exported in a fresh process: jax.export finds the state's tree types by name
+from edgeinfinite_jax.engine import state as _registered  # noqa: F401
+
+FORMATS = ("stablehlo", "tflite", "onnx")
+STEPS = ("prefill", "decode")
+# Element types no edge runtime has kernels for, as they appear in a tensor type.
+_WIDE = re.compile(r"tensor<(?:[0-9?]+x)*((?:ui|i)64|f64|complex<f64>)>")
 
 
-def export(engine, directory: str, routes=("short", "long")) -> dict:
-  """Writes ``<route step>.stablehlo`` files and ``manifest.json``; returns the manifest."""
+class ExportError(ValueError):
+  """A graph that cannot be exported in a requested format; names the step and op."""
+
+
+def export(engine, directory: str, routes=("short", "long"), formats=("stablehlo",),
+           progress: bool = True) -> dict:
+  """Writes every step of ``routes`` in each of ``formats`` and ``manifest.json``.
+
+  Returns the manifest: the scenario, per route its model config, cache layout and
+  token capacity (None: unbounded), and per step function its files, the flat graph
+  signature and, for tflite/onnx, the op census of each file.
+  """
+  bad = [f for f in formats if f not in FORMATS]
+  if bad or not formats:
+    raise ValueError(f"formats={tuple(formats)!r}: each must be one of {FORMATS}")
+  bad = [r for r in routes if r not in engine.route_configs]
+  if bad or not routes:
+    raise ValueError(f"routes={tuple(routes)!r}: each must be one of "
+                     f"{tuple(engine.route_configs)}")
   os.makedirs(directory, exist_ok=True)
   sc = engine.scenario
-  manifest = {"scenario": dataclasses.asdict(sc), "routes": {}, "functions": {}}
-  params = jax.eval_shape(lambda: engine.params)
-  for route in routes:
-    manifest["routes"][route] = {"model_config": engine.route_configs[route].to_dict(),
-                                 "n_sink": engine.n_sink[route],
-                                 "ring_len": engine.ring_len[route]}
-    state = jax.eval_shape(lambda r=route: engine.init_state(r))
-    for kind, fn in engine.step_functions(route).items():
-      c = sc.segment_len if kind == "prefill" else 1
-      tokens = jax.ShapeDtypeStruct((sc.batch_size, c), jnp.int32)
-      n_valid = jax.ShapeDtypeStruct((), jnp.int32)
-      exported = jax.export.export(fn)(params, state, tokens, n_valid)
-      name = f"{kind}_{route}"
-      with open(os.path.join(directory, name + ".stablehlo"), "wb") as f:
-        f.write(exported.serialize())
-      manifest["functions"][name] = {
-          "file": name + ".stablehlo",
-          "route": route,
-          "inputs": [str(a) for a in exported.in_avals],
-          "outputs": [str(a) for a in exported.out_avals],
-          "chunk_len": c,
-      }
+  manifest = {"scenario": dataclasses.asdict(sc), "formats": list(formats), "routes": {},
+              "functions": {}}
+  jobs = [(route, kind) for route in routes for kind in STEPS]
+  for route, kind in tqdm(jobs, desc="export", disable=not progress, dynamic_ncols=True):
+    if route not in manifest["routes"]:
+      manifest["routes"][route] = _route_entry(engine, route)
+    name = f"{kind}_{route}"
+    entry = manifest["functions"][name] = {"route": route, "kind": kind,
+                                           "chunk_len": sc.segment_len if kind == "prefill"
+                                           else 1, "files": {}, "ops": {}}
+    if "stablehlo" in formats:
+      entry.update(_write_stablehlo(engine, route, kind, entry["chunk_len"], directory, name))
+    if {"tflite", "onnx"} & set(formats):
+      graph = GraphStep(engine, route, kind)
+      entry["graph"] = graph.signature()
+      exported = graph.export()
+      check_no_64bit(exported, name)
+      for fmt in ("tflite", "onnx"):
+        if fmt in formats:
+          path = os.path.join(directory, f"{name}.{fmt}")
+          ops = (_write_tflite(exported, graph, path) if fmt == "tflite"
+                 else _write_onnx(graph, path))
+          entry["files"][fmt] = os.path.basename(path)
+          entry["ops"][fmt] = dict(sorted(ops.items()))
   with open(os.path.join(directory, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=2)
   return manifest
 
 
+def _route_entry(engine, route):
+  state = engine.init_state(route)
+  if any(np.any(np.asarray(x)) for x in jax.tree.leaves(state)):
+    # deploy.load starts every state from zeros of the manifest's shapes
+    raise ExportError(f"route {route!r}: init_state is not all zeros; export would need "
+                      "to write it")
+  return {"model_config": engine.route_configs[route].to_dict(),
+          "n_sink": engine.n_sink[route], "ring_len": engine.ring_len[route],
+          "capacity": engine._limit(route)}
+
+
+def _write_stablehlo(engine, route, kind, chunk, directory, name):
+  sc = engine.scenario
+  params = jax.eval_shape(lambda: engine.params)
+  state = jax.eval_shape(lambda: engine.init_state(route))
+  tokens = jax.ShapeDtypeStruct((sc.batch_size, chunk), jnp.int32)
+  exported = jax.export.export(engine.step_functions(route)[kind])(
+      params, state, tokens, jax.ShapeDtypeStruct((), jnp.int32))
+  with open(os.path.join(directory, name + ".stablehlo"), "wb") as f:
+    f.write(exported.serialize())
+  return {"file": name + ".stablehlo",
+          "inputs": [str(a) for a in exported.in_avals],
+          "outputs": [str(a) for a in exported.out_avals]}
+
+
+def leaf_name(path) -> str:
+  """``.caches[0].memory.M`` -> ``caches_0_memory_M``: a name every runtime accepts."""
+  return re.sub(r"[^A-Za-z0-9]+", "_", jax.tree_util.keystr(path)).strip("_")
+
+
+class GraphStep:
+  """One step function with the params baked in and flat, named array inputs.
+
+  ``fn(*state_leaves, tokens, n_valid) -> (*state_leaves, logits)``, over the
+  non-empty leaves of the route's state only (see the module doc).
+  """
+
+  def __init__(self, engine, route, kind):
+    self.name = f"{kind}_{route}"
+    step = engine.step_functions(route)[kind]
+    paths, self._treedef = jax.tree_util.tree_flatten_with_path(
+        jax.eval_shape(lambda: engine.init_state(route)))
+    self._avals = [a for _, a in paths]
+    self._keep = [i for i, a in enumerate(self._avals) if a.size > 0]
+    self.leaf_paths = [jax.tree_util.keystr(paths[i][0]) for i in self._keep]
+    self.state_names = [leaf_name(paths[i][0]) for i in self._keep]
+    chunk = engine.scenario.segment_len if kind == "prefill" else 1
+    self.in_specs = ([self._avals[i] for i in self._keep]
+                     + [jax.ShapeDtypeStruct((engine.scenario.batch_size, chunk), jnp.int32),
+                        jax.ShapeDtypeStruct((), jnp.int32)])
+    self.input_names = self.state_names + ["tokens", "n_valid"]
+    # ONNX names every value once: a new state leaf cannot share its input's name
+    self.output_names = ["new_" + n for n in self.state_names] + ["logits"]
+    params = engine.params
+
+    def fn(*args):
+      leaves = [jnp.zeros(a.shape, a.dtype) for a in self._avals]  # empty ones stay empty
+      for i, x in zip(self._keep, args[:-2]):
+        leaves[i] = x
+      state = jax.tree_util.tree_unflatten(self._treedef, leaves)
+      new, logits = step(params, state, args[-2], args[-1])
+      new = jax.tree.leaves(new)
+      return (*[new[i] for i in self._keep], logits)
+
+    self.fn = fn
+
+  def export(self):
+    return jax.export.export(jax.jit(self.fn))(*self.in_specs)
+
+  def signature(self) -> dict:
+    out = jax.eval_shape(self.fn, *self.in_specs)
+    return {"inputs": [_spec(n, p, a) for n, p, a in
+                       zip(self.input_names, self.leaf_paths + [None, None], self.in_specs)],
+            "outputs": [_spec(n, p, a) for n, p, a in
+                        zip(self.output_names, self.leaf_paths + [None], out)]}
+
+
+def _spec(name, path, aval):
+  return {"name": name, "leaf": path, "shape": list(aval.shape), "dtype": str(aval.dtype)}
+
+
+def check_no_64bit(exported, name: str) -> None:
+  """ExportError naming the first op (a computation before a constant) with a 64-bit
+  operand or result, if any."""
+  hits = [(line, m.group(1)) for line in exported.mlir_module().splitlines()
+          for m in [_WIDE.search(line)] if m]
+  if not hits:
+    return
+  line, wide = next((h for h in hits if "stablehlo.constant" not in h[0]), hits[0])
+  op = re.search(r"\b((?:stablehlo|chlo|func|mhlo)\.[a-z_]+)", line)
+  raise ExportError(
+      f"{name}: op {op.group(1) if op else '?'} uses {wide} ({line.strip()[:160]}); edge "
+      "runtimes and NPU toolchains have no 64-bit kernels. Integer mode has them today: "
+      "16-bit codes accumulate in int64 (quant.layer_quant.code_dot) and the default "
+      "fixed-point requantization computes its multiplier in float64; export integer "
+      "models as stablehlo only (float and fake_quant engines export to every format)")
+
+
+@contextlib.contextmanager
+def _quiet(*loggers):
+  """Converters log per-op chatter (onnx_ir: one warning per untyped constant)."""
+  saved = [(lg, lg.level) for lg in map(logging.getLogger, loggers)]
+  for lg, _ in saved:
+    lg.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    for lg, level in saved:
+      lg.setLevel(level)
+
+
+def _write_tflite(exported, graph: GraphStep, path) -> dict:
+  import litert_converter.converter_api_ext as api  # optional: the deploy-export tools
+  from litert_converter.mlir import ir, passmanager  # optional: bundled with the converter
+  from litert_converter.mlir.dialects import stablehlo  # optional: as above
+
+  with ir.Context() as ctx:
+    api.prepare_mlir_context(ctx)
+    module = stablehlo.deserialize_portable_artifact(ctx, exported.mlir_module_serialized)
+    api.set_signature(module.operation, signature_name=graph.name,
+                      input_names=graph.input_names, output_names=graph.output_names)
+    config = api.ConvertToTFLConfig()
+    config.model_origin_framework = "JAX"
+    api.run_convert_to_tfl_passes(module, passmanager.PassManager(), config)
+    blob = bytes(api.export_flatbuffer_to_bytes(module.operation))
+  names, ops = _tflite_census(blob, graph.name)
+  for kind, want in (("inputs", graph.input_names), ("outputs", graph.output_names)):
+    if sorted(names[kind]) != sorted(want):
+      raise ExportError(f"{graph.name}: the converted tflite {kind} are {sorted(names[kind])}, "
+                        f"not {sorted(want)} (did the converter drop an unused input?)")
+  with open(path, "wb") as f:
+    f.write(blob)
+  return ops
+
+
+def _tflite_census(blob, signature):
+  from litert_converter import schema_py_generated as schema  # optional: as above
+
+  model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(blob, 0))
+  codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+  ops = collections.Counter()
+  for sub in model.subgraphs:
+    for op in sub.operators or []:
+      code = model.operatorCodes[op.opcodeIndex]
+      ops[codes.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")] += 1
+  sig = next(s for s in model.signatureDefs if s.signatureKey.decode() == signature)
+  names = {"inputs": [t.name.decode() for t in sig.inputs],
+           "outputs": [t.name.decode() for t in sig.outputs]}
+  return names, dict(ops)
+
+
+def _write_onnx(graph: GraphStep, path) -> dict:
+  import jax2onnx  # optional: the deploy-export tools
+  import onnx  # optional: as above
+
+  with _quiet("onnx_ir", "onnx_ir.serde", "jax2onnx"):
+    model = jax2onnx.to_onnx(graph.fn, inputs=graph.in_specs, model_name=graph.name,
+                             input_names=graph.input_names, output_names=graph.output_names)
+  for kind, got, want in (("inputs", model.graph.input, graph.input_names),
+                          ("outputs", model.graph.output, graph.output_names)):
+    if [v.name for v in got] != want:
+      raise ExportError(f"{graph.name}: the onnx graph's {kind} are {[v.name for v in got]}, "
+                        f"not {want}")
+  # protobuf stops at 2 GB: larger weights go to a sidecar file next to the graph
+  external = model.ByteSize() > 1 << 30
+  onnx.save_model(model, path, save_as_external_data=external,
+                  location=os.path.basename(path) + ".data" if external else None)
+  ops = collections.Counter()
+
+  def count(g):
+    for node in g.node:
+      ops[node.op_type] += 1
+      for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+          count(sub)
+
+  count(model.graph)
+  return dict(ops)
+
+
 def load_exported(directory: str, name: str):
-  """Deserialises one exported step function; call it like the engine's."""
+  """Deserialises one exported StableHLO step function; call it like the engine's."""
   with open(os.path.join(directory, name + ".stablehlo"), "rb") as f:
     return jax.export.deserialize(bytearray(f.read()))

@@ -54,6 +54,7 @@ from edgeinfinite_jax.quant import params as qm
 from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.model import kv_cache as cache_lib
 from edgeinfinite_jax.model import gate
+from edgeinfinite_jax.model import tokens as tokens_lib
 from jax.experimental import checkify
 
 Params = Any
@@ -349,22 +350,10 @@ def check_tokens(tokens, vocab_size: int, what: str = "tokens", ndim: int = 2):
   ``jax.jit``) get the shape and dtype checks only; ``check_token_range`` checks their
   values under ``checkify``. Returns a numpy array, or the tracer, cast to int32.
   """
-  traced = isinstance(tokens, jax.core.Tracer)
-  if not traced:
-    tokens = np.asarray(tokens)
-  layout = "[batch, time]" if ndim == 2 else "[batch]" if ndim == 1 else f"rank {ndim}"
-  if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"{what}: expected an integer array of rank {ndim} {layout}, got "
-                     f"{tokens.dtype}{list(tokens.shape)}")
-  if 0 in tokens.shape:
-    raise ValueError(f"{what}: shape {list(tokens.shape)} is empty; need at least one row "
-                     "and one token per row")
-  if traced:
-    return tokens.astype(jnp.int32)
-  lo, hi = tokens.min(), tokens.max()
-  if lo < 0 or hi >= vocab_size:
-    raise ValueError(f"{what}: ids must lie in [0, {vocab_size}), got [{lo}, {hi}]")
-  return tokens.astype(np.int32)
+  if not isinstance(tokens, jax.core.Tracer):
+    return tokens_lib.check_token_ids(tokens, vocab_size, what, ndim)
+  tokens_lib.check_token_layout(tokens, what, ndim)
+  return tokens.astype(jnp.int32)
 
 
 def check_token_range(tokens, vocab_size: int, what: str = "tokens") -> None:

@@ -1,0 +1,227 @@
+"""Export an engine to LiteRT and ONNX, run it there, and check it against JAX.
+
+    python -m edgeinfinite_jax.cli.deploy_check                       # tiny model, ~2 min
+    python -m edgeinfinite_jax.cli.deploy_check --model=smollm2 --scenario=qa \\
+        --runtimes=litert --modes=float                               # ~4 min, 1.1 GB of graphs
+
+For every numerics mode (``float``; ``fake_quant`` and ``integer`` with w8a8 PTQ
+scales calibrated on the prompt) and every runtime, the long route of an
+EdgeInfinite engine is exported (``Engine.export``), loaded with
+``edgeinfinite_jax.deploy.load`` and fed a prompt of ``--segments`` segments (the
+last one padded) and ``--steps`` greedy decode steps, the runtime holding its own
+state; the JAX engine reads the same tokens. Printed: the largest logit difference
+(absolute, and relative to the largest logit), whether every greedy token agreed,
+the largest difference over the final state's arrays, the graphs' size, the export
+time, and each runtime's prefill time per segment and decode time per token (median
+and range over the steps; the first call is a warm-up) beside the JAX engine's, on
+this machine's CPU threads (``--threads``). An export the runtimes cannot take
+(integer mode today: 64-bit ops) is a row with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from edgeinfinite_jax import deploy
+from edgeinfinite_jax.checkpoints import models
+from edgeinfinite_jax.cli.generate import SCENARIOS, build_engine
+from edgeinfinite_jax.data import corpus
+from edgeinfinite_jax.engine import engine as engine_lib
+from edgeinfinite_jax.engine import export as export_lib
+from edgeinfinite_jax.model import transformer as model_lib
+from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.quant import qconfig as qc
+from edgeinfinite_jax.train import calib
+
+MODES = ("float", "fake_quant", "integer")
+
+
+def tiny_model():
+  """A random 2-layer Llama (vocab 300, hidden 64): numerics, not language."""
+  config = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2)
+  return config, model_lib.init_params(config, jax.random.key(0))
+
+
+def _prompt(args, scenario, vocab, tokenizer):
+  n = scenario.segment_len * (args.segments - 1) + scenario.segment_len // 8 + 1
+  n = max(n, scenario.short_threshold + 1)  # the long route
+  if tokenizer is None:
+    return np.random.RandomState(0).randint(0, vocab, (scenario.batch_size, n)).astype(np.int32)
+  text = "\n".join(corpus.embedded_documents(64 * n)[0])
+  ids = tokenizer.encode(text)[:n]
+  if len(ids) < n:
+    raise ValueError(f"the embedded corpus gave {len(ids)} tokens, the check needs {n}")
+  return np.asarray([ids] * scenario.batch_size, np.int32)
+
+
+def _engine(config, params, scenario, mode, prompt, gate_kwargs):
+  """The EdgeInfinite engine in ``mode``; quantized modes with w8a8 scales calibrated
+  (min-max) on ``prompt``."""
+  if mode == "float":
+    return build_engine(config, params, "edgeinfinite", scenario, **gate_kwargs)
+  quant = qc.integer_mode(qc.preset("w8a8")) if mode == "integer" else qc.preset("w8a8")
+  fake = build_engine(config, params, "edgeinfinite", scenario, **gate_kwargs,
+                      quant=quant.replace(mode="fake_quant"))
+  scaled = calib.calibrate(fake.route_configs["long"], fake.params, [prompt])
+  return engine_lib.Engine(fake.route_configs["long"], scaled, scenario, quant=quant)
+
+
+def _time(fn, repeats):
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def replay(engine, deployed, prompt, steps):
+  """Prefill + ``steps`` greedy decode steps in both; agreement and timings."""
+  state, logits = engine.prefill(prompt)
+  dstate, dlogits = deployed.prefill(prompt)
+  err, scale, same = [np.abs(np.asarray(logits) - dlogits).max()], [np.abs(logits).max()], 0
+  jax_decode, rt_decode = [], []
+  for _ in range(steps):
+    token = np.argmax(np.asarray(logits), -1).astype(np.int32)
+    same += int((np.argmax(dlogits, -1) == token).all())
+    t0 = time.perf_counter()
+    state, logits = engine.decode(state, token)
+    jax.block_until_ready(logits)
+    t1 = time.perf_counter()
+    dstate, dlogits = deployed.decode(dstate, token)
+    rt_decode.append(time.perf_counter() - t1)
+    jax_decode.append(t1 - t0)
+    err.append(np.abs(np.asarray(logits) - dlogits).max())
+    scale.append(np.abs(logits).max())
+  leaves = {jax.tree_util.keystr(p): np.asarray(x, np.float64)
+            for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  graph = deployed.manifest["functions"]["decode_long"]["graph"]["inputs"]
+  state_err = max(float(np.abs(leaves[x["leaf"]] - dstate.arrays[x["name"]]).max())
+                  for x in graph if x["leaf"])
+  n_seg = -(-prompt.shape[1] // engine.scenario.segment_len)
+  return {"max_abs_logit_diff": float(max(err)),
+          "max_rel_logit_diff": float(max(e / s for e, s in zip(err, scale))),
+          "greedy_agree": f"{same}/{steps}", "max_state_diff": state_err,
+          "prefill_ms_per_segment": 1e3 * min(_time(lambda: deployed.prefill(prompt)[1], 2))
+          / n_seg,
+          "jax_prefill_ms_per_segment": 1e3 * min(_time(lambda: engine.prefill(prompt)[1], 2))
+          / n_seg,
+          "decode_ms": _spread(rt_decode[1:]), "jax_decode_ms": _spread(jax_decode[1:])}
+
+
+def _spread(times):
+  ms = [1e3 * t for t in times]
+  return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
+
+
+def check(args) -> list[dict]:
+  if args.model == "tiny":
+    (config, params), tokenizer, gate_kwargs = tiny_model(), None, {}
+  else:
+    config, params, tokenizer = models.load(args.model)
+    gate_kwargs = {"gate_path": args.gate} if args.gate else {}
+  scenario = engine_lib.Scenario.preset(args.scenario, batch_size=1) if args.scenario \
+      else engine_lib.Scenario(segment_len=32, n_sink=4, n_window=32, batch_size=1,
+                               max_new_tokens=args.steps + 8, short_threshold=16)
+  scenario = dataclasses.replace(scenario, max_new_tokens=max(scenario.max_new_tokens,
+                                                              args.steps + 1))
+  prompt = _prompt(args, scenario, config.vocab_size, tokenizer)
+  rows = []
+  for mode in args.modes:
+    engine = _engine(config, params, scenario, mode, prompt, gate_kwargs)
+    for runtime in args.runtimes:
+      fmt = deploy.RUNTIMES[runtime]
+      directory = os.path.join(args.workdir, f"{mode}_{fmt}")
+      row = {"mode": mode, "runtime": runtime, "prompt_tokens": int(prompt.shape[1]),
+             "steps": args.steps}
+      t0 = time.perf_counter()
+      try:
+        manifest = engine.export(directory, routes=("long",), formats=(fmt,))
+      except export_lib.ExportError as e:
+        rows.append({**row, "refused": str(e)})
+        print(f"{mode}/{runtime}: refused: {e}", flush=True)
+        continue
+      row["export_s"] = time.perf_counter() - t0
+      row["graph_mb"] = sum(os.path.getsize(os.path.join(directory, f["files"][fmt]))
+                            for f in manifest["functions"].values()) / 2**20
+      deployed = deploy.load(directory, runtime, num_threads=args.threads)
+      row.update(replay(engine, deployed, prompt, args.steps))
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def table(rows) -> str:
+  out = ["| mode | runtime | max abs Δlogits | rel. | greedy | max Δstate | graphs MB | "
+         "export s | prefill ms/seg (JAX) | decode ms/token median [min-max] (JAX median) |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "refused" in r:
+      out.append(f"| {r['mode']} | {r['runtime']} | refused: {r['refused'][:110]}... "
+                 "| | | | | | | |")
+      continue
+    d, j = r["decode_ms"], r["jax_decode_ms"]
+    out.append(f"| {r['mode']} | {r['runtime']} | {r['max_abs_logit_diff']:.1e} | "
+               f"{r['max_rel_logit_diff']:.1e} | {r['greedy_agree']} | "
+               f"{r['max_state_diff']:.1e} | {r['graph_mb']:.1f} | {r['export_s']:.0f} | "
+               f"{r['prefill_ms_per_segment']:.1f} ({r['jax_prefill_ms_per_segment']:.1f}) | "
+               f"{d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}] ({j['median']:.1f}) |")
+  return "\n".join(out)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m edgeinfinite_jax.cli.deploy_check",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default="tiny",
+                 help=f"tiny (random, 2 layers), a named model ({', '.join(models.MODELS)}), "
+                      "a .gguf file or an HF checkpoint directory")
+  p.add_argument("--scenario", default=None, choices=SCENARIOS,
+                 help="default: segment 32, sink 4, window 32 (sized for the tiny model)")
+  p.add_argument("--modes", default="float,fake_quant,integer",
+                 type=lambda s: _choices(s, MODES, "--modes"))
+  p.add_argument("--runtimes", default="litert,onnxruntime",
+                 type=lambda s: _choices(s, tuple(deploy.RUNTIMES), "--runtimes"))
+  p.add_argument("--segments", type=int, default=4, help="prompt segments (the last padded)")
+  p.add_argument("--steps", type=int, default=40, help="greedy decode steps")
+  p.add_argument("--threads", type=int, default=2, help="runtime CPU threads")
+  p.add_argument("--gate", default=None, help="trained gate parameters (.npz)")
+  p.add_argument("--workdir", default=None, help="where the graphs go (default: a temp dir)")
+  p.add_argument("--out", default=None, help="write the rows as JSON here")
+  return p
+
+
+def _choices(text, allowed, flag):
+  items = tuple(x for x in text.split(",") if x)
+  bad = [x for x in items if x not in allowed]
+  if bad or not items:
+    raise argparse.ArgumentTypeError(f"{flag}={text!r}: each must be one of {allowed}")
+  return items
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  args = _parser().parse_args(argv)
+  if args.segments < 2 or args.steps < 2:
+    raise SystemExit("--segments and --steps: at least 2")
+  with tempfile.TemporaryDirectory() as tmp:
+    args.workdir = args.workdir or tmp
+    rows = check(args)
+  print(table(rows))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=2)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,237 @@
+"""Exported graphs in edge runtimes: LiteRT and ONNX Runtime against the JAX engine.
+
+The outside references are the runtimes themselves (ai-edge-litert's interpreter,
+ONNX Runtime), running the graphs ``Engine.export`` wrote, with the state held as
+numpy arrays by ``edgeinfinite_jax.deploy``; the engine they must reproduce is the
+JAX one, step by step (float32, logits within 1e-5, greedy tokens identical).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import requires
+from edgeinfinite_jax import Engine, Scenario, deploy, with_memory
+from edgeinfinite_jax.engine import export as export_lib
+from edgeinfinite_jax.model import transformer as model
+from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.quant import qconfig as qc
+from edgeinfinite_jax.train import calib
+
+pytestmark = requires("litert_converter", "jax2onnx", "ai_edge_litert", "onnxruntime")
+
+VOCAB, L = 300, 32
+RUNTIMES = ("litert", "onnxruntime")
+
+
+def _engine(attention_type="edgeinfinite", quant=None):
+  base = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=4, num_kv_heads=2)
+  params = model.init_params(base, jax.random.key(0))
+  cfg, params = with_memory(base, params, rng=jax.random.key(1), attention_type=attention_type,
+                            gate="mlp", gate_init_bias=0.0)  # memory half on: it must show
+  sc = Scenario(segment_len=L, n_sink=4, n_window=L, batch_size=1, max_new_tokens=48,
+                short_threshold=16, max_context=256)
+  if quant is not None:
+    long_cfg = Engine(cfg, params, sc, quant=quant).route_configs["long"]
+    params = calib.calibrate(long_cfg, params, [_tokens(64, seed=7, batch=2)])
+  return Engine(cfg, params, sc, quant=quant)
+
+
+def _tokens(t, seed=0, batch=1):
+  return np.random.RandomState(seed).randint(0, VOCAB, (batch, t)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """The float edgeinfinite engine, both routes, in both formats (about 25 s)."""
+  engine = _engine()
+  directory = str(tmp_path_factory.mktemp("deploy"))
+  manifest = engine.export(directory, formats=("tflite", "onnx"), progress=False)
+  return engine, directory, manifest
+
+
+def _replay(engine, deployed, prompt, steps=40):
+  """Prefill ``prompt`` then ``steps`` greedy decode steps in both; the largest logit
+  difference, whether every greedy token agreed, and both final states."""
+  state, logits = engine.prefill(prompt)
+  dstate, dlogits = deployed.prefill(prompt)
+  err, same = [np.abs(np.asarray(logits) - dlogits).max()], True
+  for _ in range(steps):
+    token = np.argmax(np.asarray(logits), -1).astype(np.int32)
+    same &= bool((np.argmax(dlogits, -1) == token).all())
+    state, logits = engine.decode(state, token)
+    dstate, dlogits = deployed.decode(dstate, token)
+    err.append(np.abs(np.asarray(logits) - dlogits).max())
+  return max(err), same, state, dstate
+
+
+def _leaf_errors(manifest, step, state, dstate):
+  """Largest difference per state leaf, matched by the manifest's leaf paths."""
+  paths = {jax.tree_util.keystr(p): np.asarray(x)
+           for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  return {x["name"]: float(np.abs(paths[x["leaf"]].astype(np.float64)
+                                  - dstate.arrays[x["name"]]).max())
+          for x in manifest["functions"][step]["graph"]["inputs"] if x["leaf"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_runtime_replays_the_engine_step_by_step(exported, runtime):
+  """4 prefill segments (the last padded: 100 = 3 x 32 + 4) and 40 decode steps, the
+  runtime holding its own state: logits, greedy tokens, and every state leaf (sink,
+  ring, memory M and z, length) agree with the JAX engine."""
+  engine, directory, manifest = exported
+  deployed = deploy.load(directory, runtime)
+  err, same, state, dstate = _replay(engine, deployed, _tokens(100))
+  assert err < 1e-5 and same, (err, same)
+  leaves = _leaf_errors(manifest, "decode_long", state, dstate)
+  assert dstate.length == 140 and leaves["length"] == 0
+  assert max(leaves.values()) < 1e-4, leaves  # M sums 140 tokens' k v^T
+  assert {"caches_0_memory_M", "caches_1_ring_k"} <= set(leaves)
+
+
+@pytest.mark.slow
+def test_generate_runs_without_jax_and_equals_the_engine(exported):
+  """A fresh process where JAX cannot be imported runs ``edgeinfinite_jax.deploy`` and
+  generates what ``Engine.generate`` does, on both routes and both runtimes, with EOS,
+  and continues a state like a continued prefill."""
+  engine, directory, _ = exported
+  long_prompt, short_prompt = _tokens(100, seed=1), _tokens(10, seed=2)
+  want = {"long": engine.generate(long_prompt, 24), "short": engine.generate(short_prompt, 24)}
+  eos = int(want["long"][0, 5])
+  want["eos"] = engine.generate(long_prompt, 24, eos_id=eos)
+  state, _ = engine.prefill(long_prompt[:, :50])
+  want["continued"] = engine.generate(long_prompt[:, 50:], 24, state=state)
+  np.savez(os.path.join(directory, "prompts.npz"), long=long_prompt, short=short_prompt)
+  script = f"""
+import sys
+class NoJax:  # as on a device where JAX is not installed
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax"):
+      raise ImportError("JAX is not installed here: " + name)
+sys.meta_path.insert(0, NoJax())
+import numpy as np
+from edgeinfinite_jax import deploy
+d, out = {directory!r}, {{}}
+p = np.load(d + "/prompts.npz")
+for runtime in {RUNTIMES!r}:
+  m = deploy.load(d, runtime)
+  out[runtime + "/long"] = m.generate(p["long"], 24)
+  out[runtime + "/short"] = m.generate(p["short"], 24)
+  out[runtime + "/eos"] = m.generate(p["long"], 24, eos_id={eos})
+  state, _ = m.prefill(p["long"][:, :50])
+  out[runtime + "/continued"] = m.generate(p["long"][:, 50:], 24, state=state)
+np.savez(d + "/got.npz", **out)
+print("OK")
+"""
+  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+  got = np.load(os.path.join(directory, "got.npz"))
+  for runtime in RUNTIMES:
+    for key, tokens in want.items():
+      np.testing.assert_array_equal(got[f"{runtime}/{key}"], tokens, err_msg=f"{runtime} {key}")
+  assert (want["eos"][0, 5:] == eos).all() and (want["long"][0, 6:] != eos).any()
+
+
+@pytest.mark.slow
+def test_manifest_names_every_graph_array_and_counts_its_ops(exported):
+  engine, directory, manifest = exported
+  on_disk = json.load(open(os.path.join(directory, "manifest.json")))
+  assert on_disk == json.loads(json.dumps(manifest))
+  graph = manifest["functions"]["prefill_long"]["graph"]
+  names = [x["name"] for x in graph["inputs"]]
+  assert names[-2:] == ["tokens", "n_valid"] and "caches_1_memory_z" in names
+  by_name = {x["name"]: x for x in graph["inputs"]}
+  assert by_name["caches_0_memory_M"] == {"name": "caches_0_memory_M",
+                                          "leaf": ".caches[0].memory.M",
+                                          "shape": [1, 2, 16, 16], "dtype": "float32"}
+  assert by_name["tokens"]["shape"] == [1, L] and by_name["n_valid"]["shape"] == []
+  assert [x["name"] for x in graph["outputs"]] == ["new_" + n for n in names[:-2]] + ["logits"]
+  assert manifest["functions"]["decode_long"]["graph"]["inputs"][-2]["shape"] == [1, 1]
+  assert manifest["routes"]["long"]["capacity"] is None  # the memory absorbs the rest
+  assert manifest["routes"]["short"]["capacity"] == engine.ring_len["short"]
+  for step in ("prefill_long", "decode_long"):
+    ops = manifest["functions"][step]["ops"]
+    assert ops["tflite"]["FULLY_CONNECTED"] >= 2 * 7 and ops["onnx"]["Einsum"] > 0
+    weights = sum(x.nbytes for x in jax.tree.leaves(engine.params))
+    for file in manifest["functions"][step]["files"].values():  # the weights are baked in
+      assert weights < os.path.getsize(os.path.join(directory, file)) < 2 * weights, file
+
+
+@pytest.mark.parametrize("attention_type", ["streaming", "full"])
+def test_routes_without_memory_export_without_empty_inputs(tmp_path, attention_type):
+  """streaming / full have zero-sized memory leaves: they are no graph input (a
+  converter drops unused inputs and renames the rest by position), and LiteRT still
+  replays the engine."""
+  engine = _engine(attention_type)
+  manifest = engine.export(str(tmp_path), routes=("long",), formats=("tflite",),
+                           progress=False)
+  names = [x["name"] for x in manifest["functions"]["decode_long"]["graph"]["inputs"]]
+  assert not [n for n in names if "memory" in n] and "caches_1_ring_v" in names
+  err, same, _, dstate = _replay(engine, deploy.load(str(tmp_path), "litert"), _tokens(70),
+                                 steps=6)
+  assert err < 1e-5 and same and dstate.length == 76
+
+
+@pytest.mark.slow
+def test_fake_quant_engine_runs_in_litert(tmp_path):
+  """fake_quant (w8a8 PTQ scales, float arithmetic) exports like float: LiteRT's float
+  kernels reproduce the quantize-dequantize steps. (ONNX converts it too but jax2onnx
+  takes ~45 s on these graphs: ``python -m edgeinfinite_jax.deploy.check`` covers it.)"""
+  engine = _engine(quant=qc.preset("w8a8").replace(mode="fake_quant"))
+  engine.export(str(tmp_path), routes=("long",), formats=("tflite",), progress=False)
+  err, same, _, _ = _replay(engine, deploy.load(str(tmp_path), "litert"), _tokens(100))
+  assert err < 1e-5 and same, err
+
+
+def test_integer_engine_is_refused_naming_the_64bit_op(tmp_path):
+  """Integer mode computes requantization multipliers in float64 and 16-bit dots in
+  int64: no edge runtime takes that, and the error says which op, before converting."""
+  engine = _engine("streaming", quant=qc.integer_mode(qc.preset("w8a8")))
+  with pytest.raises(export_lib.ExportError, match=r"prefill_long: op stablehlo\.\w+ uses "
+                     r"(f64|i64).*no 64-bit kernels"):
+    engine.export(str(tmp_path), routes=("long",), formats=("tflite",), progress=False)
+  assert not os.path.exists(tmp_path / "prefill_long.tflite")
+
+
+def test_bad_export_and_load_arguments_are_named(tmp_path):
+  engine = _engine("streaming")
+  with pytest.raises(ValueError, match=r"formats=\('tflite', 'tfjs'\): each must be one of"):
+    engine.export(str(tmp_path), formats=("tflite", "tfjs"))
+  with pytest.raises(ValueError, match=r"routes=\('medium',\): each must be one of"):
+    engine.export(str(tmp_path), routes=("medium",))
+  with pytest.raises(ValueError, match=r"runtime='tensorrt': must be one of"):
+    deploy.load(str(tmp_path), "tensorrt")
+  with pytest.raises(FileNotFoundError, match=r"no manifest; write one with engine\.export"):
+    deploy.load(str(tmp_path), "litert")
+  engine.export(str(tmp_path), routes=("long",), progress=False)  # stablehlo only
+  with pytest.raises(FileNotFoundError, match=r"step prefill_long was not exported as tflite"):
+    deploy.load(str(tmp_path), "litert")
+
+
+def test_deployed_calls_check_their_inputs_like_the_engine(tmp_path):
+  engine = _engine("streaming")
+  engine.export(str(tmp_path), routes=("long",), formats=("tflite",), progress=False)
+  m = deploy.load(str(tmp_path), "litert")
+  with pytest.raises(ValueError, match=r"prefill tokens: ids must lie in \[0, 300\), got"):
+    m.prefill(np.array([[1, 300] * 20], np.int32))
+  with pytest.raises(ValueError, match=r"batch 2 != the exported batch size 1"):
+    m.prefill(_tokens(40, batch=2))
+  with pytest.raises(ValueError, match=r"route 'short' was not exported"):
+    m.prefill(_tokens(5))  # short prompts take the short route
+  state, _ = m.prefill(_tokens(40))
+  with pytest.raises(ValueError, match=r"decode token: expected an integer array of rank 1"):
+    m.decode(state, np.array([[3]]))
+  with pytest.raises(ValueError, match=r"max_new_tokens=49: must be an int in \[1, 48\]"):
+    m.generate(_tokens(40), 49)
+  state.arrays["caches_0_ring_k"] = state.arrays["caches_0_ring_k"][:, :8]
+  with pytest.raises(ValueError, match=r"decode state: caches_0_ring_k is float32\[1, 8, 2, 16\]"):
+    m.decode(state, np.array([3], np.int32))
+  with pytest.raises(ValueError, match=r"expected a DeployedState"):
+    m.decode(engine.prefill(_tokens(40))[0], np.array([3], np.int32))
