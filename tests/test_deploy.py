@@ -228,7 +228,8 @@ def test_deployed_calls_check_their_inputs_like_the_engine(tmp_path):
   state, _ = m.prefill(_tokens(40))
   with pytest.raises(ValueError, match=r"decode token: expected an integer array of rank 1"):
     m.decode(state, np.array([[3]]))
-  with pytest.raises(ValueError, match=r"max_new_tokens=49: must be an int in \[1, 48\]"):
+  with pytest.raises(ValueError, match=r"max_new_tokens=49: must be an int in "
+                                       r"\[1, Scenario.max_new_tokens=48\]"):
     m.generate(_tokens(40), 49)
   state.arrays["caches_0_ring_k"] = state.arrays["caches_0_ring_k"][:, :8]
   with pytest.raises(ValueError, match=r"decode state: caches_0_ring_k is float32\[1, 8, 2, 16\]"):

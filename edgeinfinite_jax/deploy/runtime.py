@@ -5,7 +5,7 @@ files, ``onnxruntime`` the ``.onnx`` ones. The runtime holds no state between ca
 a ``DeployedState`` is the engine state as named numpy arrays (the graph's input
 names, ``manifest.json``), so a state can be inspected, saved or compared with the
 JAX engine's leaf by leaf. Prompts are placed and cut exactly as the Engine does it
-(``engine.segments``), the token ids checked by the model's rule (``model.tokens``).
+(``engine.placement``), the token ids checked by the model's rule (``model.tokens``).
 
 Decoding is greedy here (the argmax of the graph's logits, as ``Engine.generate``
 with ``temperature=0``); sampling stays with the JAX engine.
@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from edgeinfinite_jax.engine import segments
+from edgeinfinite_jax.engine import placement
 from edgeinfinite_jax.model.tokens import check_token_ids
 
 RUNTIMES = {"litert": "tflite", "onnxruntime": "onnx"}  # runtime -> file format
@@ -122,19 +122,19 @@ class Deployed:
   def _placement(self, tokens, state, decoded=None):
     tokens = self._check_tokens(tokens, 2, "prefill tokens")
     if state is None:
-      route, start = segments.route_for(tokens.shape[1], self.scenario["short_threshold"]), 0
+      route, start = placement.route_for(tokens.shape[1], self.scenario["short_threshold"]), 0
       self.init_state(route)  # names a route that was not exported
     else:
       self._check_state(state, "prefill state")
       route, start = state.route, state.length
-    segments.check_capacity(route, start, tokens.shape[1], self.routes[route]["capacity"],
+    placement.check_capacity(route, start, tokens.shape[1], self.routes[route]["capacity"],
                             decoded)
     return tokens, route, start
 
   def _read(self, tokens, route, start, state):
     state = self.init_state(route) if state is None else state
     logits = None
-    for chunk, n in segments.chunks(tokens, start, self.scenario["segment_len"]):
+    for chunk, n in placement.chunks(tokens, start, self.scenario["segment_len"]):
       state, logits = self._run(f"prefill_{route}", state, chunk, n)
     return state, logits
 
@@ -148,25 +148,15 @@ class Deployed:
     """Reads one token per row ``[batch]``; returns (state, logits ``[batch, vocab]``)."""
     token = self._check_tokens(token, 1, "decode token")
     self._check_state(state, "decode state")
-    capacity = self.routes[state.route]["capacity"]
-    if capacity is not None and state.length + 1 > capacity:
-      raise ValueError(f"decode: the {state.route} route's cache holds {capacity} tokens; "
-                       f"state already has {state.length}")
+    placement.check_decode_room(state.route, state.length, self.routes[state.route]["capacity"])
     return self._run(f"decode_{state.route}", state, token[:, None], 1)
 
   def generate(self, tokens, max_new_tokens: int | None = None, *, eos_id: int | None = None,
                state: DeployedState | None = None):
     """Greedy continuation, int32 ``[batch, max_new_tokens]``: what ``Engine.generate``
     returns at temperature 0 (a row that produced ``eos_id`` repeats it)."""
-    limit = self.scenario["max_new_tokens"]
-    n = limit if max_new_tokens is None else max_new_tokens
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 < n <= limit:
-      raise ValueError(f"max_new_tokens={n!r}: must be an int in [1, {limit}] (the exported "
-                       "Scenario.max_new_tokens)")
-    if eos_id is not None and (not isinstance(eos_id, (int, np.integer))
-                               or isinstance(eos_id, bool) or not 0 <= eos_id < self.vocab_size):
-      raise ValueError(f"eos_id={eos_id!r}: must be None or a token id in "
-                       f"[0, {self.vocab_size})")
+    n = placement.new_tokens(max_new_tokens, self.scenario["max_new_tokens"])
+    placement.check_eos_id(eos_id, self.vocab_size)
     tokens, route, start = self._placement(tokens, state, decoded=n - 1)
     state, logits = self._read(tokens, route, start, state)
     eos = -1 if eos_id is None else eos_id

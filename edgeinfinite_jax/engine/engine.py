@@ -51,7 +51,7 @@ from edgeinfinite_jax.model.config import quant_of, quantized
 from edgeinfinite_jax.quant import layer_quant as qapply
 from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.engine import export as export_lib
-from edgeinfinite_jax.engine import segments
+from edgeinfinite_jax.engine import placement
 from edgeinfinite_jax.engine.state import EngineState, state_nbytes
 from edgeinfinite_jax.model import kv_cache as cache_lib
 
@@ -97,7 +97,7 @@ class Scenario:
     return cls(**{**SCENARIOS[name], **overrides})
 
   def capacity(self, n: int) -> int:
-    """n tokens rounded up to whole segments."""
+    """n tokens rounded up to whole placement."""
     return -(-n // self.segment_len) * self.segment_len
 
   def routes(self, config: ModelConfig) -> dict[str, "Route"]:
@@ -316,7 +316,7 @@ class Engine:
   # -- public API -------------------------------------------------------------
 
   def route_for(self, prompt_len: int) -> str:
-    return segments.route_for(prompt_len, self.scenario.short_threshold)
+    return placement.route_for(prompt_len, self.scenario.short_threshold)
 
   def _check_tokens(self, tokens, ndim, what):
     tokens = check_tokens(tokens, self.route_configs["short"].vocab_size, what, ndim)
@@ -357,7 +357,7 @@ class Engine:
                          f"route holds {a.dtype}{list(a.shape)} (a state from an engine "
                          "with another Scenario or model?)")
 
-  def _limit(self, route):
+  def capacity(self, route: str) -> int | None:
     """Most tokens a route can hold (None: unbounded, memory absorbs the rest)."""
     if route == "long" and self.route_configs["long"].memory.segmented:
       return None
@@ -387,14 +387,14 @@ class Engine:
     else:
       self._check_state(state, "prefill state")
       route, start = state.route, int(state.length)
-    segments.check_capacity(route, start, t, self._limit(route), decoded)
+    placement.check_capacity(route, start, t, self.capacity(route), decoded)
     return tokens, route, start
 
   def _read(self, tokens, route, start, state):
     """Feeds checked ``tokens`` from position ``start`` segment by segment."""
     state = self.init_state(route) if state is None else state
     logits = None
-    for chunk, n in segments.chunks(tokens, start, self.scenario.segment_len):
+    for chunk, n in placement.chunks(tokens, start, self.scenario.segment_len):
       state, logits = self._prefill[route](self.params, state, chunk, jnp.int32(n))
     return state, logits
 
@@ -406,10 +406,7 @@ class Engine:
     """
     token = self._check_tokens(token, 1, "decode token")
     self._check_state(state, "decode state")
-    limit = self._limit(state.route)
-    if limit is not None and int(state.length) + 1 > limit:
-      raise ValueError(f"decode: the {state.route} route's cache holds {limit} tokens; "
-                       f"state already has {int(state.length)}")
+    placement.check_decode_room(state.route, int(state.length), self.capacity(state.route))
     if not donate:
       state = jax.tree.map(jnp.copy, state)  # the copy is donated; the caller's stays live
     return self._decode[state.route](self.params, state, token[:, None], jnp.int32(1))
@@ -433,21 +430,14 @@ class Engine:
     raises ValueError naming it, before any work (the sampler would otherwise fall
     back to greedy without a word). ``decode`` stays for step-by-step use.
     """
-    n = self.scenario.max_new_tokens if max_new_tokens is None else max_new_tokens
-    if (not isinstance(n, (int, np.integer)) or isinstance(n, bool)
-        or not 0 < n <= self.scenario.max_new_tokens):
-      raise ValueError(f"max_new_tokens={n!r}: must be an int in [1, Scenario.max_new_tokens="
-                       f"{self.scenario.max_new_tokens}]")
+    n = placement.new_tokens(max_new_tokens, self.scenario.max_new_tokens)
     if (not isinstance(temperature, (int, float, np.integer, np.floating))
         or isinstance(temperature, bool) or not math.isfinite(temperature) or temperature < 0):
       raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 "
                        "(0 = greedy)")
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
       raise ValueError(f"top_k={top_k!r}: must be an int >= 0 (0 = no top-k cut)")
-    vocab = self.route_configs["short"].vocab_size
-    if eos_id is not None and (not isinstance(eos_id, (int, np.integer))
-                               or isinstance(eos_id, bool) or not 0 <= eos_id < vocab):
-      raise ValueError(f"eos_id={eos_id!r}: must be None or a token id in [0, {vocab})")
+    placement.check_eos_id(eos_id, self.route_configs["short"].vocab_size)
     tokens, route, start = self._placement(tokens, state, decoded=n - 1)
     rng = jax.random.key(0) if rng is None else rng
     state, logits = self._read(tokens, route, start, state)

@@ -104,7 +104,7 @@ def _route_entry(engine, route):
                       "to write it")
   return {"model_config": engine.route_configs[route].to_dict(),
           "n_sink": engine.n_sink[route], "ring_len": engine.ring_len[route],
-          "capacity": engine._limit(route)}
+          "capacity": engine.capacity(route)}
 
 
 def _write_stablehlo(engine, route, kind, chunk, directory, name):

@@ -1,4 +1,6 @@
-"""Where a prompt goes and how it is cut into fixed-shape prefill calls (numpy only).
+"""Where a prompt goes, what fits, and how it is cut into fixed-shape prefill calls.
+
+Numpy only: the rules of the Engine's call contract that do not need JAX.
 
 Shared by ``Engine`` and the JAX-free ``deploy`` runtimes, so the exported graphs
 are fed exactly as the engine feeds its own step functions.
@@ -43,3 +45,26 @@ def check_capacity(route: str, start: int, t: int, limit: int | None,
     raise ValueError(f"prompt of {have} tokens exceeds the {route} route's cache capacity "
                      f"{limit} (raise Scenario.max_context"
                      + (", or prefill the whole text on the long route)" if start else ")"))
+
+
+def check_decode_room(route: str, length: int, limit: int | None) -> None:
+  """ValueError when a state of ``length`` tokens has no room for one more."""
+  if limit is not None and length + 1 > limit:
+    raise ValueError(f"decode: the {route} route's cache holds {limit} tokens; "
+                     f"state already has {length}")
+
+
+def new_tokens(max_new_tokens, limit: int) -> int:
+  """``max_new_tokens`` (None: ``limit``) checked: an int in ``[1, limit]``, the
+  compiled ``Scenario.max_new_tokens``."""
+  n = limit if max_new_tokens is None else max_new_tokens
+  if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 < n <= limit:
+    raise ValueError(f"max_new_tokens={n!r}: must be an int in [1, Scenario.max_new_tokens="
+                     f"{limit}]")
+  return int(n)
+
+
+def check_eos_id(eos_id, vocab_size: int) -> None:
+  if eos_id is not None and (not isinstance(eos_id, (int, np.integer))
+                             or isinstance(eos_id, bool) or not 0 <= eos_id < vocab_size):
+    raise ValueError(f"eos_id={eos_id!r}: must be None or a token id in [0, {vocab_size})")
