@@ -181,13 +181,23 @@ def test_routes_without_memory_export_without_empty_inputs(tmp_path, attention_t
 
 @pytest.mark.slow
 def test_fake_quant_engine_runs_in_litert(tmp_path):
-  """fake_quant (w8a8 PTQ scales, float arithmetic) exports like float: LiteRT's float
-  kernels reproduce the quantize-dequantize steps. (ONNX converts it too but jax2onnx
-  takes ~45 s on these graphs: ``python -m edgeinfinite_jax.deploy.check`` covers it.)"""
+  """fake_quant (w8a8 PTQ scales, float arithmetic) exports like float, and LiteRT
+  reproduces it up to quantizer flips: a runtime's float kernels sum in another order
+  than XLA's, so a value within an ulp of a rounding boundary can land on the next
+  code. On this model and prompt none does today (logits within 2e-7); asserted is
+  what holds on any CPU: nearly every cache entry identical, logits close. (On
+  SmolLM2 the flips compound over 30 layers: README, "Deployment".)"""
   engine = _engine(quant=qc.preset("w8a8").replace(mode="fake_quant"))
-  engine.export(str(tmp_path), routes=("long",), formats=("tflite",), progress=False)
-  err, same, _, _ = _replay(engine, deploy.load(str(tmp_path), "litert"), _tokens(100))
-  assert err < 1e-5 and same, err
+  manifest = engine.export(str(tmp_path), routes=("long",), formats=("tflite",),
+                           progress=False)
+  err, _, state, dstate = _replay(engine, deploy.load(str(tmp_path), "litert"), _tokens(100))
+  assert manifest["functions"]["prefill_long"]["ops"]["tflite"]["ROUND"] > 0  # quantizers
+  paths = {jax.tree_util.keystr(p): np.asarray(x)
+           for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  for x in manifest["functions"]["decode_long"]["graph"]["inputs"]:
+    if "ring" in x["name"] or "sink" in x["name"]:
+      assert (paths[x["leaf"]] == dstate.arrays[x["name"]]).mean() > 0.99, x["name"]
+  assert err < 0.05, err
 
 
 def test_integer_engine_is_refused_naming_the_64bit_op(tmp_path):

@@ -7,11 +7,13 @@
 For every numerics mode (``float``; ``fake_quant`` and ``integer`` with w8a8 PTQ
 scales calibrated on the prompt) and every runtime, the long route of an
 EdgeInfinite engine is exported (``Engine.export``), loaded with
-``edgeinfinite_jax.deploy.load`` and fed a prompt of ``--segments`` segments (the
-last one padded) and ``--steps`` greedy decode steps, the runtime holding its own
+``edgeinfinite_jax.deploy.load`` and fed a prompt of at least ``--segments``
+segments, long enough that two blocks pass into the memory (the last segment
+padded), and ``--steps`` greedy decode steps, the runtime holding its own
 state; the JAX engine reads the same tokens. Printed: the largest logit difference
 (absolute, and relative to the largest logit), whether every greedy token agreed,
-the largest difference over the final state's arrays, the graphs' size, the export
+the largest difference over the final state's arrays (absolute, and relative to the
+largest value of that array), the graphs' size, the export
 time, and each runtime's prefill time per segment and decode time per token (median
 and range over the steps; the first call is a warm-up) beside the JAX engine's, on
 this machine's CPU threads (``--threads``). An export the runtimes cannot take
@@ -54,8 +56,11 @@ def tiny_model():
 
 
 def _prompt(args, scenario, vocab, tokenizer):
-  n = scenario.segment_len * (args.segments - 1) + scenario.segment_len // 8 + 1
-  n = max(n, scenario.short_threshold + 1)  # the long route
+  L = scenario.segment_len
+  n = max(L * (args.segments - 1),
+          scenario.short_threshold,  # the long route
+          scenario.n_sink + scenario.n_window + 2 * L)  # two blocks reach the memory
+  n += L // 8 + 1  # the last segment padded
   if tokenizer is None:
     return np.random.RandomState(0).randint(0, vocab, (scenario.batch_size, n)).astype(np.int32)
   text = "\n".join(corpus.embedded_documents(64 * n)[0])
@@ -107,12 +112,13 @@ def replay(engine, deployed, prompt, steps):
   leaves = {jax.tree_util.keystr(p): np.asarray(x, np.float64)
             for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
   graph = deployed.manifest["functions"]["decode_long"]["graph"]["inputs"]
-  state_err = max(float(np.abs(leaves[x["leaf"]] - dstate.arrays[x["name"]]).max())
-                  for x in graph if x["leaf"])
+  diffs = [(float(np.abs(leaves[x["leaf"]] - dstate.arrays[x["name"]]).max()),
+            float(np.abs(leaves[x["leaf"]]).max())) for x in graph if x["leaf"]]
   n_seg = -(-prompt.shape[1] // engine.scenario.segment_len)
   return {"max_abs_logit_diff": float(max(err)),
           "max_rel_logit_diff": float(max(e / s for e, s in zip(err, scale))),
-          "greedy_agree": f"{same}/{steps}", "max_state_diff": state_err,
+          "greedy_agree": f"{same}/{steps}", "max_state_diff": max(d for d, _ in diffs),
+          "max_rel_state_diff": max(d / m for d, m in diffs if m > 0),
           "prefill_ms_per_segment": 1e3 * min(_time(lambda: deployed.prefill(prompt)[1], 2))
           / n_seg,
           "jax_prefill_ms_per_segment": 1e3 * min(_time(lambda: engine.prefill(prompt)[1], 2))
@@ -163,7 +169,7 @@ def check(args) -> list[dict]:
 
 
 def table(rows) -> str:
-  out = ["| mode | runtime | max abs Δlogits | rel. | greedy | max Δstate | graphs MB | "
+  out = ["| mode | runtime | max abs Δlogits | rel. | greedy | max Δstate (rel.) | graphs MB | "
          "export s | prefill ms/seg (JAX) | decode ms/token median [min-max] (JAX median) |",
          "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -174,7 +180,8 @@ def table(rows) -> str:
     d, j = r["decode_ms"], r["jax_decode_ms"]
     out.append(f"| {r['mode']} | {r['runtime']} | {r['max_abs_logit_diff']:.1e} | "
                f"{r['max_rel_logit_diff']:.1e} | {r['greedy_agree']} | "
-               f"{r['max_state_diff']:.1e} | {r['graph_mb']:.1f} | {r['export_s']:.0f} | "
+               f"{r['max_state_diff']:.1e} ({r['max_rel_state_diff']:.0e}) | {r['graph_mb']:.3g} | "
+               f"{r['export_s']:.0f} | "
                f"{r['prefill_ms_per_segment']:.1f} ({r['jax_prefill_ms_per_segment']:.1f}) | "
                f"{d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}] ({j['median']:.1f}) |")
   return "\n".join(out)
