@@ -18,6 +18,7 @@ import pytest
 
 from conftest import requires
 from edgeinfinite_jax import Engine, Scenario, deploy, with_memory
+from edgeinfinite_jax.cli import deploy_check
 from edgeinfinite_jax.engine import export as export_lib
 from edgeinfinite_jax.model import transformer as model
 from edgeinfinite_jax.model.config import ModelConfig
@@ -264,3 +265,17 @@ def test_deployed_calls_check_their_inputs_like_the_engine(tmp_path):
     m.decode(state, np.array([3], np.int32))
   with pytest.raises(ValueError, match=r"expected a DeployedState"):
     m.decode(engine.prefill(_tokens(40))[0], np.array([3], np.int32))
+
+
+@pytest.mark.slow
+def test_deploy_check_command_prints_agreement_and_refusals(tmp_path, capsys):
+  """The README's deployment table comes from this command."""
+  rows = deploy_check.main(["--modes=float,integer", "--runtimes=litert", "--steps=3",
+                            f"--workdir={tmp_path}", f"--out={tmp_path / 'rows.json'}"])
+  out = capsys.readouterr().out
+  float_row, integer_row = rows
+  assert float_row["greedy_agree"] == "3/3" and float_row["max_abs_logit_diff"] < 1e-5
+  assert float_row["prompt_tokens"] > 4 + 32 + 2 * 32  # two blocks reached the memory
+  assert "no 64-bit kernels" in integer_row["refused"]
+  assert "| float | litert | " in out and "| integer | litert | refused: " in out
+  assert json.loads((tmp_path / "rows.json").read_text()) == json.loads(json.dumps(rows))

@@ -72,13 +72,15 @@ def export(engine, directory: str, routes=("short", "long"), formats=("stablehlo
   jobs = [(route, kind) for route in routes for kind in STEPS]
   for route, kind in tqdm(jobs, desc="export", disable=not progress, dynamic_ncols=True):
     if route not in manifest["routes"]:
-      manifest["routes"][route] = _route_entry(engine, route)
+      manifest["routes"][route] = _route_entry(engine, route,
+                                               deployed={"tflite", "onnx"} & set(formats))
     name = f"{kind}_{route}"
     entry = manifest["functions"][name] = {"route": route, "kind": kind,
                                            "chunk_len": sc.segment_len if kind == "prefill"
                                            else 1, "files": {}, "ops": {}}
     if "stablehlo" in formats:
       entry.update(_write_stablehlo(engine, route, kind, entry["chunk_len"], directory, name))
+      entry["files"]["stablehlo"] = entry["file"]
     if {"tflite", "onnx"} & set(formats):
       graph = GraphStep(engine, route, kind)
       entry["graph"] = graph.signature()
@@ -96,9 +98,8 @@ def export(engine, directory: str, routes=("short", "long"), formats=("stablehlo
   return manifest
 
 
-def _route_entry(engine, route):
-  state = engine.init_state(route)
-  if any(np.any(np.asarray(x)) for x in jax.tree.leaves(state)):
+def _route_entry(engine, route, deployed):
+  if deployed and any(np.any(np.asarray(x)) for x in jax.tree.leaves(engine.init_state(route))):
     # deploy.load starts every state from zeros of the manifest's shapes
     raise ExportError(f"route {route!r}: init_state is not all zeros; export would need "
                       "to write it")
