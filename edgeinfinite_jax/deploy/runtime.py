@@ -87,12 +87,18 @@ class Deployed:
       self._steps[name] = open_step(os.path.join(directory, fn["files"][RUNTIMES[runtime]]),
                                     name, fn["graph"], num_threads)
 
-  def init_state(self, route: str) -> DeployedState:
+  def _state_spec(self, route: str) -> dict:
+    """``{name: (shape, dtype)}`` of the route's state arrays (the graphs' inputs
+    before ``tokens`` and ``n_valid``); ValueError for a route that was not exported."""
     if route not in self.routes:
       raise ValueError(f"route {route!r} was not exported (routes: {sorted(self.routes)}); "
                        "export it with engine.export(..., routes=(...))")
     inputs = self.manifest["functions"][f"prefill_{route}"]["graph"]["inputs"][:-2]
-    return DeployedState(route, {x["name"]: np.zeros(x["shape"], x["dtype"]) for x in inputs})
+    return {x["name"]: (tuple(x["shape"]), np.dtype(x["dtype"])) for x in inputs}
+
+  def init_state(self, route: str) -> DeployedState:
+    return DeployedState(route, {name: np.zeros(shape, dtype)
+                                 for name, (shape, dtype) in self._state_spec(route).items()})
 
   def _check_tokens(self, tokens, ndim, what):
     tokens = check_token_ids(tokens, self.vocab_size, what, ndim)
@@ -105,13 +111,12 @@ class Deployed:
     if not isinstance(state, DeployedState) or state.route not in self.routes:
       raise ValueError(f"{what}: expected a DeployedState of an exported route "
                        f"{sorted(self.routes)}, got {type(state).__name__}")
-    want = self.init_state(state.route).arrays
-    for name, a in want.items():
+    for name, (shape, dtype) in self._state_spec(state.route).items():
       x = state.arrays.get(name)
-      if x is None or x.shape != a.shape or x.dtype != a.dtype:
+      if x is None or x.shape != shape or x.dtype != dtype:
         got = "missing" if x is None else f"{x.dtype}{list(x.shape)}"
         raise ValueError(f"{what}: {name} is {got}; the {state.route} graphs take "
-                         f"{a.dtype}{list(a.shape)}")
+                         f"{dtype}{list(shape)}")
 
   def prefill(self, tokens, state: DeployedState | None = None):
     """Reads ``tokens [batch, time]`` (appended to ``state`` if given); returns
@@ -123,7 +128,7 @@ class Deployed:
     tokens = self._check_tokens(tokens, 2, "prefill tokens")
     if state is None:
       route, start = placement.route_for(tokens.shape[1], self.scenario["short_threshold"]), 0
-      self.init_state(route)  # names a route that was not exported
+      self._state_spec(route)  # names a route that was not exported
     else:
       self._check_state(state, "prefill state")
       route, start = state.route, state.length

@@ -97,7 +97,7 @@ class Scenario:
     return cls(**{**SCENARIOS[name], **overrides})
 
   def capacity(self, n: int) -> int:
-    """n tokens rounded up to whole placement."""
+    """n tokens rounded up to whole segments."""
     return -(-n // self.segment_len) * self.segment_len
 
   def routes(self, config: ModelConfig) -> dict[str, "Route"]:

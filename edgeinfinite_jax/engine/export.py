@@ -83,8 +83,8 @@ def export(engine, directory: str, routes=("short", "long"), formats=("stablehlo
       entry["files"]["stablehlo"] = entry["file"]
     if {"tflite", "onnx"} & set(formats):
       graph = GraphStep(engine, route, kind)
-      entry["graph"] = graph.signature()
       exported = graph.export()
+      entry["graph"] = graph.signature(exported.out_avals)
       check_no_64bit(exported, name)
       for fmt in ("tflite", "onnx"):
         if fmt in formats:
@@ -166,12 +166,12 @@ class GraphStep:
   def export(self):
     return jax.export.export(jax.jit(self.fn))(*self.in_specs)
 
-  def signature(self) -> dict:
-    out = jax.eval_shape(self.fn, *self.in_specs)
+  def signature(self, out_avals) -> dict:
+    """Every input and output (``out_avals``: the exported function's) by name."""
     return {"inputs": [_spec(n, p, a) for n, p, a in
                        zip(self.input_names, self.leaf_paths + [None, None], self.in_specs)],
             "outputs": [_spec(n, p, a) for n, p, a in
-                        zip(self.output_names, self.leaf_paths + [None], out)]}
+                        zip(self.output_names, self.leaf_paths + [None], out_avals)]}
 
 
 def _spec(name, path, aval):
