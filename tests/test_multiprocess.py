@@ -72,6 +72,9 @@ def _env(devices: int, cache: str) -> dict:
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             # XLA's cheap compiles (tests/fast_compile.py), in every process alike: the
+             # runs compared here are all subprocesses of this one mode.
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("JAX_CPU_COLLECTIVES_IMPLEMENTATION", None)  # the code path must set it
   return env

@@ -60,6 +60,10 @@ def kernel(tmp_path, monkeypatch):
   monkeypatch.setenv("EDGEINFINITE_WORKDIR", str(tmp_path / "work"))
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+  # XLA's cheap compiles (tests/fast_compile.py): a tiny-mode notebook compiles many small
+  # programs and runs each for moments, so compiling dominates (quantization.ipynb
+  # 68 s -> 50 s). The kernel is its own process: no cache is shared with this one.
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
   return KERNEL
 
 

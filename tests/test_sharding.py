@@ -15,6 +15,8 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+
+from fast_compile import fast_compiles
 from jax.sharding import PartitionSpec as P
 
 from edgeinfinite_jax.train import sharding, trainer as train
@@ -61,8 +63,11 @@ CHILD = CONFIG_CODE + textwrap.dedent("""
 
 @pytest.mark.slow
 def test_8_device_mesh_matches_single_device(tmp_path):
+  # Both runs with XLA's cheap compiles (tests/fast_compile.py): the child through the
+  # environment, the single-device reference here inside fast_compiles().
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+             JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + CHILD,
                          str(tmp_path / "sharded")],
                         env=env, capture_output=True, text=True, timeout=600)
@@ -72,8 +77,9 @@ def test_8_device_mesh_matches_single_device(tmp_path):
 
   scope = {"ROOT": ROOT}
   exec(CONFIG_CODE, scope)
-  ref = train.run(scope["make_config"]({"data": -1, "fsdp": 1, "tensor": 1}),
-                  str(tmp_path / "single"))
+  with fast_compiles():
+    ref = train.run(scope["make_config"]({"data": -1, "fsdp": 1, "tensor": 1}),
+                    str(tmp_path / "single"))
   assert len(child["losses"]) == 4
   np.testing.assert_allclose(child["losses"], ref["losses"], rtol=0, atol=1e-5)
   # parameters and their Adam moments really are sharded on the 2x2x2 mesh

@@ -52,9 +52,16 @@ def _config(tmp_path, body, name="cfg.py"):
   return str(path)
 
 
+# The sweeps here train a tiny model for a few steps per run, in fresh processes that
+# compile everything again: XLA's cheap compiles (tests/fast_compile.py) roughly halve
+# that, and no jit cache is shared with this process.
+def _fast_env():
+  return dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+
+
 def _cli(*args, timeout=120):
   return subprocess.run([sys.executable, "-m", "edgeinfinite_jax.cli.sweep", *args, "--no-progress"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_fast_env())
 
 
 # ----------------------------------------------------------------------------- units
@@ -282,7 +289,7 @@ def test_sweep_runs_resumes_after_kill_and_aggregates(tmp_path):
   with open(tmp_path / "first.log", "w") as log:
     proc = subprocess.Popen([sys.executable, "-m", "edgeinfinite_jax.cli.sweep", f"--config={cfg}",
                              f"--workdir={work}", "--no-progress"], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, env=_fast_env())
     try:
       deadline = time.time() + 80
       while not (runs[1] / "config.json").exists():

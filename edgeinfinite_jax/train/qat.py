@@ -226,8 +226,11 @@ def integer_agreement(config, params, batches, calib_batches, output_bits=16,
   """
   quant = quant_of(config)
   int_q = qc.integer_mode(quant, output_bits, requant_mode)
-  ref_cfg = quantized(config, int_q.replace(mode="fake_quant", fake_quant_dots="exact"))
-  float_cfg = quantized(config, int_q.replace(mode="fake_quant"))
+  # fake_quant never reads requant_mode: one value for the references keeps their
+  # compilations (and the calibration's) shared by the calls for each mode.
+  fake_q = int_q.replace(mode="fake_quant", requant_mode=qc.REQUANT_MODES[0])
+  ref_cfg = quantized(config, fake_q.replace(fake_quant_dots="exact"))
+  float_cfg = quantized(config, fake_q)
   int_cfg = quantized(config, int_q)
   before = set(_paths(params))
   params = calib.calibrate(float_cfg, params, calib_batches, only_missing=True)
