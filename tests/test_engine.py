@@ -366,3 +366,30 @@ def test_generate_stops_each_row_at_eos():
     assert (row[stop:] == eos).all()  # then eos repeats
   with pytest.raises(ValueError, match=r"eos_id=64: must be None or a token id in \[0, 64\)"):
     engine.generate(_tokens(21), 3, eos_id=VOCAB)
+
+
+@pytest.mark.parametrize("key_block", [16, 24])
+def test_full_route_visits_key_blocks_and_equals_one_softmax(key_block):
+  """``full`` attention in float caches keys after RoPE and attends block by block over
+  the filled part of its cache (``MemoryConfig.key_block``: 16 divides the capacity
+  of 128, 24 does not). Prefill in parts and decode across block boundaries equal
+  teacher forcing with one softmax over all keys, the state equals that of an engine
+  with key_block=0, and each step function compiles once however full the cache."""
+  base, params = _model("full")
+  cfg = base.with_memory(key_block=key_block)
+  engine = Engine(cfg, params, _scenario())
+  dense = Engine(cfg.with_memory(key_block=0), params, _scenario())
+  tokens = _tokens(100)
+  want = model.forward(cfg.with_memory(key_block=0), params, tokens)
+  state, logits = engine.prefill(tokens[:, :21])
+  state, logits = engine.prefill(tokens[:, 21:45], state=state)
+  got = [logits]
+  for t in range(45, tokens.shape[1]):
+    state, logits = engine.decode(state, tokens[:, t])
+    got.append(logits)
+  np.testing.assert_allclose(np.stack(got, 1), want[:, 44:], atol=1e-4)
+  ref, _ = dense.prefill(tokens)  # its padded last segment also wrote rows 100-103
+  for a, b in zip(state.caches, ref.caches):
+    for x, y in ((a.ring_k, b.ring_k), (a.ring_v, b.ring_v)):
+      np.testing.assert_allclose(x[:, :100], y[:, :100], atol=1e-5)
+  assert engine.compile_counts() == {"prefill_long": 1, "decode_long": 1}

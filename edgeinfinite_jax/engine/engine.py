@@ -232,10 +232,11 @@ class Engine:
 
   # -- step functions ---------------------------------------------------------
 
-  def _step(self, route):
+  def _step(self, route, config=None):
     """The step of ``route``: ``(params, state, tokens [B, c], n_valid) -> (state, logits)``
-    for a prefill segment (c = segment_len) or a decode token (c = 1)."""
-    config = self.route_configs[route]
+    for a prefill segment (c = segment_len) or a decode token (c = 1). ``config``: the
+    route's config with other implementation settings (``step_functions(loops=False)``)."""
+    config = config or self.route_configs[route]
 
     def step(params, state: EngineState, tokens, n_valid):
       chunk = cache_lib.Chunk(state.length)
@@ -463,8 +464,16 @@ class Engine:
     without JAX; ``export.load_exported`` reloads a StableHLO one in JAX."""
     return export_lib.export(self, directory, routes, formats, progress)
 
-  def step_functions(self, route: str) -> dict:
+  def step_functions(self, route: str, loops: bool = True) -> dict:
     """``{"prefill": fn, "decode": fn}``: the jitted steps of ``route``, each
-    ``(params, state, tokens [batch, chunk], n_valid) -> (state, logits)``."""
-    return {"prefill": self._prefill[route], "decode": self._decode[route]}
+    ``(params, state, tokens [batch, chunk], n_valid) -> (state, logits)``.
+
+    ``loops=False``: the same steps (same state, same results to float32 rounding)
+    without a loop whose trip count is traced, the form edge runtimes convert: full
+    attention takes one softmax over its whole cache (``MemoryConfig.key_block=0``)
+    instead of visiting the filled key blocks. Not jitted; ``export`` traces them."""
+    if loops:
+      return {"prefill": self._prefill[route], "decode": self._decode[route]}
+    step = self._step(route, self.route_configs[route].with_memory(key_block=0))
+    return {"prefill": step, "decode": step}
 

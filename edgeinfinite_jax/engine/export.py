@@ -136,7 +136,7 @@ class GraphStep:
 
   def __init__(self, engine, route, kind):
     self.name = f"{kind}_{route}"
-    step = engine.step_functions(route)[kind]
+    step = engine.step_functions(route, loops=False)[kind]  # LiteRT/ONNX take no traced loop
     paths, self._treedef = jax.tree_util.tree_flatten_with_path(
         jax.eval_shape(lambda: engine.init_state(route)))
     self._avals = [a for _, a in paths]

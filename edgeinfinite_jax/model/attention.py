@@ -12,7 +12,8 @@ engine so that the two agree to float tolerance:
 * ``streaming`` is the same without memory; ``full`` sees everything.
 
 The training path (``sequence_attention``) scans over segments and slices the
-visible keys out of the whole sequence. The engine path (``kv_cache.cached_attention``)
+visible keys out of the whole sequence. ``full`` attention in float runs as
+``blockwise_attention`` (a running softmax over key blocks) in both paths. The engine path (``kv_cache.cached_attention``)
 keeps the same keys in a fixed-size cache and calls ``segment_attention`` too.
 
 Quantization: every function takes the layer's ``qx`` (``quant.layer_quant.LayerQuant``);
@@ -60,6 +61,77 @@ def grouped_mix(probs, v):
   probs = probs.astype(v.dtype).reshape(b, kh, g * t, s)
   out = jnp.einsum("bkrs,bskd->bkrd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, d)
+
+
+def blockwise_attention(q, k, v, q_pos, n_keys, block: int):
+  """Causal softmax attention with a running softmax over key blocks (flash style).
+
+  q [B, T, H, D] and k/v [B, S, K, D] are after RoPE; key i sits at position i (a
+  sequence from position 0, or the full route's cache, which never wraps); q_pos
+  [T] are the queries' positions. Only the first ``n_keys`` keys are visited:
+  ``ceil(n_keys / block)`` blocks, an int (a ``scan``: reverse-differentiable, the
+  training path) or a traced value (a ``while_loop``: an engine step visits only the
+  filled part of its cache, and nothing recompiles as it fills). Keys past a query's
+  position are masked. Working memory is O(T x block), never O(T x S). ``block`` 0
+  (or >= S): one softmax over all S keys, no loop (``MemoryConfig.key_block``).
+  Float only: no quantizer sees the probabilities (they are never all in one place).
+  Returns float32 [B, T, H, D].
+  """
+  b, t, h, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g = h // kh
+  block = s if block <= 0 else min(block, s)
+  # grouped_logits' layout: rows r = (group, query) of one [G*T, block] matmul per KV head
+  qr = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+  r_pos = jnp.tile(q_pos, g)
+  inv_sqrt_d = 1.0 / jnp.sqrt(jnp.float32(d))
+
+  def block_logits(lo, fresh):
+    """Masked logits [B, K, G*T, block] of keys lo .. lo+block-1 (those >= ``fresh``)."""
+    kb = jax.lax.dynamic_slice_in_dim(k, lo, block, axis=1)
+    k_pos = lo + jnp.arange(block, dtype=jnp.int32)
+    mask = (k_pos[None, :] <= r_pos[:, None]) & (k_pos >= fresh)[None, :]
+    logits = jnp.einsum("bkrd,bskd->bkrs", qr, kb,
+                        preferred_element_type=jnp.float32) * inv_sqrt_d
+    return jnp.where(mask, logits, NEG_INF)
+
+  def mix(p, lo):
+    vb = jax.lax.dynamic_slice_in_dim(v, lo, block, axis=1)
+    return jnp.einsum("bkrs,bskd->bkrd", p.astype(vb.dtype), vb,
+                      preferred_element_type=jnp.float32)
+
+  def finish(out):  # [B, K, G*T, D] -> [B, T, H, D]
+    return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+  if block == s:  # one block: a plain softmax, no loop
+    probs = jax.nn.softmax(block_logits(0, 0), axis=-1)
+    return finish(mix(probs, 0))
+
+  def body(i, carry):
+    m, l, acc = carry
+    # The last block may start early to stay inside the cache; its keys that an
+    # earlier block already covered are masked (k_pos >= i * block).
+    lo = jnp.minimum(i * block, s - block)
+    logits = block_logits(lo, i * block)
+    m_new = jnp.maximum(m, logits.max(axis=-1))
+    p = jnp.exp(logits - m_new[..., None])
+    corr = jnp.exp(m - m_new)
+    return m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + mix(p, lo)
+
+  carry = (jnp.full((b, kh, g * t), NEG_INF, jnp.float32),
+           jnp.zeros((b, kh, g * t), jnp.float32), jnp.zeros((b, kh, g * t, d), jnp.float32))
+  n_blocks = -(-n_keys // block)
+  if isinstance(n_blocks, int):  # training path: a scan, recomputed on the backward pass
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, jax.checkpoint(body), carry)
+  else:
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, carry)
+  return finish(acc / l[..., None])  # every query sees at least itself: l >= 1
+
+
+def float_path(qx) -> bool:
+  """True when no quantizer or capture touches attention: ``blockwise_attention``
+  may replace ``dot_attention`` (whose probabilities quantizers and captures see)."""
+  return not qx.active and qx.cap is None
 
 
 def dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
@@ -141,8 +213,10 @@ def sequence_attention(config: ModelConfig, q, k, v, positions, inv_freq, gate_p
   """Training path over a whole sequence that starts at position 0 -> (out, captured)."""
   m = config.memory
   if not m.segmented:
-    mask = positions[:, None, :] <= positions[:, :, None]
     rq, rk = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if float_path(qx):  # the sequence starts at 0: key i is at position i
+      return blockwise_attention(rq, rk, v, positions[0], k.shape[1], m.key_block), {}
+    mask = positions[:, None, :] <= positions[:, :, None]
     return dot_attention(rq, rk, v, mask, qx)
   return _segment_scan(config, q, k, v, inv_freq, gate_params, qx)
 

@@ -104,6 +104,11 @@ class MemoryConfig:
       (0 = full backpropagation through all segments).
     force_gate: ``none``, or ``local`` / ``memory`` to pin the gate (knockout
       ablations and equivalence tests).
+    key_block: ``full`` attention in float: keys per step of the running-softmax
+      attention (``attention.blockwise_attention``; working memory O(T x key_block)
+      and an engine step visits only the filled part of its cache). 0 = one softmax
+      over all keys: the form of exported graphs (edge runtimes take no loop whose
+      trip count is a traced value). Numerics agree to float32 rounding.
   """
   attention_type: str = "full"
   segment_len: int = 64
@@ -119,6 +124,7 @@ class MemoryConfig:
   remat: bool = True
   truncate_every: int = 0
   force_gate: str = "none"
+  key_block: int = 1024
 
   def __post_init__(self):
     check_types(self, "model.memory")  # the value rules need the model: ``validate``
@@ -274,6 +280,8 @@ def validate(c: ModelConfig) -> None:
   require(m.force_gate in FORCE_GATE, "model.memory.force_gate", m.force_gate,
            f"must be one of {FORCE_GATE}")
   require(m.eps > 0, "model.memory.eps", m.eps, "must be > 0")
+  require(m.key_block >= 0, "model.memory.key_block", m.key_block,
+          "must be >= 0 (0 = one softmax over all keys)")
   require(m.truncate_every >= 0, "model.memory.truncate_every", m.truncate_every,
            "must be >= 0 (0 = full backpropagation)")
 

@@ -9,7 +9,10 @@ What each query sees is defined once, in ``attention.segment_attention``; this
 file only decides where keys live.
 
 Keys are cached before RoPE so that ``cache_relative`` positions can be
-re-assigned as the window moves.
+re-assigned as the window moves, and the memory compresses pre-RoPE keys. The one
+exception is ``full`` attention in float (``attention.float_path``): its positions are
+absolute and never change, so keys are cached after RoPE (rotated once, on write)
+and ``attention.blockwise_attention`` reads only the filled part of the cache.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 from edgeinfinite_jax.model import attention
 from edgeinfinite_jax.model import memory as memory_lib
 from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.model.rope import apply_rope
 
 
 class LayerCache(NamedTuple):
@@ -108,6 +112,8 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
   c = q.shape[1]
   block = chunk.start // L
   slot_start = jnp.mod(block, ring_len // L) * L
+  if not m.segmented and attention.float_path(qx):
+    return _full_attention(cache, chunk, q, k, v, inv_freq, slot_start, L, m.key_block)
   memory = cache.memory
   if m.uses_memory:
     # Entering a new block reuses the slot of the block that leaves the window.
@@ -143,3 +149,20 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
   out, _ = attention.segment_attention(config, q, q_pos, keys, vals, k_pos, k_valid, memory,
                                        inv_freq, gate_params, qx)
   return out, LayerCache(sink_k, sink_v, ring_k, ring_v, memory)
+
+
+def _full_attention(cache: LayerCache, chunk: Chunk, q, k, v, inv_freq, slot_start, L,
+                    key_block):
+  """``full`` attention in float: the cache never wraps (entry i is position i) and
+  holds keys after RoPE, so a step rotates only its own chunk and attends over the
+  filled entries (``attention.blockwise_attention``); the working memory and the
+  work of a step grow with the tokens read, not with the cache's capacity."""
+  pos = chunk.start + jnp.arange(q.shape[1], dtype=jnp.int32)
+  rk = apply_rope(k, pos[None], inv_freq)
+  ring_k = _write_block(cache.ring_k, rk, slot_start, jnp.mod(chunk.start, L), L)
+  ring_v = _write_block(cache.ring_v, v, slot_start, jnp.mod(chunk.start, L), L)
+  # Padding rows of a last prefill segment are written too; the causal rule hides
+  # them, and the next token overwrites its own slot before anyone can see it.
+  out = attention.blockwise_attention(apply_rope(q, pos[None], inv_freq), ring_k, ring_v, pos,
+                                      chunk.start + q.shape[1], key_block)
+  return out, cache._replace(ring_k=ring_k, ring_v=ring_v)
