@@ -153,7 +153,8 @@ class Engine:
   [B, ring_len, K, D]`` in the compute dtype (the integer K/V dtype in integer
   mode), the memory ``M [B, K, D, D]`` and ``z [B, K, D]`` in float32 (zero-sized
   unless edgeinfinite), and ``length``, an int32 scalar. B = ``Scenario.batch_size``,
-  K = kv heads, D = head dim.
+  K = kv heads, D = head dim. Cached keys are pre-RoPE, except on ``full``-attention
+  routes in float, which cache them after RoPE (``kv_cache`` module doc).
 
   Call contract:
 
