@@ -32,7 +32,15 @@ def tokens(t, seed=0, batch=2, vocab=VOCAB):
 
 @functools.lru_cache(maxsize=1)
 def trained(steps=80):
-  """(model config, params, held-out batches, calibration batches), byte vocabulary."""
+  """(model config, params, held-out batches, calibration batches), byte vocabulary.
+
+  All of it under XLA's cheap compiles, initialisation included: the test files that
+  share it run in either mode, and the first caller's mode must not decide its bits."""
+  with fast_compiles():
+    return _train(steps)
+
+
+def _train(steps):
   config = configs.base_config()
   config.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2)
@@ -45,11 +53,10 @@ def trained(steps=80):
   trainable = optim.trainable_paths(params, groups)
   tx = optim.make_optimizer(config.optim, groups, params, steps)
   state = train.make_train_state(mc, tx, trainable, jax.random.key(0))
-  with fast_compiles():
-    step = jax.jit(functools.partial(train.train_step, model_config=mc, tx=tx,
-                                     trainable=trainable, rng=jax.random.key(1)))
-    for s in range(steps):
-      state, _ = step(state, data_lib.batch_at(split.train, s, 8, 0))
+  step = jax.jit(functools.partial(train.train_step, model_config=mc, tx=tx,
+                                   trainable=trainable, rng=jax.random.key(1)))
+  for s in range(steps):
+    state, _ = step(state, data_lib.batch_at(split.train, s, 8, 0))
   held = [b["tokens"] for b in data_lib.eval_batches(split.heldout, 8, 4)]
   calib = [data_lib.batch_at(split.train, 1000 + s, 8, 1)["tokens"] for s in range(2)]
   return mc, jax.device_get(state.params), held, calib

@@ -44,8 +44,11 @@ def report(tmp_path_factory):
   # timings of a smoke run mean nothing anyway).
   args = ["--quick", "--lengths", ",".join(map(str, LENGTHS)), "--no-qat", "--jobs", "4",
           "--repeats", "2", "--out", str(out)]
+  # XLA's cheap compiles (tests/fast_compile.py): five processes compile their own
+  # engines for prompts of a few hundred tokens, so compiling is most of the run.
   proc = subprocess.run([sys.executable, "-m", "edgeinfinite_jax.bench", *args],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return out, out.read_text(), args
 

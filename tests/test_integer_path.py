@@ -22,8 +22,10 @@ from quant_fixtures import tiny, tokens, trained
 L = 8
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _fast():
+  """XLA's cheap compiles for the module (tests/fast_compile.py); module-scoped, so the
+  tests share compiled programs instead of clearing the caches around each one."""
   with fast_compiles():
     yield
 

@@ -21,8 +21,10 @@ from quant_fixtures import tiny, tokens, trained
 L = 8
 
 
-@pytest.fixture
+@pytest.fixture(scope="module", autouse=True)
 def fast():
+  """The whole module under XLA's cheap compiles (tests/fast_compile.py): it compiles
+  dozens of small quantized programs and runs each briefly."""
   with fast_compiles():
     yield
 
@@ -37,7 +39,7 @@ def _memory_model(attention_type):
 
 
 @pytest.mark.parametrize("attention_type", ["full", "edgeinfinite"])
-def test_float_mode_is_bit_identical(attention_type, fast):
+def test_float_mode_is_bit_identical(attention_type):
   cfg, params = _memory_model(attention_type)
   x = tokens(40)
   want = model.forward(cfg, params, x)
@@ -47,7 +49,7 @@ def test_float_mode_is_bit_identical(attention_type, fast):
 
 
 @pytest.mark.slow
-def test_fake_quant_weights_equal_the_dequantized_ptq_kernels(fast):
+def test_fake_quant_weights_equal_the_dequantized_ptq_kernels():
   base = tiny()
   params = model.init_params(base, jax.random.key(0))
   q = qc.preset("w4a16").replace(embeddings=QuantSpec(8, granularity="per_channel"),
@@ -108,7 +110,7 @@ def test_engine_equals_training_path_with_quantized_kv_and_memory(name):
 
 
 @pytest.mark.slow
-def test_capture_through_the_segment_scan_with_a_quantized_memory(fast):
+def test_capture_through_the_segment_scan_with_a_quantized_memory():
   cfg, params = _memory_model("edgeinfinite")
   quant = qc.fine_grained("w4a8", group_size=16).replace(memory_state=QuantSpec(8))
   got = calib.capture(quantized(cfg, quant), params, tokens(40))
@@ -118,7 +120,7 @@ def test_capture_through_the_segment_scan_with_a_quantized_memory(fast):
 
 
 @pytest.mark.slow
-def test_calibration_writes_every_static_site_and_learned_inits(fast):
+def test_calibration_writes_every_static_site_and_learned_inits():
   cfg = tiny()
   params = model.init_params(cfg, jax.random.key(0))
   q = qc.preset("edgeqat").replace(
@@ -146,7 +148,7 @@ def test_calibration_writes_every_static_site_and_learned_inits(fast):
 
 
 @pytest.mark.slow
-def test_adaptive_bits_select_the_least_important_fraction_per_layer(fast):
+def test_adaptive_bits_select_the_least_important_fraction_per_layer():
   cfg = tiny()
   params = model.init_params(cfg, jax.random.key(0))
   q = qc.preset("w8a8").replace(activation_scales="dynamic", kv_cache=None,
@@ -167,7 +169,7 @@ def test_adaptive_bits_select_the_least_important_fraction_per_layer(fast):
 
 
 @pytest.mark.slow
-def test_ptq_params_save_and_restore(tmp_path, fast):
+def test_ptq_params_save_and_restore(tmp_path):
   cfg = tiny()
   params = model.init_params(cfg, jax.random.key(0))
   qcfg = quantized(cfg, qc.preset("w8a8"))
@@ -180,7 +182,7 @@ def test_ptq_params_save_and_restore(tmp_path, fast):
 
 
 @pytest.mark.slow
-def test_fine_grained_ptq_beats_round_to_nearest_per_tensor_at_w4(fast):
+def test_fine_grained_ptq_beats_round_to_nearest_per_tensor_at_w4():
   """Logit error vs the float model on held-out text (this small, briefly trained
   model's held-out loss moves less than its noise, so the error is the measure)."""
   mc, params, held, cal = trained()
@@ -200,7 +202,7 @@ def test_fine_grained_ptq_beats_round_to_nearest_per_tensor_at_w4(fast):
 
 
 @pytest.mark.slow
-def test_bad_input_raises_before_compilation(fast):
+def test_bad_input_raises_before_compilation():
   cfg = tiny()
   params = model.init_params(cfg, jax.random.key(0))
   with pytest.raises(ValueError, match=r"bits=17: must be an integer in 2..16"):
