@@ -13,6 +13,7 @@ import pytest
 
 from edgeinfinite_jax.bench import plan, probes, suite
 from edgeinfinite_jax.bench import report as report_lib  # `report` is the fixture below
+from fast_compile import fast_env
 
 pytestmark = pytest.mark.slow  # end to end: minutes on a 2-core CPU
 
@@ -48,7 +49,7 @@ def report(tmp_path_factory):
   # engines for prompts of a few hundred tokens, so compiling is most of the run.
   proc = subprocess.run([sys.executable, "-m", "edgeinfinite_jax.bench", *args],
                         capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1"))
+                        env=fast_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   return out, out.read_text(), args
 

@@ -23,6 +23,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from fast_compile import fast_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, STOP = 10, 5, 7
 TIMEOUT = 240  # per phase; a hung collective fails the test instead of the session
@@ -68,13 +70,12 @@ def _free_port() -> int:
 
 
 def _env(devices: int, cache: str) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+  # XLA's cheap compiles (fast_env), in every process alike: the runs compared here
+  # are all subprocesses of this one mode.
+  env = fast_env(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             # XLA's cheap compiles (tests/fast_compile.py), in every process alike: the
-             # runs compared here are all subprocesses of this one mode.
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("JAX_CPU_COLLECTIVES_IMPLEMENTATION", None)  # the code path must set it
   return env

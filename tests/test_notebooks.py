@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+import fast_compile
+
 pytestmark = pytest.mark.slow  # end to end: minutes on a 2-core CPU
 
 nbformat = pytest.importorskip("nbformat")
@@ -63,7 +65,7 @@ def kernel(tmp_path, monkeypatch):
   # XLA's cheap compiles (tests/fast_compile.py): a tiny-mode notebook compiles many small
   # programs and runs each for moments, so compiling dominates (quantization.ipynb
   # 68 s -> 50 s). The kernel is its own process: no cache is shared with this one.
-  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+  monkeypatch.setenv(fast_compile.ENV_VAR, "1")
   return KERNEL
 
 

@@ -15,12 +15,11 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-
-from fast_compile import fast_compiles
 from jax.sharding import PartitionSpec as P
 
 from edgeinfinite_jax.train import sharding, trainer as train
 from edgeinfinite_jax.model.config import ConfigError
+from fast_compile import fast_compiles, fast_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,9 +64,8 @@ CHILD = CONFIG_CODE + textwrap.dedent("""
 def test_8_device_mesh_matches_single_device(tmp_path):
   # Both runs with XLA's cheap compiles (tests/fast_compile.py): the child through the
   # environment, the single-device reference here inside fast_compiles().
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = fast_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+                 PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + CHILD,
                          str(tmp_path / "sharded")],
                         env=env, capture_output=True, text=True, timeout=600)

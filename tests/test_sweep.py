@@ -19,6 +19,7 @@ import pytest
 from edgeinfinite_jax.cli import sweep
 from edgeinfinite_jax.configs import overrides
 from edgeinfinite_jax.train import workdir as workdir_lib
+from fast_compile import fast_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,15 +54,10 @@ def _config(tmp_path, body, name="cfg.py"):
 
 
 # The sweeps here train a tiny model for a few steps per run, in fresh processes that
-# compile everything again: XLA's cheap compiles (tests/fast_compile.py) roughly halve
-# that, and no jit cache is shared with this process.
-def _fast_env():
-  return dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-
-
+# compile everything again: XLA's cheap compiles (fast_env) roughly halve that.
 def _cli(*args, timeout=120):
   return subprocess.run([sys.executable, "-m", "edgeinfinite_jax.cli.sweep", *args, "--no-progress"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_fast_env())
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=fast_env())
 
 
 # ----------------------------------------------------------------------------- units
@@ -289,7 +285,7 @@ def test_sweep_runs_resumes_after_kill_and_aggregates(tmp_path):
   with open(tmp_path / "first.log", "w") as log:
     proc = subprocess.Popen([sys.executable, "-m", "edgeinfinite_jax.cli.sweep", f"--config={cfg}",
                              f"--workdir={work}", "--no-progress"], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, env=_fast_env())
+                            stderr=subprocess.STDOUT, start_new_session=True, env=fast_env())
     try:
       deadline = time.time() + 80
       while not (runs[1] / "config.json").exists():

@@ -12,9 +12,10 @@ engine so that the two agree to float tolerance:
 * ``streaming`` is the same without memory; ``full`` sees everything.
 
 The training path (``sequence_attention``) scans over segments and slices the
-visible keys out of the whole sequence. ``full`` attention in float runs as
-``blockwise_attention`` (a running softmax over key blocks) in both paths. The engine path (``kv_cache.cached_attention``)
+visible keys out of the whole sequence. The engine path (``kv_cache.cached_attention``)
 keeps the same keys in a fixed-size cache and calls ``segment_attention`` too.
+``full`` attention in float runs as ``blockwise_attention`` (a running softmax over
+key blocks) in both paths.
 
 Quantization: every function takes the layer's ``qx`` (``quant.layer_quant.LayerQuant``);
 for a float model its quantizers are identities, so there is one code path. Q and
@@ -122,9 +123,8 @@ def blockwise_attention(q, k, v, q_pos, n_keys, block: int):
            jnp.zeros((b, kh, g * t), jnp.float32), jnp.zeros((b, kh, g * t, d), jnp.float32))
   n_blocks = -(-n_keys // block)
   if isinstance(n_blocks, int):  # training path: a scan, recomputed on the backward pass
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, jax.checkpoint(body), carry)
-  else:
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, carry)
+    body = jax.checkpoint(body)
+  _, l, acc = jax.lax.fori_loop(0, n_blocks, body, carry)
   return finish(acc / l[..., None])  # every query sees at least itself: l >= 1
 
 
