@@ -52,14 +52,25 @@ def test_engine_predictor_runs_the_fixed_shape_engine():
                             rng=jax.random.key(1), segment_len=64, n_window=64, n_sink=4)
   engine = Engine(cfg, params, Scenario(segment_len=64, n_sink=4, n_window=64, batch_size=2,
                                         max_new_tokens=7, short_threshold=0))
-  predict = evaluate.engine_predictor(engine, TOK, 7)
-  g = evaluate.passkey_grid(predict, TOK, [600, 1200], [0.0], 2, reach=REACH, batch_size=2,
+  plain = evaluate.engine_predictor(engine, TOK, 7)
+  g = evaluate.passkey_grid(plain, TOK, [600, 1200], [0.0], 2, reach=REACH, batch_size=2,
                             progress=False)
   assert 0.0 <= g["mean"] <= 1.0  # an untrained model: any score, but it ran
   assert engine.compile_count() == 2  # one prefill + one decode, whatever the length
-  cost = evaluate.cost_curve(engine, [128, 512], progress=False)
+  # The timed predictor (prefill of all but the last token, generate continues from that
+  # state) answers exactly as one generate does, and compiles nothing more.
+  timings = {}
+  timed = evaluate.engine_predictor(engine, TOK, 7, timings)
+  t = evaluate.passkey_grid(timed, TOK, [600, 1200], [0.0], 2, reach=REACH, batch_size=2,
+                            progress=False)
+  assert t["examples"] == g["examples"] and t["accuracy"] == g["accuracy"]
+  assert engine.compile_count() == 2
+  cost = evaluate.cost_curve(timings, engine, [600, 1200])
+  assert cost["lengths"] == [600, 1200] and cost["prompts"] == [1, 1]
   assert cost["state_bytes"][0] == cost["state_bytes"][1] > 0
   assert all(t > 0 for t in cost["ttft_s"])
+  with pytest.raises(ValueError, match="longer than every length"):
+    evaluate.cost_curve(timings, engine, [600])
 
 
 def _task_data_config(**kw):
@@ -98,10 +109,22 @@ def test_task_mix_into_text_rows_keeps_text_loss_everywhere():
   assert np.all(split.train.loss_mask[split.train.tokens != TOK.pad_id] == 1)
 
 
+def test_task_max_depth_caps_where_the_needle_sits():
+  capped = data.task_samples(_task_data_config(tasks="passkey", task_max_depth=0.3), TOK, 24, 0)
+  free = data.task_samples(_task_data_config(tasks="passkey"), TOK, 24, 0)
+  assert max(s.meta["realized_depth"] for s in capped) <= 0.3 + 1e-9
+  assert max(s.meta["realized_depth"] for s in free) > 0.5  # uncapped: the whole range
+  # The cap scales each sample's draw, so a capped key lies further from the question.
+  assert min(tasks.key_distance(s) for s in capped) > min(
+      tasks.key_distance(s) for s in free)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"tasks": "passkey,nope"}, "unknown task 'nope'"),
     ({"task_length": 999}, r"data.task_length=999"),
     ({"task_samples": 0}, r"data.task_samples=0"),
+    ({"task_max_depth": 0.0}, r"data.task_max_depth=0.0"),
+    ({"task_max_depth": 1.5}, r"data.task_max_depth=1.5"),
 ])
 def test_task_source_config_errors(kw, message):
   with pytest.raises(ConfigError, match=message):

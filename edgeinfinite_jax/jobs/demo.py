@@ -39,6 +39,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -57,13 +58,17 @@ from edgeinfinite_jax.train import optim
 from edgeinfinite_jax.engine.engine import Scenario
 from edgeinfinite_jax.engine.engine import Engine
 from edgeinfinite_jax.eval import passkey as evaluate
-from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer
+from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
+from edgeinfinite_jax.model import gate as gate_lib
 from edgeinfinite_jax.data import corpus as data_lib
 from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.train import qat
 from edgeinfinite_jax.train import calib
 
 SFT_SETS = ("gate", "gate+attention", "all")
+# The quant stage's weight-only PTQ recipes (``demo.quant_presets``, each optionally
+# "name:bits"): fine-grained per-group scales vs round-to-nearest per-tensor.
+WEIGHT_PRESETS = ("fine_grained", "rtn_per_tensor")
 
 
 
@@ -89,24 +94,46 @@ def validate(config) -> None:
   for key in ("gate_lr", "sft_lr"):
     if not d[key] > 0:
       raise ConfigError(f"demo.{key}={d[key]!r}: must be > 0")
+  if not 0.0 < float(d.sft_max_depth) <= 1.0:
+    raise ConfigError(f"demo.sft_max_depth={d.sft_max_depth!r}: must be in (0, 1]")
   try:
-    mults = _csv(d.eval_mults, float) + _csv(d.ttft_mults, float)
-    depths = _csv(d.eval_depths, float)
+    mults = _csv(d.eval_mults, float)
+    depths = _csv(d.eval_depths, float) + _csv(d.quant_depths, float) + [float(d.beyond_depth)]
+    beyond = _csv(d.beyond_lengths, int)
   except ValueError:
-    raise ConfigError("demo.eval_mults / ttft_mults / eval_depths: must be comma-separated "
-                      "numbers") from None
+    raise ConfigError("demo.eval_mults / eval_depths / quant_depths / beyond_depth: must be "
+                      "comma-separated numbers; demo.beyond_lengths: integers") from None
   if not mults or any(m <= 0 for m in mults):
     raise ConfigError(f"demo.eval_mults={d.eval_mults!r}: must be positive numbers")
-  if not depths or any(not 0 <= x <= 1 for x in depths):
-    raise ConfigError(f"demo.eval_depths={d.eval_depths!r}: must be numbers in [0, 1]")
+  if not _csv(d.eval_depths) or any(not 0 <= x <= 1 for x in depths):
+    raise ConfigError(f"demo.eval_depths={d.eval_depths!r}, quant_depths={d.quant_depths!r}, "
+                      f"beyond_depth={d.beyond_depth!r}: must be numbers in [0, 1]")
+  if any(n <= 0 for n in beyond):
+    raise ConfigError(f"demo.beyond_lengths={d.beyond_lengths!r}: must be positive token counts")
+  modes = _integer_modes(d)
+  if any(m not in qconfig.REQUANT_MODES for m in modes):
+    raise ConfigError(f"demo.integer_modes={d.integer_modes!r}: must be 'all', '' or a list of "
+                      f"{qconfig.REQUANT_MODES}")
+  if d.sft_from:
+    if not os.path.isfile(d.sft_from):
+      raise ConfigError(f"demo.sft_from={d.sft_from!r}: no such file (an .npz that "
+                        "gate.save_gate wrote; '' trains the gate instead)")
+    if runs[0] != "gate":
+      raise ConfigError(f"demo.sft_from={d.sft_from!r}: loads the gate of the first trainable "
+                        f"set, which must then be 'gate' (demo.sft_runs={d.sft_runs!r})")
   for name in _csv(d.quant_presets):
-    if name not in qconfig.PRESETS:
-      raise ConfigError(f"demo.quant_presets={d.quant_presets!r}: unknown preset {name!r}; "
-                        f"valid: {sorted(qconfig.PRESETS)}")
+    preset, _, bits = name.partition(":")
+    if preset not in WEIGHT_PRESETS or (bits and bits not in ("4", "8")):
+      raise ConfigError(f"demo.quant_presets={d.quant_presets!r}: {name!r} must be one of "
+                        f"{WEIGHT_PRESETS}, optionally with ':4' or ':8' weight bits")
   # The S-SFT model config must build (segment/window/sink rules).
   _memory_model(config)
   for run in runs:
     train.validate(sft_config(config, run, "/nonexistent"), check_paths=False)
+
+
+def _integer_modes(d) -> list:
+  return list(qconfig.REQUANT_MODES) if d.integer_modes == "all" else _csv(d.integer_modes)
 
 
 # ----------------------------------------------------------------------------- stage configs
@@ -144,7 +171,7 @@ def sft_config(config, run: str, base: str) -> ml_collections.ConfigDict:
   models_lib.set_init(c.init, base)
   c.data.update(source="task", seq_len=int(d.sft_len), batch_size=int(d.sft_batch),
                 tasks=d.sft_tasks, task_length=0, task_samples=int(d.sft_samples),
-                task_digits=int(d.digits), task_mix=0.0)
+                task_digits=int(d.digits), task_max_depth=float(d.sft_max_depth), task_mix=0.0)
   c.optim.update(lr=float(d.gate_lr), warmup_steps=int(d.sft_warmup), trainable="all",
                  groups=_groups(run, float(d.gate_lr), float(d.sft_lr)))
   c.train.update(steps=int(d.sft_steps), eval_every=0)
@@ -229,29 +256,57 @@ def stage_pretrain(config, workdir, record):
   return base_config, params, hf_dir
 
 
-def stage_sft(config, workdir, base, record) -> dict:
-  """-> {run: (model config, params)} for every trainable set of demo.sft_runs."""
+def _share(model_config, params, optim_config) -> dict:
+  share = optim.summary(model_lib.abstract_params(model_config),
+                        optim.groups_from_config(optim_config))
+  gates = [float(np.mean(np.asarray(v))) for p, v in optim.flat_paths_and_leaves(params)
+           if p.endswith("memory_gate/bias")]
+  return dict(trainable=share["trainable"], total_params=share["total"],
+              trainable_share=share["share"],
+              gate_bias_mean=float(np.mean(gates)) if gates else None)
+
+
+def _load_gate(config, base, sc) -> tuple:
+  """The headline model from ``demo.sft_from``: the base model with the memory and a
+  saved gate (``gate.save_gate``) -> (model config, params, summary)."""
+  path = str(config.demo.sft_from)
+  base_config, base_params = base
+  model_config, params = gate_lib.with_memory(
+      base_config, base_params, rng=jax.random.key(int(config.seed)),
+      **dict(config.demo.memory))
+  params = gate_lib.load_gate(params, path)
+  summary = dict(loaded_from=os.path.relpath(path), sha256=workdir_lib.sha256_file(path),
+                 **_share(model_config, params, sc.optim))
+  return model_config, params, summary
+
+
+def stage_sft(config, workdir, base_source, base, record) -> dict:
+  """-> {run: (model config, params)} for every trainable set of demo.sft_runs.
+
+  With ``demo.sft_from`` the first set's gate is loaded from that file instead of
+  trained (recorded as ``loaded_from`` with the file's sha256)."""
   models = {}
   runs = _csv(config.demo.sft_runs)
   for i, run in enumerate(runs):
+    sc = sft_config(config, run, base_source)
+    if i == 0 and config.demo.sft_from:
+      _banner(f"stage 2/5: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}: gate loaded from "
+              f"{config.demo.sft_from}")
+      model_config, params, summary = _load_gate(config, base, sc)
+      record.setdefault("sft", {})[run] = summary
+      models[run] = (model_config, params)
+      continue
     name = "sft_" + run.replace("+", "_")
     stage_dir = os.path.join(workdir, name)
     done = _load_json(os.path.join(stage_dir, "summary.json"))
     _banner(f"stage 2/5: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}"
             + (" (done; restoring the checkpoint)" if done else ""))
     t0 = time.perf_counter()
-    sc = sft_config(config, run, base)
     model_config, params, summary = _run_training(sc, stage_dir)
     if done:
       summary = {**done, "skipped": True}
     else:
-      share = optim.summary(model_lib.abstract_params(model_config),
-                            optim.groups_from_config(sc.optim))
-      gates = [float(np.mean(np.asarray(v))) for p, v in optim.flat_paths_and_leaves(params)
-               if p.endswith("memory_gate/bias")]
-      summary.update(wall_s=time.perf_counter() - t0, trainable=share["trainable"],
-                     total_params=share["total"], trainable_share=share["share"],
-                     gate_bias_mean=float(np.mean(gates)) if gates else None)
+      summary.update(wall_s=time.perf_counter() - t0, **_share(model_config, params, sc.optim))
       _save_json(os.path.join(stage_dir, "summary.json"), summary)
     record.setdefault("sft", {})[run] = summary
     models[run] = (model_config, params)
@@ -279,6 +334,12 @@ def eval_models(config, base, models) -> dict:
   return out
 
 
+def _warm(engine, tok) -> None:
+  """Compiles the engine's steps (one short generate), so no timed prefill counts it."""
+  n = engine.scenario.segment_len + 1
+  engine.generate(np.full((engine.scenario.batch_size, n), tok.eos_id or 0, np.int32), 1)
+
+
 def stage_eval(config, workdir, base, models, record) -> dict:
   path = os.path.join(workdir, "eval.json")
   done = _finished_stage(record, "eval", path, "stage 3/5: passkey evaluation")
@@ -286,34 +347,40 @@ def stage_eval(config, workdir, base, models, record) -> dict:
     return done
   _banner("stage 3/5: passkey retrieval through the Engine (key outside window + segment)")
   d = config.demo
-  tok = ByteTokenizer()
+  tok = load_tokenizer(models_lib.resolve(config.data.tokenizer))
   lengths = [int(round(m * d.sft_len)) for m in _csv(d.eval_mults, float)]
   depths = _csv(d.eval_depths, float)
-  cost_lengths = [int(round(m * d.sft_len)) for m in _csv(d.ttft_mults, float)]
-  max_context = -(-(max(lengths + cost_lengths) + d.digits + 8) // d.memory.segment_len) \
+  beyond = _csv(d.beyond_lengths, int)
+  max_context = -(-(max(lengths + beyond) + d.digits + 8) // d.memory.segment_len) \
       * d.memory.segment_len
   reach = evaluate.local_reach(d.memory.segment_len, d.memory.n_window)
   out = {"lengths": lengths, "depths": depths, "sft_len": int(d.sft_len), "reach": reach,
-         "passkey": {}, "cost": {}}
+         "beyond_lengths": beyond, "beyond_depth": float(d.beyond_depth),
+         "passkey": {}, "beyond": {}, "cost": {}}
   engines = {}  # one Engine (one compilation) per model config; params are swapped in
   for method, (mc, params) in eval_models(config, base, models).items():
     if mc not in engines:
       engines[mc] = Engine(mc, params, _scenario(config, method, int(d.eval_batch), max_context))
+      _warm(engines[mc], tok)
     engine = engines[mc].with_params(params)  # shares the compiled steps: no recompile
-    predict = evaluate.engine_predictor(engine, tok, int(d.digits) + 2)
+    timings = {}
+    predict = evaluate.engine_predictor(engine, tok, int(d.digits) + 2, timings)
     t0 = time.perf_counter()
     grid = evaluate.passkey_grid(predict, tok, lengths, depths, int(d.eval_samples),
                                  seed=int(d.eval_seed), digits=int(d.digits), reach=reach,
                                  batch_size=int(d.eval_batch), desc=f"passkey {method}")
+    if beyond:
+      out["beyond"][method] = evaluate.passkey_grid(
+          predict, tok, beyond, [float(d.beyond_depth)], int(d.eval_samples),
+          seed=int(d.eval_seed), digits=int(d.digits), reach=reach,
+          batch_size=int(d.eval_batch), desc=f"passkey {method} beyond")
     grid["wall_s"] = time.perf_counter() - t0
     out["passkey"][method] = grid
     if not method.startswith("edgeinfinite["):  # cost is the same for every S-SFT'd model
-      cost_engine = engine if int(d.eval_batch) == 1 else Engine(
-          mc, params, _scenario(config, method, 1, max_context))
       out["cost"][method] = evaluate.cost_curve(
-          cost_engine, cost_lengths, grows_with_length=mc.memory.attention_type == "full",
-          desc=f"ttft {method}")
-      out["cost"][method]["compile_count"] = cost_engine.compile_count()
+          timings, engine, lengths + beyond,
+          grows_with_length=mc.memory.attention_type == "full")
+      out["cost"][method]["compile_count"] = engine.compile_count()
   _save_json(path, out)
   record["eval"] = out
   return out
@@ -342,9 +409,9 @@ def stage_quant(config, workdir, base, models, record) -> dict:
   batches = _heldout_batches(config, int(d.quant_eval_batches))
   first = _csv(d.sft_runs)[0]
   mem_config, mem_params = models[first]
-  tok = ByteTokenizer()
+  tok = load_tokenizer(models_lib.resolve(config.data.tokenizer))
   length = int(8 * d.sft_len)
-  depths = _csv(d.eval_depths, float)
+  depths = _csv(d.quant_depths or d.eval_depths, float)
   reach = evaluate.local_reach(d.memory.segment_len, d.memory.n_window)
   scenario = _scenario(config, "edgeinfinite", int(d.eval_batch), length + 64)
   out = {"presets": {}, "heldout_batches": len(batches), "passkey_length": length}
@@ -375,28 +442,34 @@ def stage_quant(config, workdir, base, models, record) -> dict:
                             "wall_s": time.perf_counter() - t0}
   tokens = [b["tokens"] for b in batches]
   calib_batches = [b["tokens"] for b in _heldout_batches(config, 2, split="train")]
-  out["integer_path"] = integer_check(config, base_config, base_params, tokens, calib_batches)
+  out["integer_path"] = integer_check(base_config, base_params, tokens, calib_batches,
+                                      _integer_modes(d))
   _save_json(path, out)
   record["quant"] = out
   return out
 
 
 def _quant_preset(name, model_config):
-  """A qconfig preset; per-group presets get the largest group (<= 128) that divides
-  every contraction dimension of the model (tiny models have hidden < 128)."""
-  if name != "fine_grained":
-    return qconfig.preset(name)
+  """A weight-only recipe of ``demo.quant_presets`` ("fine_grained" or "rtn_per_tensor",
+  optionally ":4" / ":8" weight bits; defaults 4 and 8). Per-group presets get the
+  largest group (<= 128) that divides every contraction dimension of the model (tiny
+  models have hidden < 128)."""
+  preset, _, bits = name.partition(":")
+  if preset == "rtn_per_tensor":
+    return qconfig.preset(preset, weight_bits=int(bits or 8))
   c = model_config
   dims = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size)
   group = next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if all(x % g == 0 for x in dims))
-  return qconfig.preset(name, group_size=group)
+  return qconfig.preset(preset, base="w8a8" if bits == "8" else "w4a8", group_size=group)
 
 
-def integer_check(config, base_config, base_params, heldout, calib_batches) -> dict:
+def integer_check(base_config, base_params, heldout, calib_batches, modes) -> dict:
   """The integer path against fake-quant (``qat.integer_agreement``) for the base model
-  at the ``w8a8`` preset (PTQ, calibrated), in every requantization mode: greedy
+  at the ``w8a8`` preset (PTQ, calibrated), in each requantization mode of ``modes``: greedy
   agreement %, max logit difference in output steps and the integer model's held-out
   loss. Reported, never fatal: a failure is a result to show, not a crash."""
+  if not modes:
+    return {"status": "not run: demo.integer_modes is empty"}
   try:
     quant = qconfig.preset("w8a8")  # per-channel weights: integer-capable (per-group is not)
     blocker = qat.integer_blocker(quant)
@@ -406,7 +479,7 @@ def integer_check(config, base_config, base_params, heldout, calib_batches) -> d
     params = calib.quantize_model(student, base_params, calib_batches)
     modes = {mode: qat.integer_agreement(student, params, heldout, calib_batches,
                                          requant_mode=mode)
-             for mode in qconfig.REQUANT_MODES}
+             for mode in tqdm(modes, desc="integer path", dynamic_ncols=True)}
     return {"status": "ok", "recipe": "PTQ w8a8", "modes": modes}
   except Exception as e:  # noqa: BLE001
     return {"status": f"not run: {type(e).__name__}: {e}"}
@@ -426,8 +499,8 @@ def run(config, workdir: str) -> dict:
   record: dict[str, Any] = {"stages_skipped": []}
   prev = _load_json(os.path.join(workdir, "metrics.json")) or {}
   base_config, base_params, base_source = stage_pretrain(config, workdir, record)
-  models = stage_sft(config, workdir, base_source, record)
   base = (base_config, base_params)
+  models = stage_sft(config, workdir, base_source, base, record)
   stage_eval(config, workdir, base, models, record)
   stage_quant(config, workdir, base, models, record)
   record["stages_skipped"] = (

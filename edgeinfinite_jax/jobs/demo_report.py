@@ -30,13 +30,30 @@ def passkey_table(ev) -> list[str]:
   return lines
 
 
+def beyond_table(ev) -> list[str]:
+  beyond = ev.get("beyond") or {}
+  if not beyond:
+    return []
+  lengths = ev["beyond_lengths"]
+  return ["## Beyond the evaluation grid (one depth)", "",
+          f"Depth {ev['beyond_depth']:.0%}; same key rule.", "",
+          "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+          "|" + "---|" * (len(lengths) + 1)] + [
+      f"| {method} | " + " | ".join(_pct(a) for a in g["by_length"]) + " |"
+      for method, g in beyond.items()]
+
+
+def _seconds(t):
+  return f"{1000 * t:.0f} ms" if t < 1 else f"{t:.1f} s"
+
+
 def cost_table(cost) -> list[str]:
   lengths = cost[next(iter(cost))]["lengths"]
-  lines = ["## Cost (batch 1, this machine)", "",
-           "| method | " + " | ".join(f"TTFT {n}" for n in lengths)
-           + " | state bytes (first → last) |", "|" + "---|" * (len(lengths) + 2)]
+  lines = ["## Cost (batch 1, this machine; TTFT = prefill, median over the evaluated prompts)",
+           "", "| method | " + " | ".join(f"TTFT {n}" for n in lengths)
+           + " | KV + memory bytes (first → last) |", "|" + "---|" * (len(lengths) + 2)]
   for method, c in cost.items():
-    lines.append(f"| {method} | " + " | ".join(f"{1000 * t:.0f} ms" for t in c["ttft_s"])
+    lines.append(f"| {method} | " + " | ".join(_seconds(t) for t in c["ttft_s"])
                  + f" | {c['kv_bytes'][0]:,} → {c['kv_bytes'][-1]:,} |")
   return lines
 
@@ -47,14 +64,20 @@ def sft_table(sft) -> list[str]:
   for run, s in sft.items():
     share = f"{s.get('trainable', 0):,} ({100 * s.get('trainable_share', 0):.3g}%)"
     gb = s.get("gate_bias_mean")
-    lines.append(f"| {run} | {share} | {s.get('final_step', 0):.0f} | "
-                 f"{s.get('first_loss', float('nan')):.3f} → {s.get('loss', float('nan')):.3f} | "
-                 f"{'—' if gb is None else f'{gb:.2f}'} | {s.get('wall_s', 0):.0f} s |")
+    if s.get("loaded_from"):
+      steps, loss, wall = "loaded", f"from `{s['loaded_from']}`", "—"
+    else:
+      steps = f"{s.get('final_step', 0):.0f}"
+      loss = f"{s.get('first_loss', float('nan')):.3f} → {s.get('loss', float('nan')):.3f}"
+      wall = f"{s.get('wall_s', 0):.0f} s"
+    lines.append(f"| {run} | {share} | {steps} | {loss} | {'—' if gb is None else f'{gb:.2f}'} "
+                 f"| {wall} |")
   return lines
 
 
 def quant_table(q) -> list[str]:
-  lines = ["## Post-training quantization (weight-only, dequantized)", "",
+  lines = ["## Post-training quantization (weight-only, dequantized; fine_grained: per-group "
+           "scales, rtn_per_tensor: one round-to-nearest scale per tensor)", "",
            "| weights | bits | held-out loss | held-out ppl | passkey @8× |", "|---|---|---|---|---|"]
   for name, p in q["presets"].items():
     lines.append(f"| {name} | {p['weight_bits']} | {p['heldout_loss']:.4f} | "
@@ -69,17 +92,21 @@ def integer_table(ip) -> list[str]:
   lines = [f"### Integer path vs fake-quant ({ip['recipe']}, base model, "
            f"{some['int_positions']:,} held-out positions, int16 linear outputs)", "",
            "| requantization | greedy agreement | max logit diff (output steps) | "
-           "agreement vs float-dot fake-quant | integer held-out loss |", "|---|---|---|---|---|"]
+           "agreement vs float-dot fake-quant | floor: float-dot vs exact fake-quant | "
+           "integer held-out loss |", "|---|---|---|---|---|---|"]
   for mode, m in ip["modes"].items():
+    floor = m.get("float_dots_vs_exact_greedy_agree_pct")
     lines.append(f"| {mode} | {m['int_greedy_agree_pct']:.2f}% | {m['int_max_diff_steps']:.2f} | "
-                 f"{m['int_vs_float_dots_greedy_agree_pct']:.2f}% | {m['int_eval_loss']:.4f} |")
+                 f"{m['int_vs_float_dots_greedy_agree_pct']:.2f}% | "
+                 f"{'—' if floor is None else f'{floor:.2f}%'} | {m['int_eval_loss']:.4f} |")
   return lines
 
 
 def results_table(record) -> str:
   """Every table of a (possibly partial) record, as markdown."""
   ev = record["eval"]
-  lines = passkey_table(ev) + [""] + cost_table(ev["cost"])
+  beyond = beyond_table(ev)
+  lines = passkey_table(ev) + [""] + beyond + ([""] if beyond else []) + cost_table(ev["cost"])
   if record.get("sft"):
     lines += [""] + sft_table(record["sft"])
   if record.get("quant"):

@@ -254,10 +254,16 @@ def integer_agreement(config, params, batches, calib_batches, output_bits=16,
 
   diff, steps, agree = compare(ref, got)
   _, f_steps, f_agree = compare(flt, got)
+  # The two fake-quant references against each other: how far float32 rounding alone
+  # moves this quantized model (the floor the integer path's agreement is read against;
+  # a model whose codes sit near rounding ties cascades flips through its layers).
+  _, floor_steps, floor_agree = compare(ref, flt)
   return {"int_max_logit_diff": diff, "output_step": step, "int_max_diff_steps": steps,
           "int_greedy_agree_pct": agree, "int_positions": int(ref.shape[0]),
           "int_vs_float_dots_max_diff_steps": f_steps,
           "int_vs_float_dots_greedy_agree_pct": f_agree,
+          "float_dots_vs_exact_max_diff_steps": floor_steps,
+          "float_dots_vs_exact_greedy_agree_pct": floor_agree,
           "int_eval_loss": total / max(count, 1.0),
           "int_eval_ppl": float(np.exp(min(total / max(count, 1.0), 50.0))),
           "int_requant_mode": requant_mode, "int_output_bits": output_bits}

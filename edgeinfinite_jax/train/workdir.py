@@ -316,7 +316,7 @@ def _files(step_dir: str) -> Iterable[str]:
         yield rel
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -328,7 +328,7 @@ def write_manifest(step_dir: str) -> str:
   """Records size and sha256 of every file of a *committed* step directory in
   ``<step_dir>/sha256_manifest.json`` (atomically); returns its path."""
   files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
-                 "sha256": _sha256(os.path.join(step_dir, rel))}
+                 "sha256": sha256_file(os.path.join(step_dir, rel))}
            for rel in _files(step_dir)}
   path = os.path.join(step_dir, MANIFEST)
   write_atomic(path, json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True))
@@ -363,7 +363,7 @@ def verify(step_dir: str) -> str | None:
     if actual != size:
       cut = " (cut short)" if actual < size else ""
       return f"{rel} has {actual} bytes, {size} when saved{cut}"
-    if _sha256(full) != digest:
+    if sha256_file(full) != digest:
       return f"{rel} changed since it was saved (sha256 mismatch, same size {size})"
   return None
 

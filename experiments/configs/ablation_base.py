@@ -9,7 +9,8 @@ run one with the sweep launcher (``experiments/README.md``)::
 This file is also a config of its own: the baseline run, no sweep.
 
 Arguments (after ``:``, comma-separated, see ``configs.parse_arg``):
-  tiny        seconds-to-a-minute CPU runs (tiny model, a few steps)
+  tiny        seconds-to-a-minute CPU runs (tiny model, a few steps); without it,
+              ``job=demo`` runs on SmolLM2-135M (``demo.py:train``)
   job=NAME    ``demo`` (default): the demo pipeline (pretrain, S-SFT on passkey
               samples, passkey retrieval through the Engine for full / streaming /
               edgeinfinite with the key outside window + segment); the memory
@@ -48,15 +49,19 @@ def parse(arg):
 def _demo_config(a):
   here = os.path.dirname(os.path.abspath(__file__))
   demo = configs.load_module(os.path.join(here, "demo.py"))
-  config = demo.get_config("tiny" if a.tiny else None)
+  # Real model (SmolLM2, every point trains its gate: demo.py:train) or the tiny one.
+  config = demo.get_config("tiny" if a.tiny else "train")
   d = config.demo
   d.sft_runs = "gate"  # one S-SFT run per point (the trainable-set ablation varies it)
   if a.tiny:
     # Lengths 2x / 4x the S-SFT length keep the key outside window + segment for
     # every window and segment size the ablations try (``checked`` verifies it).
-    d.update(eval_mults="2,4", ttft_mults="1,2", quant_presets="", eval_samples=2)
+    d.update(eval_mults="2,4", quant_presets="", eval_samples=2)
   else:
-    d.update(eval_mults="4,8,16", quant_presets="")  # key >= 400 tokens from the answer
+    # 4x-16x at depths <= 0.5: the key ~1000 tokens or more from the answer, out of reach
+    # of every window + segment the ablations try (``checked`` verifies it).
+    d.update(eval_mults="4,8,16", eval_depths="0.0,0.25,0.5", quant_presets="",
+             integer_modes="", beyond_lengths="")
   if a.steps:
     d.sft_steps = a.steps
   return config
@@ -110,9 +115,10 @@ def checked(add, arg):
   if a.job != "demo":
     return add
   from edgeinfinite_jax.data import tasks
-  from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer
+  from edgeinfinite_jax.checkpoints import models
+  from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
   config = get_config(arg)
-  d, tok = config.demo, ByteTokenizer()
+  d, tok = config.demo, load_tokenizer(models.resolve(config.data.tokenizer))
   mults = [float(x) for x in str(d.eval_mults).split(",") if x.strip()]
   depths = [float(x) for x in str(d.eval_depths).split(",") if x.strip()]
   closest = min(tasks.key_distance(tasks.passkey(tok, int(round(m * d.sft_len)), depth, 0,
