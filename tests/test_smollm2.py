@@ -12,6 +12,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from edgeinfinite_jax.checkpoints import gguf as gguf_loader, models
 from edgeinfinite_jax.model import transformer as model
 from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
 from conftest import Lazy, requires
+import fast_compile
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow,
               requires("torch", "transformers", "accelerate")]
@@ -92,3 +95,16 @@ def test_logits_match_transformers_gguf_loader(ours, reference_tokenizer):
 def test_load_tokenizer_accepts_the_file_path():
   tok = load_tokenizer(PATH)
   assert tok.encode("Hello world") == [19556, 905]
+
+
+def test_the_jax_path_reads_the_file_without_torch():
+  """The demo's environment has no torch: the tokenizer and the weights must load
+  with torch unimportable (transformers' own GGUF metadata reader imports it)."""
+  code = ("import sys; sys.modules['torch'] = None\n"  # import torch -> ImportError
+          "from edgeinfinite_jax.checkpoints import gguf, models\n"
+          "tok = models.load('smollm2', tokenizer=True)[2]\n"
+          "print(tok.encode('Hello world'))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=600, env=fast_compile.fast_env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().splitlines()[-1] == "[19556, 905]"

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from edgeinfinite_jax.checkpoints import gguf as gguf_loader
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
                    "spiece.model")
 
@@ -86,25 +88,49 @@ class HFTokenizer:
     return [int(i) for i in ids]
 
 
+# transformers' names of the special tokens' GGUF id keys (its get_gguf_tokenizer).
+_GGUF_SPECIAL = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                 ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
+
+
+def gguf_tokenizer_parts(path: str) -> tuple[str, dict, dict]:
+  """``(architecture, tokenizer_dict, tokenizer_config)`` of a GGUF file, as transformers'
+  ``get_gguf_tokenizer`` returns them, from this package's header reader: transformers'
+  own metadata reader imports torch, which the JAX path must not need."""
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+  md = gguf_loader.read_header(path).metadata
+  grouped = {group: {name: md[f"tokenizer.{key}"] for key, name in renames.items()
+                     if f"tokenizer.{key}" in md}
+             for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+  tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+  if tokenizer.get("tokenizer_type") == "llama":  # older files: llama.cpp adds BOS
+    config.setdefault("add_bos_token", True)
+  for name, key in _GGUF_SPECIAL:
+    token_id = md.get(f"tokenizer.ggml.{key}")
+    config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+  return md["general.architecture"], tokenizer, config
+
+
 def _gguf_tokenizer(path: str) -> HFTokenizer:
   """The tokenizer a GGUF file describes (vocabulary, merges, special ids, chat template).
 
   transformers builds it from the file's metadata with the same code its
   ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` runs. That public call
   first loads the whole checkpoint through ``gguf.GGUFReader`` (20-30 s for
-  SmolLM2's vocabulary on this CPU), so the builder is called directly where
-  this transformers version has it (5.x: 3-4 s), and the public call otherwise.
+  SmolLM2's vocabulary on this CPU) and needs torch, so the builder is called
+  directly on the metadata this package reads (``gguf_tokenizer_parts``) where this
+  transformers version has it (5.x: 3-4 s), and the public call otherwise.
   """
   try:
     # transformers: optional and slow to import (2-3 s); only GGUF tokenizers need it
-    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    from transformers.integrations.gguf import convert_gguf_tokenizer
   except ImportError:  # transformers 4.x: only the public (slow) route
     from transformers import AutoTokenizer  # (see above)
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
                                         gguf_file=os.path.basename(path), local_files_only=True)
     return HFTokenizer(tok)
   from transformers import PreTrainedTokenizerFast  # (see above)
-  architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
+  architecture, tokenizer_dict, tokenizer_config = gguf_tokenizer_parts(path)
   backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
   kwargs = {**tokenizer_config, **extra}
   add_bos = kwargs.pop("add_bos_token", None)
