@@ -24,6 +24,8 @@ head we form three 64-dim reads of them:
   segment by segment (``memory.update``, the model's own code), read with that
   position's pre-RoPE query (``memory.retrieve``);
 * ``memory_linear``: the same with the linear rule (M += σ(K)ᵀV);
+* ``memory_rope``: the delta-rule memory of post-RoPE keys read with the post-RoPE
+  query (``mem_uses_rope=True``);
 * ``softmax``: the head's exact softmax attention over the same evicted tokens
   (post-RoPE q/k, as full attention reads them): an uncompressed read of the same
   tokens, the upper bound of what a read of them can carry.
@@ -52,7 +54,7 @@ from edgeinfinite_jax.data import tasks
 from edgeinfinite_jax.model import memory as memory_lib
 from edgeinfinite_jax.model.transformer import Transformer
 
-KINDS = ("memory", "memory_linear", "softmax")
+KINDS = ("memory", "memory_linear", "memory_rope", "softmax")
 
 
 def prompts(tok, n, length, reach, seed):
@@ -74,41 +76,47 @@ def capture_fn(model_config):
 
 
 def captured(fn, model_config, params, tokens):
-  """Per layer: pre-RoPE q/k/v and post-RoPE q/k, numpy [T, heads, d] (batch 1)."""
+  """Pre-RoPE q/k/v ("q_out"...) and post-RoPE q/k, numpy [layers, T, heads, d] (batch 1)."""
   inter = fn(params, tokens)
-  layers = []
-  for i in range(model_config.num_layers):
-    a = inter[f"layers_{i}"]["attn"]
-    get = lambda k: np.asarray(a[k][0][0], np.float32)
-    layers.append({k: get(k) for k in ("q_out", "k_out", "v_out", "q", "k")})
-  return layers
+  layers = [inter[f"layers_{i}"]["attn"] for i in range(model_config.num_layers)]
+  return {k: np.stack([np.asarray(a[k][0][0], np.float32) for a in layers])
+          for k in ("q_out", "k_out", "v_out", "q", "k")}
 
 
-def reads(layer, t, segment, window, sink, n_heads, n_kv, eps=1e-6):
-  """The three reads [kind][H, d] of the tokens evicted at position t."""
-  start = (t // segment) * segment - window  # first token still in the window
+MEMORIES = (("delta", "memory", "_out"), ("linear", "memory_linear", "_out"),
+            ("delta", "memory_rope", ""))  # (rule, kind, "_out" = pre-RoPE q/k)
+
+
+def memories(acts, start, segment, sink, n_kv, eps=1e-6):
+  """Every layer's memory (layers as the batch axis) of the tokens [sink, start), written
+  a segment at a time as the engine writes each block that leaves the window."""
+  bounds = [sink] + list(range(segment, start, segment)) + [max(start, sink)]
+  n_layers, _, _, d = acts["k_out"].shape
+  out = {}
+  for rule, kind, qk in MEMORIES:
+    mem = memory_lib.empty(n_layers, n_kv, d, acts["v_out"].shape[-1])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+      if hi > lo:
+        mem = memory_lib.update(mem, acts["k" + qk][:, lo:hi], acts["v_out"][:, lo:hi],
+                                np.ones(hi - lo, bool), rule, eps)
+    out[kind] = mem
+  return out
+
+
+def reads(acts, mems, t, start, sink, n_heads, n_kv, eps=1e-6):
+  """The reads {kind: [layers, H, d]} at position t of the tokens evicted before ``start``."""
   evicted = np.arange(sink, max(start, sink))
   g = n_heads // n_kv
   out = {}
-  # written a segment at a time, as the engine writes each block that leaves the window
-  bounds = [sink] + list(range(segment, start, segment)) + [max(start, sink)]
-  for rule, kind in (("delta", "memory"), ("linear", "memory_linear")):
-    mem = memory_lib.empty(1, n_kv, layer["k_out"].shape[-1], layer["v_out"].shape[-1])
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-      if hi <= lo:
-        continue
-      idx = np.arange(lo, hi)
-      mem = memory_lib.update(mem, layer["k_out"][None, idx], layer["v_out"][None, idx],
-                              np.ones(len(idx), bool), rule, eps)
-    r = memory_lib.retrieve(mem, layer["q_out"][None, t:t + 1], eps)
-    out[kind] = np.asarray(r[0, 0])
-  q, k, v = layer["q"][t], layer["k"][evicted], layer["v_out"][evicted]  # [H,d] [E,K,d]
-  kk = np.repeat(k, g, axis=1)  # [E, H, d]
-  vv = np.repeat(v, g, axis=1)
-  logits = np.einsum("hd,ehd->he", q, kk) / np.sqrt(q.shape[-1])
+  for _, kind, qk in MEMORIES:
+    r = memory_lib.retrieve(mems[kind], acts["q" + qk][:, t:t + 1], eps)
+    out[kind] = np.asarray(r[:, 0])
+  q, k, v = acts["q"][:, t], acts["k"][:, evicted], acts["v_out"][:, evicted]
+  kk, vv = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)  # [L, E, H, d]
+  logits = np.einsum("lhd,lehd->lhe", q, kk) / np.sqrt(q.shape[-1])
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
-  out["softmax"] = np.einsum("he,ehd->hd", p, vv)
+  out["softmax"] = np.einsum("lhe,lehd->lhd", p, vv)
   return out
 
 
@@ -144,14 +152,17 @@ def main(argv=None):
   for i, s in enumerate(tqdm(samples, desc="prompts", dynamic_ncols=True)):
     tokens = np.full((1, width), tok.pad_id, np.int32)
     tokens[0, :s.prompt_len + 5] = s.tokens[:s.prompt_len + 5]  # " " + 4 digits seen
-    layers = captured(fn, cfg, params, tokens)
+    acts = captured(fn, cfg, params, tokens)
+    cache = {}  # start -> memories: the 5 positions mostly share a segment
     for j in range(5):  # position prompt_len - 1 + j predicts digit j
       t = s.prompt_len - 1 + j
+      start = (t // a.segment) * a.segment - a.window  # first token still in the window
       digits[i, j] = int(s.answer.strip()[j])
-      for li, layer in enumerate(layers):
-        r = reads(layer, t, a.segment, a.window, a.sink, H, K)
-        for kind in KINDS:
-          feats[kind][i, j, li] = r[kind]
+      if start not in cache:
+        cache[start] = memories(acts, start, a.segment, a.sink, K)
+      r = reads(acts, cache[start], t, start, a.sink, H, K)
+      for kind in KINDS:
+        feats[kind][i, j] = r[kind]
   n_tr = int(round(a.train * a.prompts))
   ytr, yte = digits[:n_tr].reshape(-1), digits[n_tr:].reshape(-1)
   shuffled = np.random.default_rng(1).permutation(ytr)

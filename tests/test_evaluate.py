@@ -38,6 +38,14 @@ def test_every_key_lies_outside_window_and_segment():
     evaluate.passkey_cell(TOK, 600, 1.0, 2, 1234, reach=REACH)
 
 
+def test_every_cell_draws_its_own_keys():
+  g = evaluate.passkey_grid(evaluate.oracle_predictor(TOK), TOK, LENGTHS, DEPTHS, 1,
+                            reach=REACH, progress=False)
+  keys = [answer for answer, _ in g["examples"].values()]
+  assert len(set(keys)) == len(keys) == len(LENGTHS) * len(DEPTHS)
+  assert g["mean"] == 1.0
+
+
 def test_cells_share_one_prompt_length():
   samples = evaluate.passkey_cell(TOK, 1200, 0.5, 5, 7)
   assert len({s.prompt_len for s in samples}) == 1

@@ -105,10 +105,12 @@ def local_reach(segment_len: int, n_window: int) -> int:
 
 
 def passkey_cell(tokenizer, length: int, depth: float, n: int, seed: int, *, digits: int = 5,
-                 reach: int | None = None, same_length: bool = True) -> list:
-  """``n`` passkey samples of one (length, depth) cell; asserts the key is out of reach
-  and, with ``same_length`` (batched evaluation), that the prompts have one length."""
-  samples = [tasks.passkey(tokenizer, length, depth, seed, i, digits=digits) for i in range(n)]
+                 reach: int | None = None, same_length: bool = True, first: int = 0) -> list:
+  """``n`` passkey samples of one (length, depth) cell, sample indices ``first`` ..
+  ``first + n - 1`` of ``seed`` (the index draws the key); asserts the key is out of
+  reach and, with ``same_length`` (batched evaluation), that the prompts have one length."""
+  samples = [tasks.passkey(tokenizer, length, depth, seed, first + i, digits=digits)
+             for i in range(n)]
   if reach is not None:
     for s in samples:
       d = tasks.key_distance(s)
@@ -142,6 +144,9 @@ def passkey_grid(predict: Predictor, tokenizer, lengths: Sequence[int], depths: 
                  batch_size: int = 1, desc: str = "passkey", progress: bool = True) -> dict:
   """Accuracy per (length, depth) cell.
 
+  Every cell draws its own keys (sample indices run on across cells): one key
+  repeated over the grid would let a constant answer score.
+
   Returns ``{"lengths", "depths", "accuracy": [[len x depth]], "by_length": [...],
   "mean", "examples": {cell: (answer, prediction)}}``.
   """
@@ -150,7 +155,8 @@ def passkey_grid(predict: Predictor, tokenizer, lengths: Sequence[int], depths: 
   cells = [(i, j) for i in range(len(lengths)) for j in range(len(depths))]
   for i, j in tqdm(cells, desc=desc, disable=not progress, dynamic_ncols=True):
     samples = passkey_cell(tokenizer, int(lengths[i]), float(depths[j]), n_samples, seed,
-                           digits=digits, reach=reach, same_length=batch_size > 1)
+                           digits=digits, reach=reach, same_length=batch_size > 1,
+                           first=(i * len(depths) + j) * n_samples)
     acc[i, j], preds = score_cell(predict, samples, batch_size)
     examples[f"{lengths[i]}@{depths[j]}"] = [samples[0].answer, preds[0]]
   return {"lengths": [int(x) for x in lengths], "depths": [float(d) for d in depths],

@@ -372,7 +372,7 @@ def stage_eval(config, workdir, base, models, record) -> dict:
     if beyond:
       out["beyond"][method] = evaluate.passkey_grid(
           predict, tok, beyond, [float(d.beyond_depth)], int(d.eval_samples),
-          seed=int(d.eval_seed), digits=int(d.digits), reach=reach,
+          seed=int(d.eval_seed) + 1, digits=int(d.digits), reach=reach,  # other keys
           batch_size=int(d.eval_batch), desc=f"passkey {method} beyond")
     grid["wall_s"] = time.perf_counter() - t0
     out["passkey"][method] = grid
