@@ -97,6 +97,7 @@ def gguf_tokenizer_parts(path: str) -> tuple[str, dict, dict]:
   """``(architecture, tokenizer_dict, tokenizer_config)`` of a GGUF file, as transformers'
   ``get_gguf_tokenizer`` returns them, from this package's header reader: transformers'
   own metadata reader imports torch, which the JAX path must not need."""
+  # transformers: optional and slow to import; only GGUF tokenizers need it
   from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
   md = gguf_loader.read_header(path).metadata
   grouped = {group: {name: md[f"tokenizer.{key}"] for key, name in renames.items()
