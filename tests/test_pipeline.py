@@ -76,21 +76,18 @@ def test_demo_job_is_registered():
   assert configs.load_module(DEMO).get_config().job == "demo"
 
 
-def test_demo_config_errors_name_the_key():
-  with pytest.raises(ConfigError, match="demo.sft_runs"):
-    registry.validate(tiny(**{"demo.sft_runs": "gate,everything"}))
-  with pytest.raises(ConfigError, match="demo.eval_depths"):
-    registry.validate(tiny(**{"demo.eval_depths": "0.5,2"}))
-  with pytest.raises(ConfigError, match="demo.quant_presets"):
-    registry.validate(tiny(**{"demo.quant_presets": "int3"}))
-  with pytest.raises(ConfigError, match="demo.quant_presets"):
-    registry.validate(tiny(**{"demo.quant_presets": "rtn_per_tensor:3"}))
-  with pytest.raises(ConfigError, match="demo.integer_modes"):
-    registry.validate(tiny(**{"demo.integer_modes": "onnx,fixed"}))
-  with pytest.raises(ConfigError, match="demo.beyond_lengths"):
-    registry.validate(tiny(**{"demo.beyond_lengths": "1024,-8"}))
-  with pytest.raises(ConfigError, match="demo.sft_from='/nonexistent.npz': no such file"):
-    registry.validate(tiny(**{"demo.sft_from": "/nonexistent.npz"}))
+@pytest.mark.parametrize("key, value, message", [
+    ("sft_runs", "gate,everything", "demo.sft_runs"),
+    ("eval_depths", "0.5,2", "demo.eval_depths"),
+    ("quant_presets", "int3", "demo.quant_presets"),
+    ("quant_presets", "rtn_per_tensor:3", "demo.quant_presets"),
+    ("integer_modes", "onnx,fixed", "demo.integer_modes"),
+    ("beyond_lengths", "1024,-8", "demo.beyond_lengths"),
+    ("sft_from", "/nonexistent.npz", "demo.sft_from='/nonexistent.npz': no such file"),
+])
+def test_demo_config_errors_name_the_key(key, value, message):
+  with pytest.raises(ConfigError, match=message):
+    registry.validate(tiny(**{f"demo.{key}": value}))
 
 
 def test_demo_loads_a_saved_gate_instead_of_training(demo_runs, tmp_path):

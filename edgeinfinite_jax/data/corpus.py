@@ -212,12 +212,18 @@ def pack(docs: Sequence[str], seq_len: int, tokenizer) -> np.ndarray:
   return flat[:n * seq_len].reshape(n, seq_len)
 
 
+def data_tokenizer(data_config):
+  """The tokenizer ``data.tokenizer`` names: "byte", a named model (``models.MODELS``,
+  its GGUF file's tokenizer), a ``.gguf`` file or a local tokenizer directory."""
+  return load_tokenizer(models.resolve(data_config.tokenizer))
+
+
 def load(data_config, tokenizer=None) -> Split:
   """Train and held-out rows for ``config.data`` (validated first)."""
   validate(data_config)
   c = data_config
   if tokenizer is None:
-    tokenizer = load_tokenizer(models.resolve(c.tokenizer))
+    tokenizer = data_tokenizer(c)
   if c.source == "task":
     return task_split(c, tokenizer)
   if c.source == "embedded":

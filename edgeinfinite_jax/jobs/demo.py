@@ -58,7 +58,6 @@ from edgeinfinite_jax.train import optim
 from edgeinfinite_jax.engine.engine import Scenario
 from edgeinfinite_jax.engine.engine import Engine
 from edgeinfinite_jax.eval import passkey as evaluate
-from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
 from edgeinfinite_jax.model import gate as gate_lib
 from edgeinfinite_jax.data import corpus as data_lib
 from edgeinfinite_jax.quant import ptq
@@ -347,7 +346,7 @@ def stage_eval(config, workdir, base, models, record) -> dict:
     return done
   _banner("stage 3/5: passkey retrieval through the Engine (key outside window + segment)")
   d = config.demo
-  tok = load_tokenizer(models_lib.resolve(config.data.tokenizer))
+  tok = data_lib.data_tokenizer(config.data)
   lengths = [int(round(m * d.sft_len)) for m in _csv(d.eval_mults, float)]
   depths = _csv(d.eval_depths, float)
   beyond = _csv(d.beyond_lengths, int)
@@ -409,7 +408,7 @@ def stage_quant(config, workdir, base, models, record) -> dict:
   batches = _heldout_batches(config, int(d.quant_eval_batches))
   first = _csv(d.sft_runs)[0]
   mem_config, mem_params = models[first]
-  tok = load_tokenizer(models_lib.resolve(config.data.tokenizer))
+  tok = data_lib.data_tokenizer(config.data)
   length = int(8 * d.sft_len)
   depths = _csv(d.quant_depths or d.eval_depths, float)
   reach = evaluate.local_reach(d.memory.segment_len, d.memory.n_window)

@@ -115,10 +115,9 @@ def checked(add, arg):
   if a.job != "demo":
     return add
   from edgeinfinite_jax.data import tasks
-  from edgeinfinite_jax.checkpoints import models
-  from edgeinfinite_jax.checkpoints.tokenizer import load_tokenizer
+  from edgeinfinite_jax.data import corpus
   config = get_config(arg)
-  d, tok = config.demo, load_tokenizer(models.resolve(config.data.tokenizer))
+  d, tok = config.demo, corpus.data_tokenizer(config.data)
   mults = [float(x) for x in str(d.eval_mults).split(",") if x.strip()]
   depths = [float(x) for x in str(d.eval_depths).split(",") if x.strip()]
   closest = min(tasks.key_distance(tasks.passkey(tok, int(round(m * d.sft_len)), depth, 0,
