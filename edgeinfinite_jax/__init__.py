@@ -8,6 +8,7 @@ Public API (stable; documented in README.md):
 * ``models.smollm2() -> (config, params, tokenizer)``: the packaged real model
 * ``forward(config, params, tokens) -> logits``
 * ``with_memory(config, params, *, rng, **memory_options) -> (config, params)``
+* ``with_lora(config, params, *, rank, rng) -> (config, params)``; ``lora.merge``
 * ``Scenario``, ``Engine``, ``state_nbytes``
 * ``deploy.load(directory, runtime)``: exported graphs in LiteRT / ONNX Runtime
 
@@ -28,6 +29,7 @@ _PUBLIC = {
     "Scenario": "edgeinfinite_jax.engine.engine",
     "state_nbytes": "edgeinfinite_jax.engine.engine",
     "with_memory": "edgeinfinite_jax.model.gate",
+    "with_lora": "edgeinfinite_jax.model.lora",
     "forward": "edgeinfinite_jax.model.transformer",
     "init_params": "edgeinfinite_jax.model.transformer",
     "load_tokenizer": "edgeinfinite_jax.checkpoints.tokenizer",
@@ -36,7 +38,8 @@ _PUBLIC = {
     "load_gguf": "edgeinfinite_jax.checkpoints.gguf",    # (path, dtype=float32)
 }
 _MODULES = {"convert": "edgeinfinite_jax.checkpoints.hf",
-            "gguf_loader": "edgeinfinite_jax.checkpoints.gguf"}
+            "gguf_loader": "edgeinfinite_jax.checkpoints.gguf",
+            "lora": "edgeinfinite_jax.model.lora"}
 
 __all__ = sorted(_PUBLIC)
 

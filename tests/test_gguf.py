@@ -322,3 +322,21 @@ def test_trainer_starts_from_a_gguf_file(tok_file, tmp_path):
   start = np.asarray(gguf_loader.load_gguf(tok_file)[1]["params"]["embed"]["embedding"])
   assert embed.shape == start.shape == (320, 64)  # the file's model, not the config's
   assert np.abs(embed - start).max() < 0.05  # two small steps away from the file's weights
+
+
+def test_reference_prefill_times_the_given_prompts(models, root):
+  """The demo's outside cost row (eval.reference): transformers' GGUF loader on the same
+  file, one timed prefill per prompt, the KV bytes the engine's full route counts."""
+  from edgeinfinite_jax.eval import passkey as evaluate, reference
+  path = gguf_fixtures.write_gguf(models["llama"], root / "reference.gguf", "Q8_0")
+  config, _ = gguf_loader.load_gguf(path)
+  rng = np.random.default_rng(0)
+  prompts = {64: [rng.integers(0, config.vocab_size, (1, 60)) for _ in range(3)],
+             16: [rng.integers(0, config.vocab_size, (1, 16))]}
+  per_token = evaluate.kv_bytes_per_token(config)
+  curve = reference.transformers_prefill(path, prompts, per_token)
+  assert curve["lengths"] == [16, 64] and curve["prompts"] == [1, 3]
+  assert curve["kv_bytes"] == [16 * per_token, 60 * per_token]
+  for t, (lo, hi) in zip(curve["ttft_s"], curve["ttft_spread_s"]):
+    assert 0 < lo <= t <= hi
+  assert reference.missing() == []

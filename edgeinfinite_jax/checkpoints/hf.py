@@ -38,6 +38,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from edgeinfinite_jax.model import lora
 from edgeinfinite_jax.model import transformer as model_lib
 from edgeinfinite_jax.model.config import ConfigError, ModelConfig, RopeScaling
 
@@ -413,9 +414,12 @@ def save_hf(config: ModelConfig, params, path: str, *, max_shard_bytes: int = 2 
   EdgeInfinite models: the memory gate (``.../attn/memory_gate/...``) and the
   ``config.memory`` settings have no HF counterpart, so only the backbone is
   saved (with a warning naming the dropped parameters); pass
-  ``drop_memory_gate=False`` to raise instead.
+  ``drop_memory_gate=False`` to raise instead. Low-rank adapters (``config.lora_rank``)
+  are merged into their kernels first (``lora.merge``: the same function).
   """
-  flat = flatten(params["params"] if "params" in params else params)
+  params = params if "params" in params else {"params": params}
+  config, params = lora.merge(config, params)
+  flat = flatten(params["params"])
   gate = sorted(k for k in flat if "memory_gate" in k)
   if gate and not drop_memory_gate:
     raise ValueError(f"save_hf: {len(gate)} memory-gate parameter(s) (e.g. {gate[0]}) have no "

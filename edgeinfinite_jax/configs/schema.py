@@ -48,8 +48,9 @@ DEMO = {
         "mem_uses_rope": False, "rope_positions": "absolute", "truncate_every": 0,
     },
     "sft_runs": "gate,all",      # trainable sets, comma-separated (first = headline)
-    "sft_from": "",              # .npz of gate parameters (gate.save_gate) for the first
-                                 # set, which is then loaded instead of trained ("" = train)
+    "sft_from": "",              # trained.npz of an earlier S-SFT stage, loaded instead of
+                                 # training: "PATH" (first set) or "SET=PATH,..." ("" = train)
+    "lora_rank": 8,              # rank of the q/k/v adapters of the "gate+lora" set
     "sft_len": 512,              # S-SFT sample length in tokens
     "sft_tasks": "passkey",      # data.tasks of the S-SFT stages
     "sft_max_depth": 1.0,        # data.task_max_depth of the S-SFT stages

@@ -58,13 +58,15 @@ from edgeinfinite_jax.train import optim
 from edgeinfinite_jax.engine.engine import Scenario
 from edgeinfinite_jax.engine.engine import Engine
 from edgeinfinite_jax.eval import passkey as evaluate
+from edgeinfinite_jax.eval import reference
 from edgeinfinite_jax.model import gate as gate_lib
+from edgeinfinite_jax.model import lora
 from edgeinfinite_jax.data import corpus as data_lib
 from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.train import qat
 from edgeinfinite_jax.train import calib
 
-SFT_SETS = ("gate", "gate+attention", "all")
+SFT_SETS = ("gate", "gate+lora", "gate+attention", "all")
 # The quant stage's weight-only PTQ recipes (``demo.quant_presets``, each optionally
 # "name:bits"): fine-grained per-group scales vs round-to-nearest per-tensor.
 WEIGHT_PRESETS = ("fine_grained", "rtn_per_tensor")
@@ -113,13 +115,19 @@ def validate(config) -> None:
   if any(m not in qconfig.REQUANT_MODES for m in modes):
     raise ConfigError(f"demo.integer_modes={d.integer_modes!r}: must be 'all', '' or a list of "
                       f"{qconfig.REQUANT_MODES}")
-  if d.sft_from:
-    if not os.path.isfile(d.sft_from):
-      raise ConfigError(f"demo.sft_from={d.sft_from!r}: no such file (an .npz that "
-                        "gate.save_gate wrote; '' trains the gate instead)")
-    if runs[0] != "gate":
-      raise ConfigError(f"demo.sft_from={d.sft_from!r}: loads the gate of the first trainable "
-                        f"set, which must then be 'gate' (demo.sft_runs={d.sft_runs!r})")
+  if isinstance(d.lora_rank, bool) or not isinstance(d.lora_rank, int) or d.lora_rank <= 0:
+    raise ConfigError(f"demo.lora_rank={d.lora_rank!r}: must be a positive integer (the "
+                      "adapters' rank of the 'gate+lora' trainable set)")
+  for run, path in sft_sources(d).items():
+    if run not in runs:
+      raise ConfigError(f"demo.sft_from={d.sft_from!r}: names trainable set {run!r}, which "
+                        f"demo.sft_runs={d.sft_runs!r} does not list")
+    if run not in SAVED_SETS:
+      raise ConfigError(f"demo.sft_from={d.sft_from!r}: set {run!r} is not saved apart from "
+                        f"the base model; only {SAVED_SETS} are")
+    if not os.path.isfile(path):
+      raise ConfigError(f"demo.sft_from={d.sft_from!r}: {path!r}: no such file (an .npz "
+                        "that an S-SFT stage wrote as trained.npz; '' trains instead)")
   for name in _csv(d.quant_presets):
     preset, _, bits = name.partition(":")
     if preset not in WEIGHT_PRESETS or (bits and bits not in ("4", "8")):
@@ -129,6 +137,25 @@ def validate(config) -> None:
   _memory_model(config)
   for run in runs:
     train.validate(sft_config(config, run, "/nonexistent"), check_paths=False)
+
+
+def sft_sources(d) -> dict[str, str]:
+  """``demo.sft_from`` -> {trainable set: .npz to load instead of training it}.
+
+  "PATH" loads the first set of ``demo.sft_runs``; "SET=PATH,SET=PATH" names them.
+  """
+  spec = str(d.sft_from or "").strip()
+  if not spec:
+    return {}
+  if "=" not in spec:
+    return {_csv(d.sft_runs)[0]: spec}
+  out = {}
+  for item in _csv(spec):
+    run, sep, path = item.partition("=")
+    if not sep or not path.strip():
+      raise ConfigError(f"demo.sft_from={d.sft_from!r}: {item!r} must be SET=PATH")
+    out[run.strip()] = path.strip()
+  return out
 
 
 def _integer_modes(d) -> list:
@@ -151,14 +178,25 @@ def pretrain_config(config) -> ml_collections.ConfigDict:
   return c
 
 
+# Trainable sets small enough to save apart from the base model (``trained.npz``).
+SAVED_SETS = ("gate", "gate+lora")
+
+
 def _groups(run: str, gate_lr: float, lr: float) -> list:
   other = lr / gate_lr  # multipliers are relative to optim.lr = gate_lr
   gate = (optim.GATE, 1.0, 0.0)  # own lr, no weight decay (reference §6.3)
   if run == "gate":
     return optim.partition([gate], optim.FROZEN)
+  if run == "gate+lora":
+    return optim.partition([gate, (optim.LORA, other, 0.0)], optim.FROZEN)
   if run == "gate+attention":
     return optim.partition([gate, (optim.ATTN_PROJ, other)], optim.FROZEN)
   return optim.partition([gate], other)
+
+
+def _trained_pattern(run: str) -> str:
+  """The parameters a saved set holds (``SAVED_SETS``)."""
+  return optim.GATE if run == "gate" else f"(?:{optim.GATE})|(?:{optim.LORA})"
 
 
 def sft_config(config, run: str, base: str) -> ml_collections.ConfigDict:
@@ -167,6 +205,7 @@ def sft_config(config, run: str, base: str) -> ml_collections.ConfigDict:
   c = _copy(config)
   c.job = "train"
   c.model.memory.update(dict(d.memory))
+  c.model.lora_rank = int(d.lora_rank) if run == "gate+lora" else 0
   models_lib.set_init(c.init, base)
   c.data.update(source="task", seq_len=int(d.sft_len), batch_size=int(d.sft_batch),
                 tasks=d.sft_tasks, task_length=0, task_samples=int(d.sft_samples),
@@ -265,33 +304,42 @@ def _share(model_config, params, optim_config) -> dict:
               gate_bias_mean=float(np.mean(gates)) if gates else None)
 
 
-def _load_gate(config, base, sc) -> tuple:
-  """The headline model from ``demo.sft_from``: the base model with the memory and a
-  saved gate (``gate.save_gate``) -> (model config, params, summary)."""
-  path = str(config.demo.sft_from)
+def _load_trained(config, base, run, path, sc) -> tuple:
+  """A trainable set loaded instead of trained (``demo.sft_from``): the base model with
+  the memory (and the adapters of ``gate+lora``), then the saved leaves -> (model config,
+  params, summary)."""
   base_config, base_params = base
-  model_config, params = gate_lib.with_memory(
-      base_config, base_params, rng=jax.random.key(int(config.seed)),
-      **dict(config.demo.memory))
-  params = gate_lib.load_gate(params, path)
+  rng = jax.random.key(int(config.seed))
+  model_config, params = gate_lib.with_memory(base_config, base_params, rng=rng,
+                                              **dict(config.demo.memory))
+  if run == "gate+lora":
+    model_config, params = lora.with_lora(model_config, params, rank=int(config.demo.lora_rank),
+                                          rng=rng)
+  params = lora.load_subset(params, path, _trained_pattern(run), run)
   summary = dict(loaded_from=os.path.relpath(path), sha256=workdir_lib.sha256_file(path),
                  **_share(model_config, params, sc.optim))
+  # The training record committed beside the file (``NAME.train.json``), if any.
+  trained = (_load_json(os.path.splitext(path)[0] + ".train.json") or {}).get("summary", {})
+  summary.update({k: trained[k] for k in ("final_step", "first_loss", "loss", "eval_loss",
+                                          "wall_s") if k in trained})
   return model_config, params, summary
 
 
 def stage_sft(config, workdir, base_source, base, record) -> dict:
   """-> {run: (model config, params)} for every trainable set of demo.sft_runs.
 
-  With ``demo.sft_from`` the first set's gate is loaded from that file instead of
-  trained (recorded as ``loaded_from`` with the file's sha256)."""
+  Each trained set that is small (``SAVED_SETS``) is also written on its own as
+  ``DIR/sft_<set>/trained.npz``; ``demo.sft_from`` loads such a file instead of
+  training (recorded as ``loaded_from`` with the file's sha256)."""
   models = {}
   runs = _csv(config.demo.sft_runs)
+  sources = sft_sources(config.demo)
   for i, run in enumerate(runs):
     sc = sft_config(config, run, base_source)
-    if i == 0 and config.demo.sft_from:
-      _banner(f"stage 2/5: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}: gate loaded from "
-              f"{config.demo.sft_from}")
-      model_config, params, summary = _load_gate(config, base, sc)
+    if run in sources:
+      _banner(f"stage 2/5: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}: loaded from "
+              f"{sources[run]}")
+      model_config, params, summary = _load_trained(config, base, run, sources[run], sc)
       record.setdefault("sft", {})[run] = summary
       models[run] = (model_config, params)
       continue
@@ -306,6 +354,10 @@ def stage_sft(config, workdir, base_source, base, record) -> dict:
       summary = {**done, "skipped": True}
     else:
       summary.update(wall_s=time.perf_counter() - t0, **_share(model_config, params, sc.optim))
+      if run in SAVED_SETS:
+        saved = os.path.join(stage_dir, "trained.npz")
+        lora.save_subset(params, saved, _trained_pattern(run), run)
+        summary.update(saved=saved, sha256=workdir_lib.sha256_file(saved))
       _save_json(os.path.join(stage_dir, "summary.json"), summary)
     record.setdefault("sft", {})[run] = summary
     models[run] = (model_config, params)
@@ -321,15 +373,19 @@ def _scenario(config, method, batch, max_context):
 
 
 def eval_models(config, base, models) -> dict:
-  """method label -> (model config, params) of every evaluated model."""
+  """method label -> (model config, params) of every evaluated model.
+
+  Adapters are merged into the kernels (``lora.merge``: the same function), so every
+  S-SFT'd model has one config and shares one compiled Engine."""
   first = _csv(config.demo.sft_runs)[0]
-  mem_config, mem_params = models[first]
   base_config, base_params = base
+  memory = dict(config.demo.memory)
   out = {"full": (base_config.with_memory(attention_type="full"), base_params),
-         "streaming": (mem_config.with_memory(attention_type="streaming"), mem_params)}
+         "streaming": (base_config.with_memory(**{**memory, "attention_type": "streaming"}),
+                       base_params)}
   for run in _csv(config.demo.sft_runs):
     label = "edgeinfinite" if run == first else f"edgeinfinite[{run}]"
-    out[label] = models[run]
+    out[label] = lora.merge(*models[run])
   return out
 
 
@@ -357,6 +413,7 @@ def stage_eval(config, workdir, base, models, record) -> dict:
          "beyond_lengths": beyond, "beyond_depth": float(d.beyond_depth),
          "passkey": {}, "beyond": {}, "cost": {}}
   engines = {}  # one Engine (one compilation) per model config; params are swapped in
+  read_by_full = {}
   for method, (mc, params) in eval_models(config, base, models).items():
     if mc not in engines:
       engines[mc] = Engine(mc, params, _scenario(config, method, int(d.eval_batch), max_context))
@@ -364,6 +421,8 @@ def stage_eval(config, workdir, base, models, record) -> dict:
     engine = engines[mc].with_params(params)  # shares the compiled steps: no recompile
     timings = {}
     predict = evaluate.engine_predictor(engine, tok, int(d.digits) + 2, timings)
+    if method == "full":  # keep its prompts for the outside reference (below)
+      predict = _keeping(predict, read_by_full)
     t0 = time.perf_counter()
     grid = evaluate.passkey_grid(predict, tok, lengths, depths, int(d.eval_samples),
                                  seed=int(d.eval_seed), digits=int(d.digits), reach=reach,
@@ -380,9 +439,38 @@ def stage_eval(config, workdir, base, models, record) -> dict:
           timings, engine, lengths + beyond,
           grows_with_length=mc.memory.attention_type == "full")
       out["cost"][method]["compile_count"] = engine.compile_count()
+  reference = _reference_cost(config, base[0], read_by_full, lengths + beyond)
+  if reference:
+    out["cost"]["transformers"] = reference
   _save_json(path, out)
   record["eval"] = out
   return out
+
+
+def _keeping(predict, kept: dict):
+  """``predict`` that also keeps each batch of prompts it reads, by prompt length."""
+  def wrapped(prompts):
+    kept.setdefault(len(prompts[0]), []).append(np.asarray(prompts, np.int32))
+    return predict(prompts)
+  return wrapped
+
+
+def _reference_cost(config, base_config, prompts, lengths) -> dict | None:
+  """transformers' prefill of the prompts the ``full`` route read (``eval.reference``),
+  where PyTorch is installed and the base model is a GGUF file; else None."""
+  source = models_lib.init_source(config.init)
+  if reference.missing() or not prompts or not source:
+    return None
+  path = models_lib.resolve(source)
+  if not path.endswith(".gguf"):
+    return None
+  _banner("stage 3/5: the same prompts through transformers (PyTorch), the outside reference")
+  by_length = {}
+  for n, batches in prompts.items():  # each prompt under its nominal length, as cost_curve
+    nominal = min(x for x in lengths if x >= n)
+    by_length.setdefault(nominal, []).extend(b[:, :-1] for b in batches)  # = the timed prefill
+  return reference.transformers_prefill(path, by_length,
+                                        evaluate.kv_bytes_per_token(base_config))
 
 
 def _heldout_batches(config, n, split="heldout"):
@@ -406,8 +494,7 @@ def stage_quant(config, workdir, base, models, record) -> dict:
   d = config.demo
   base_config, base_params = base
   batches = _heldout_batches(config, int(d.quant_eval_batches))
-  first = _csv(d.sft_runs)[0]
-  mem_config, mem_params = models[first]
+  mem_config, mem_params = lora.merge(*models[_csv(d.sft_runs)[0]])
   tok = data_lib.data_tokenizer(config.data)
   length = int(8 * d.sft_len)
   depths = _csv(d.quant_depths or d.eval_depths, float)

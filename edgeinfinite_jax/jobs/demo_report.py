@@ -59,19 +59,21 @@ def cost_table(cost) -> list[str]:
 
 
 def sft_table(sft) -> list[str]:
-  lines = ["## S-SFT runs", "", "| trainable set | trainable params (share) | steps | "
-           "first → final answer loss | gate bias (mean) | wall |", "|---|---|---|---|---|---|"]
+  lines = ["## S-SFT runs (answer loss: training samples first → last step; held-out: the "
+           "held-out S-SFT samples)", "",
+           "| trainable set | trainable params (share) | steps | first → final answer loss | "
+           "held-out answer loss | gate bias (mean) | wall |", "|---|---|---|---|---|---|---|"]
   for run, s in sft.items():
     share = f"{s.get('trainable', 0):,} ({100 * s.get('trainable_share', 0):.3g}%)"
     gb = s.get("gate_bias_mean")
+    steps = f"{s.get('final_step', 0):.0f}" if "final_step" in s else "—"
+    loss = (f"{s['first_loss']:.3f} → {s['loss']:.3f}" if "first_loss" in s else "—")
+    held = f"{s['eval_loss']:.3f}" if "eval_loss" in s else "—"
+    wall = f"{s['wall_s']:.0f} s" if "wall_s" in s else "—"
     if s.get("loaded_from"):
-      steps, loss, wall = "loaded", f"from `{s['loaded_from']}`", "—"
-    else:
-      steps = f"{s.get('final_step', 0):.0f}"
-      loss = f"{s.get('first_loss', float('nan')):.3f} → {s.get('loss', float('nan')):.3f}"
-      wall = f"{s.get('wall_s', 0):.0f} s"
-    lines.append(f"| {run} | {share} | {steps} | {loss} | {'—' if gb is None else f'{gb:.2f}'} "
-                 f"| {wall} |")
+      steps = f"{steps}, loaded from `{s['loaded_from']}`"
+    lines.append(f"| {run} | {share} | {steps} | {loss} | {held} | "
+                 f"{'—' if gb is None else f'{gb:.2f}'} | {wall} |")
   return lines
 
 

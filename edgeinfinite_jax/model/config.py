@@ -160,6 +160,7 @@ class ModelConfig:
   attention_bias: bool = False
   dtype: str = "float32"  # compute dtype; parameters are always float32
   memory: MemoryConfig = MemoryConfig()
+  lora_rank: int = 0  # > 0: low-rank adapters on the q/k/v projections (model/lora.py)
 
   def __post_init__(self):
     if self.head_dim == 0 and isinstance(self.num_heads, int) and self.num_heads > 0:
@@ -259,6 +260,10 @@ def validate(c: ModelConfig) -> None:
   require(c.rms_norm_eps > 0, "model.rms_norm_eps", c.rms_norm_eps, "must be > 0")
   require(c.rope_theta > 0, "model.rope_theta", c.rope_theta, "must be > 0")
   require(c.dtype in DTYPES, "model.dtype", c.dtype, f"must be one of {DTYPES}")
+  require(0 <= c.lora_rank <= min(c.hidden_size, c.num_kv_heads * c.head_dim),
+          "model.lora_rank", c.lora_rank,
+          "must be 0 (no adapters) or a rank no larger than the projections it adapts "
+          f"(hidden {c.hidden_size}, k/v width {c.num_kv_heads * c.head_dim})")
   r = c.rope_scaling
   require(r.rope_type in ROPE_TYPES, "model.rope_scaling.rope_type", r.rope_type,
            f"must be one of {ROPE_TYPES}")

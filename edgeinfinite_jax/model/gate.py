@@ -9,20 +9,21 @@ EdgeInfinite's exact gate is not public, so its form is a config choice:
   ``gate_init_bias``: memory (almost) off, and switched fully off until the
   memory holds something.
 
-The gate's parameters sit under ``.../attn/memory_gate/`` so trainable-group
-regexes can select them alone.
+The gate's parameters sit under ``.../attn/memory_gate/`` (``PATTERN``) so
+trainable-group regexes can select them alone.
 """
 
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from edgeinfinite_jax.model import lora
 from edgeinfinite_jax.model.config import ModelConfig
+
+# The gate's parameter paths (``layers_3/attn/memory_gate/bias``).
+PATTERN = r".*/memory_gate/.*"
 
 
 class MemoryGate(nn.Module):
@@ -107,45 +108,14 @@ def with_memory(config: ModelConfig, params, *, rng, **memory_options):
 
 def gate_params(params) -> dict[str, jax.Array]:
   """The gate's leaves of ``params`` as ``{"layers_i/attn/memory_gate/name": array}``."""
-  out = {}
-  for layer, sub in params["params"].items():
-    for name, leaf in sub.get("attn", {}).get("memory_gate", {}).items():
-      out[f"{layer}/attn/memory_gate/{name}"] = leaf
-  return out
+  return lora.subset(params, PATTERN)
 
 
 def save_gate(params, path: str) -> None:
-  """Writes the gate's parameters (the only trained part of an EdgeInfinite model) to ``.npz``.
-
-  A few kilobytes: small enough to commit next to the command that trained it.
-  """
-  leaves = gate_params(params)
-  if not leaves:
-    raise ValueError("save_gate: these params have no memory gate (not a with_memory model)")
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, **{k: np.asarray(v) for k, v in leaves.items()})
-  os.replace(tmp, path)  # atomic: a killed writer leaves the old file intact
+  """Writes the gate's parameters (the only trained part of an EdgeInfinite model) to ``.npz``."""
+  lora.save_subset(params, path, PATTERN, "gate")
 
 
 def load_gate(params, path: str):
   """``params`` with the gate leaves replaced by those saved at ``path`` (names and shapes checked)."""
-  want = gate_params(params)
-  with np.load(path) as f:
-    got = {k: f[k] for k in f.files}
-  if set(got) != set(want):
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    raise ValueError(f"{path}: gate parameters do not match this model's gate (missing "
-                     f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                     f"{extra[:3]}{'...' if len(extra) > 3 else ''}); same gate form and "
-                     "layer count?")
-  for k, v in want.items():
-    if got[k].shape != v.shape:
-      raise ValueError(f"{path}: {k} has shape {list(got[k].shape)}, this model's gate "
-                       f"{list(v.shape)}")
-  inner = dict(params["params"])
-  for k, v in got.items():
-    layer, _, _, name = k.split("/")
-    attn = dict(inner[layer]["attn"])
-    attn["memory_gate"] = dict(attn["memory_gate"], **{name: jnp.asarray(v, jnp.float32)})
-    inner[layer] = dict(inner[layer], attn=attn)
-  return {**params, "params": inner}
+  return lora.load_subset(params, path, PATTERN, "gate")

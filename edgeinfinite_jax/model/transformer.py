@@ -13,7 +13,8 @@ Parameter layout (the HF key map in ``convert.py`` is written against it)::
   layers_{i}/attn/{q,k,v}_proj/kernel  [hidden, heads|kv_heads, head_dim]
   layers_{i}/attn/{q,k,v}_proj/bias    [heads|kv_heads, head_dim]   (attention_bias)
   layers_{i}/attn/o_proj/kernel        [heads, head_dim, hidden]
-  layers_{i}/attn/gate/...             (edgeinfinite only, see gate.py)
+  layers_{i}/attn/memory_gate/...      (edgeinfinite only, see gate.py)
+  layers_{i}/attn/{q,k,v}_proj/lora_{a,b}  (lora_rank > 0 only, see lora.py)
   layers_{i}/mlp_norm/scale            [hidden]
   layers_{i}/mlp/{gate,up}_proj/kernel [hidden, intermediate]
   layers_{i}/mlp/down_proj/kernel      [intermediate, hidden]
@@ -54,6 +55,7 @@ from edgeinfinite_jax.quant import params as qm
 from edgeinfinite_jax.quant import ptq
 from edgeinfinite_jax.model import kv_cache as cache_lib
 from edgeinfinite_jax.model import gate
+from edgeinfinite_jax.model import lora
 from edgeinfinite_jax.model import tokens as tokens_lib
 from jax.experimental import checkify
 
@@ -107,10 +109,13 @@ class Projection(nn.Module):
   site_in: str | None = None
   site_out: str | None = None
   placement: str = "linear_weights"
+  lora_rank: int = 0  # > 0: a trainable low-rank term, see ``model.lora``
 
   @nn.compact
   def __call__(self, x, qx):
     kernel = qm.kernel(self, "kernel", _init(self.axes), self.shape)
+    if self.lora_rank:
+      kernel = lora.adapted_kernel(self, kernel, self.n_contract, self.lora_rank)
     bias = None
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
@@ -182,7 +187,7 @@ class Attention(nn.Module):
     def proj(name, heads, heads_axis):
       return Projection("btd,dhk->bthk", (c.hidden_size, heads, c.head_dim),
                         ("embed", heads_axis, "head_dim"), c.attention_bias, dt, 1, "attn_input",
-                        f"{name[0]}_out", name=name)(x, qx)
+                        f"{name[0]}_out", lora_rank=c.lora_rank, name=name)(x, qx)
 
     q = proj("q_proj", c.num_heads, "q_heads")
     k = proj("k_proj", c.num_kv_heads, "kv_heads")

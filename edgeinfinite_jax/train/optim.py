@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from edgeinfinite_jax.model import gate as gate_lib
+from edgeinfinite_jax.model import lora
 from edgeinfinite_jax.model.config import ConfigError
 
 FROZEN = "frozen"
@@ -35,7 +37,8 @@ DECAYED_LEAVES = ("kernel", "embedding")
 
 # The parameter families trainable groups select; every regex over parameter
 # paths in the package is one of these (``layers_3/attn/memory_gate/bias``).
-GATE = r".*/memory_gate/.*"           # the memory gate (EdgeInfinite's only trained part)
+GATE = gate_lib.PATTERN               # the memory gate (EdgeInfinite's only trained part)
+LORA = lora.PATTERN                   # low-rank adapters on q/k/v (model.lora_rank > 0)
 ATTN_PROJ = r".*/attn/.*_proj/.*"     # q/k/v/o projections (and their quantizer scales)
 QUANT = r".*/quant/.*"                # quantizer scales and zero points (QAT)
 
@@ -56,6 +59,7 @@ TRAINABLE_SETS: dict[str, list[tuple]] = {
     "all": [(r".*", 1.0)],
     "gate": partition([(GATE, 1.0)], FROZEN),
     "gate+attention": partition([(GATE, 1.0), (ATTN_PROJ, 1.0)], FROZEN),
+    "gate+lora": partition([(GATE, 1.0), (LORA, 1.0)], FROZEN),
 }
 
 

@@ -169,7 +169,8 @@ def model_and_base_params(config) -> tuple[ModelConfig, Any]:
   if not source:
     return model_config, None
   base_config, base, _ = models.load(source, model_config.dtype, tokenizer=False)
-  model_config = base_config.replace(memory=model_config.memory, dtype=model_config.dtype)
+  model_config = base_config.replace(memory=model_config.memory, dtype=model_config.dtype,
+                                    lora_rank=model_config.lora_rank)
   return model_config, base
 
 

