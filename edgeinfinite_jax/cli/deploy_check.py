@@ -75,7 +75,8 @@ def _engine(config, params, scenario, mode, prompt, gate_kwargs):
   (min-max) on ``prompt``."""
   if mode == "float":
     return build_engine(config, params, "edgeinfinite", scenario, **gate_kwargs)
-  quant = qc.integer_mode(qc.preset("w8a8")) if mode == "integer" else qc.preset("w8a8")
+  quant = (qc.integer_mode(qc.preset("w8a8"), requant_mode="onnx") if mode == "integer"
+           else qc.preset("w8a8"))
   fake = build_engine(config, params, "edgeinfinite", scenario, **gate_kwargs,
                       quant=quant.replace(mode="fake_quant"))
   scaled = calib.calibrate(fake.route_configs["long"], fake.params, [prompt])

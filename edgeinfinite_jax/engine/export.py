@@ -189,10 +189,11 @@ def check_no_64bit(exported, name: str) -> None:
   op = re.search(r"\b((?:stablehlo|chlo|func|mhlo)\.[a-z_]+)", line)
   raise ExportError(
       f"{name}: op {op.group(1) if op else '?'} uses {wide} ({line.strip()[:160]}); edge "
-      "runtimes and NPU toolchains have no 64-bit kernels. Integer mode has them today: "
-      "16-bit codes accumulate in int64 (quant.layer_quant.code_dot) and the default "
-      "fixed-point requantization computes its multiplier in float64; export integer "
-      "models as stablehlo only (float and fake_quant engines export to every format)")
+      "runtimes and NPU toolchains have no 64-bit kernels. In integer mode the fixed-point "
+      "requantization (requant_mode gemmlowp / tflite_optimized / litert_reference) "
+      "multiplies in int64 and forms its multiplier in float64, and 16-bit codes "
+      "accumulate in int64: use requant_mode='onnx' or 'xnnpack' (float32 multiply-and-"
+      "round) with 8-bit activations to export to every format, else stablehlo only")
 
 
 @contextlib.contextmanager
@@ -260,6 +261,7 @@ def _write_onnx(graph: GraphStep, path) -> dict:
     if [v.name for v in got] != want:
       raise ExportError(f"{graph.name}: the onnx graph's {kind} are {[v.name for v in got]}, "
                         f"not {want}")
+  model = _integer_dots(model)
   # protobuf stops at 2 GB: larger weights go to a sidecar file next to the graph
   external = model.ByteSize() > 1 << 30
   onnx.save_model(model, path, save_as_external_data=external,
@@ -275,6 +277,57 @@ def _write_onnx(graph: GraphStep, path) -> dict:
 
   count(model.graph)
   return dict(ops)
+
+
+def _integer_dots(model):
+  """Integer dots as ONNX has them. jax2onnx writes an int8 x int8 -> int32 dot (what
+  an integer engine's graph holds) as MatMul or Einsum typed int8, and ONNX's MatMul
+  has no int8 kernel: a MatMul over int8 becomes MatMulInteger (int8 x int8 -> int32,
+  the kernel ONNX Runtime and its NPU providers have), an Einsum over int8 reads int32
+  casts of its operands (the same sums); then the intermediate types are inferred
+  again from the ops. Graphs without int8 dots are returned unchanged."""
+  import onnx  # optional: the deploy-export tools
+
+  int8, int32 = onnx.TensorProto.INT8, onnx.TensorProto.INT32
+  changed = []
+
+  def fix(g, outer):
+    types = dict(outer)
+    types.update({v.name: v.type.tensor_type.elem_type
+                  for v in list(g.input) + list(g.value_info) + list(g.output)})
+    types.update({t.name: t.data_type for t in g.initializer})
+    nodes = []
+    for node in g.node:
+      for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+          fix(sub, types)
+      if node.op_type in ("MatMul", "Einsum") and all(types.get(i) == int8
+                                                      for i in node.input):
+        if node.op_type == "MatMul":
+          node.op_type = "MatMulInteger"
+        else:
+          for k, name in enumerate(node.input):
+            cast = f"{node.name}_int32_{k}"
+            nodes.append(onnx.helper.make_node("Cast", [name], [cast], to=int32,
+                                               name=cast + "_cast"))
+            node.input[k] = cast
+        changed.append(node.name)
+      nodes.append(node)
+    if changed:
+      del g.node[:]
+      g.node.extend(nodes)
+
+  fix(model.graph, {})
+  if not changed:
+    return model
+  def clear(g):  # every intermediate type, so that inference starts from the ops
+    del g.value_info[:]
+    for node in g.node:
+      for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+          clear(sub)
+  clear(model.graph)
+  return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
 def load_exported(directory: str, name: str):

@@ -289,9 +289,16 @@ def _rdbpot(x, n):
 
 
 def _requant(acc, m0, shift, real_m, zp, lo, hi, mode):
-    """acc (int32 or int64) -> clamp(rescale(acc) + zp, lo, hi) as int64."""
+    """acc (int32 or int64) -> clamp(rescale(acc) + zp, lo, hi) as int64 (int32 for the
+    float32 modes with static bounds inside float32's exact integers)."""
     if mode in ("onnx", "xnnpack"):
         y = jnp.round(acc.astype(jnp.float32) * real_m.astype(jnp.float32))
+        if isinstance(lo, int) and isinstance(hi, int) and max(-lo, hi) <= 2**24:
+            # All in float32 and int32, as the runtimes compute it, and so no 64-bit op in
+            # an exported graph: below 2^24 adding the zero point and clipping in float32
+            # are exact, and any |y| above it saturates to lo or hi either way.
+            y = jnp.clip(y + zp.astype(jnp.float32), np.float32(lo), np.float32(hi))
+            return y.astype(jnp.int32)
     elif mode == "litert_reference":
         y = round_int(acc.astype(jnp.float64) * real_m.astype(jnp.float64), "half_away_from_zero")
     else:
@@ -316,9 +323,18 @@ def _requant(acc, m0, shift, real_m, zp, lo, hi, mode):
 
 
 def _int_matmul(a, a_zp, b, b_zp, acc_dtype, b_k_axis):
-    """sum_k (a - a_zp)(b - b_zp) with the zero points folded out of the integer dot."""
-    dims = (((a.ndim - 1,), (b_k_axis,)), ((), ()))
-    acc = lax.dot_general(a, b, dims, preferred_element_type=acc_dtype)
+    """sum_k (a - a_zp)(b - b_zp) with the zero points folded out of the integer dot.
+
+    The dot is batched, [1, M, K] x [1, K, N]: LiteRT's converter turns an integer dot
+    against a constant matrix (the weights of an exported graph) into FULLY_CONNECTED,
+    which wants quantized types, and a batched one into BATCH_MATMUL, which multiplies
+    plain int8 codes into int32 (the same sums: only the op differs).
+    """
+    dims = (((2,), (1 + b_k_axis,)), ((0,), (0,)))
+    lead = a.shape[:-1]
+    acc = lax.dot_general(a.reshape(1, -1, a.shape[-1]), b[None], dims,
+                          preferred_element_type=acc_dtype)
+    acc = acc.reshape(lead + acc.shape[-1:])
     a_zp, b_zp = a_zp.astype(acc_dtype), b_zp.astype(acc_dtype)
     # Wrapping int32 arithmetic is exact here: the true result fits (checked upstream).
     acc = acc - b_zp * jnp.sum(a, axis=-1, keepdims=True, dtype=acc_dtype)

@@ -381,12 +381,47 @@ def _wide(a, b) -> bool:
 
 def code_acc(equation, a, b):
   """The integer accumulator of ``code_dot``: int32, or int64 when either operand holds
-  16-bit codes (int64 needs x64: call it inside ``jax.enable_x64``)."""
+  16-bit codes (int64 needs x64: call it inside ``jax.enable_x64``).
+
+  8-bit codes meet in an int8 x int8 -> int32 dot, with the zero points folded in after
+  it, Σ(a-z_a)(b-z_b) = Σab - z_b Σa - z_a Σb + K z_a z_b: the dot that edge runtimes and
+  NPUs have (LiteRT has no int32 x int32 matmul). int32 arithmetic wraps, and the true
+  result fits (``check_depth``), so the sum is exact.
+  """
   (a_q, _, a_zp), (b_q, _, b_zp) = a, b
-  dtype = jnp.int64 if _wide(a, b) else jnp.int32
-  x = a_q.astype(dtype) - jnp.asarray(a_zp).astype(dtype)
-  y = b_q.astype(dtype) - jnp.asarray(b_zp).astype(dtype)
-  return jnp.einsum(equation, x, y, preferred_element_type=dtype)
+  if _wide(a, b) or "..." in equation:
+    dtype = jnp.int64 if _wide(a, b) else jnp.int32
+    x = a_q.astype(dtype) - jnp.asarray(a_zp).astype(dtype)
+    y = b_q.astype(dtype) - jnp.asarray(b_zp).astype(dtype)
+    return jnp.einsum(equation, x, y, preferred_element_type=dtype)
+  i32 = lambda v: jnp.asarray(v).astype(jnp.int32)
+  (a_q, a_zp), (b_q, b_zp) = _signed(a_q, a_zp), _signed(b_q, b_zp)
+  acc = jnp.einsum(equation, a_q, b_q, preferred_element_type=jnp.int32)
+  (la, lb), out = equation.split("->")[0].split(","), equation.split("->")[1]
+  sizes = dict(zip(la, a_q.shape)) | dict(zip(lb, b_q.shape))
+  depth = int(np.prod([sizes[c] for c in set(la) & set(lb) if c not in out]))
+  return (acc - i32(b_zp) * _sum_into(a_q, la, lb, out, sizes)
+          - i32(a_zp) * _sum_into(b_q, lb, la, out, sizes) + depth * i32(a_zp) * i32(b_zp))
+
+
+def _signed(q, zp):
+  """uint8 codes as int8 with the zero point moved by 128 (the same real values): runtimes
+  multiply int8 by int8, not uint8 by int8."""
+  if q.dtype != jnp.uint8:
+    return q, zp
+  return (q.astype(jnp.int32) - 128).astype(jnp.int8), jnp.asarray(zp).astype(jnp.int32) - 128
+
+
+def _sum_into(x, labels, other, out, sizes):
+  """``einsum(labels,other->out)`` of ``x`` with an all-ones other operand, without the
+  dot: ``x`` summed over its labels not in ``out`` (int32), times the size of the other
+  operand's summed-out labels, broadcast into the ``out`` layout."""
+  keep = [c for c in labels if c in out]
+  s = jnp.sum(x, axis=tuple(i for i, c in enumerate(labels) if c not in out), dtype=jnp.int32)
+  s = jnp.transpose(s, [keep.index(c) for c in out if c in keep])
+  s = s.reshape([sizes[c] if c in keep else 1 for c in out])
+  extra = int(np.prod([sizes[c] for c in other if c not in out and c not in labels]))
+  return jnp.broadcast_to(s, [sizes[c] for c in out]) * extra
 
 
 # ----------------------------------------------------------------------------- checks
