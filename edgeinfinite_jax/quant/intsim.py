@@ -483,10 +483,11 @@ def _qlinear_jit(a, a_zp, b, b_zp, a_s, b_s, y_s, y_zp, bias, acc_dtype, out_dty
     acc = _int_matmul(a, a_zp, b, b_zp, acc_dtype, 0) + bias
     if mode in ("onnx", "xnnpack"):  # both runtimes: (s_a * s_b[c]) / s_y in float32
         real = exact_div(a_s * b_s, y_s)
+        m0 = shift = None  # no fixed-point multiplier: nothing 64-bit in an exported graph
     else:  # TFLite PopulateConvolutionQuantizationParams: double(s_a) * double(s_b) / double(s_y)
         f64 = lambda s: s.astype(jnp.float64)
         real = exact_div(f64(a_s) * f64(b_s), f64(y_s))
-    m0, shift = _quantize_multiplier(real.astype(jnp.float64), jnp)
+        m0, shift = _quantize_multiplier(real, jnp)
     return _requant(acc, m0, shift, real, y_zp, lo, hi, mode).astype(out_dtype)
 
 
