@@ -276,20 +276,21 @@ class Engine:
     def loop(params, state, logits, n, rng, temperature, top_k, eos_id):
       batch = logits.shape[0]
       out = jnp.full((batch, size), jnp.maximum(eos_id, 0), jnp.int32)
-      done = jnp.zeros((batch,), bool)
+      tok = sample(logits, jax.random.fold_in(rng, 0), temperature, top_k)
+      out = out.at[:, 0].set(tok)
 
+      # Each iteration feeds the previous token and samples the next, so the step runs
+      # unconditionally: a lax.cond around it (to skip feeding the last token) makes
+      # XLA copy the whole state into the conditional on every token.
       def body(carry):
-        i, state, logits, out, done = carry
+        i, state, tok, out, done = carry
+        state, logits = step(params, state, tok[:, None], jnp.int32(1))
         tok = sample(logits, jax.random.fold_in(rng, i), temperature, top_k)
         tok = jnp.where(done, eos_id, tok)
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-        done = done | (tok == eos_id)
-        state, logits = jax.lax.cond(
-            i + 1 < n, lambda s: step(params, s, tok[:, None], jnp.int32(1)),
-            lambda s: (s, logits), state)
-        return i + 1, state, logits, out, done
+        return i + 1, state, tok, out, done | (tok == eos_id)
 
-      carry = (jnp.int32(0), state, logits, out, done)
+      carry = (jnp.int32(1), state, tok, out, tok == eos_id)
       _, _, _, out, _ = jax.lax.while_loop(
           lambda c: (c[0] < n) & ~jnp.all(c[4]), body, carry)
       return out
@@ -308,12 +309,16 @@ class Engine:
     return EngineState(caches, jnp.zeros((), jnp.int32), route)
 
   def _sample_fn(self, logits, rng, temperature, top_k):
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    kth = -jnp.sort(-scaled, axis=-1)[:, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)]
-    scaled = jnp.where((top_k > 0) & (scaled < kth[:, None]), -jnp.inf, scaled)
-    sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    # Greedy skips the vocabulary sort and the draw (a cond on the traced temperature:
+    # both would otherwise run on every token and be thrown away).
+    def sampled(logits):
+      scaled = logits / jnp.maximum(temperature, 1e-6)
+      kth = -jnp.sort(-scaled, axis=-1)[:, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)]
+      scaled = jnp.where((top_k > 0) & (scaled < kth[:, None]), -jnp.inf, scaled)
+      return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sampled,
+                        lambda lg: jnp.argmax(lg, axis=-1).astype(jnp.int32), logits)
 
   # -- public API -------------------------------------------------------------
 
