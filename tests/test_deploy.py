@@ -175,6 +175,13 @@ def test_manifest_names_every_graph_array_and_counts_its_ops(exported):
       assert ops["FULLY_CONNECTED"] >= 2 * 7 if fmt == "tflite" else ops["Einsum"] > 0
       size = os.path.getsize(os.path.join(dirs[runtime], entry["files"][fmt]))
       assert weights < size < 2 * weights, (step, fmt)  # the weights are baked in
+  # The prefill step compresses with a select, not a conditional (NPU delegates keep
+  # selects on the accelerator); decode keeps one IF per layer (it compresses once per
+  # segment_len tokens).
+  tflite = {s: manifests["litert"]["functions"][s]["ops"]["tflite"] for s in ("prefill_long",
+                                                                                "decode_long")}
+  assert "IF" not in tflite["prefill_long"] and tflite["prefill_long"]["SELECT_V2"] > 0
+  assert tflite["decode_long"]["IF"] == engine.route_configs["long"].num_layers
 
 
 @pytest.mark.parametrize("attention_type", ["streaming", "full"])

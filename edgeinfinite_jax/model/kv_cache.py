@@ -127,7 +127,16 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
                               e_pos >= S, m.update_rule, m.eps)
       return qx.memory(mem)
 
-    memory = jax.lax.cond((chunk.start % L == 0) & (evict >= 0), compress, lambda x: x, memory)
+    due = (chunk.start % L == 0) & (evict >= 0)
+    if c > 1:
+      # A prefill segment compresses on nearly every call: compute it always and select,
+      # so the exported prefill graph has no IF (NPU delegates keep selects on the
+      # accelerator; a conditional falls back to the CPU). A decode token compresses
+      # once per L tokens, so there a cond saves L - 1 updates out of L.
+      fresh = compress(memory)
+      memory = jax.tree.map(lambda new, old: jnp.where(due, new, old), fresh, memory)
+    else:
+      memory = jax.lax.cond(due, compress, lambda x: x, memory)
   ring_k = _write_block(cache.ring_k, k, slot_start, jnp.mod(chunk.start, L), L)
   ring_v = _write_block(cache.ring_v, v, slot_start, jnp.mod(chunk.start, L), L)
   q_pos = chunk.start + jnp.arange(c, dtype=jnp.int32)
