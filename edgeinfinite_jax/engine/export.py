@@ -271,12 +271,17 @@ def _write_onnx(graph: GraphStep, path) -> dict:
   def count(g):
     for node in g.node:
       ops[node.op_type] += 1
-      for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-          count(sub)
+      for sub in _subgraphs(node):
+        count(sub)
 
   count(model.graph)
   return dict(ops)
+
+
+def _subgraphs(node):
+  """The graphs an ONNX node holds in its attributes (If branches, Loop bodies)."""
+  for attr in node.attribute:
+    yield from ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
 
 
 def _integer_dots(model):
@@ -298,9 +303,8 @@ def _integer_dots(model):
     types.update({t.name: t.data_type for t in g.initializer})
     nodes = []
     for node in g.node:
-      for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-          fix(sub, types)
+      for sub in _subgraphs(node):
+        fix(sub, types)
       if node.op_type in ("MatMul", "Einsum") and all(types.get(i) == int8
                                                       for i in node.input):
         if node.op_type == "MatMul":
@@ -323,9 +327,8 @@ def _integer_dots(model):
   def clear(g):  # every intermediate type, so that inference starts from the ops
     del g.value_info[:]
     for node in g.node:
-      for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-          clear(sub)
+      for sub in _subgraphs(node):
+        clear(sub)
   clear(model.graph)
   return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 

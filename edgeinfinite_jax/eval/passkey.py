@@ -173,6 +173,16 @@ def kv_bytes_per_token(config) -> int:
   return 2 * config.num_layers * config.num_kv_heads * config.head_dim * item
 
 
+def nominal_length(n: int, lengths: Sequence[int]) -> int:
+  """The first of ``lengths`` a prompt of ``n`` tokens does not exceed (the samples of a
+  nominal length fall a few tokens short of it, by tokenizer)."""
+  nominal = min((x for x in lengths if x >= n), default=None)
+  if nominal is None:
+    raise ValueError(f"a timed prompt of {n} tokens is longer than every "
+                     f"length of {sorted(lengths)}")
+  return nominal
+
+
 def cost_curve(timings: dict, engine, lengths: Sequence[int], *,
                grows_with_length: bool = False) -> dict:
   """``engine_predictor``'s ``timings`` -> time to first token and state bytes per length.
@@ -190,11 +200,7 @@ def cost_curve(timings: dict, engine, lengths: Sequence[int], *,
          "prompts": []}
   by_length = {}
   for n, runs in timings.items():
-    nominal = min((x for x in lengths if x >= n), default=None)
-    if nominal is None:
-      raise ValueError(f"cost_curve: a timed prompt of {n} tokens is longer than every "
-                       f"length of {sorted(lengths)}")
-    by_length.setdefault(nominal, []).extend(runs)
+    by_length.setdefault(nominal_length(n, lengths), []).extend(runs)
   for n in sorted(by_length):
     times = [t for t, _ in by_length[n]]
     state = by_length[n][0][1]

@@ -195,8 +195,9 @@ def _groups(run: str, gate_lr: float, lr: float) -> list:
 
 
 def _trained_pattern(run: str) -> str:
-  """The parameters a saved set holds (``SAVED_SETS``)."""
-  return optim.GATE if run == "gate" else f"(?:{optim.GATE})|(?:{optim.LORA})"
+  """The parameters a saved set holds: its trainable groups (``SAVED_SETS``)."""
+  trained = [g[0] for g in _groups(run, 1.0, 1.0) if g[1] != optim.FROZEN]
+  return "|".join(f"(?:{p})" for p in trained)
 
 
 def sft_config(config, run: str, base: str) -> ml_collections.ConfigDict:
@@ -466,9 +467,9 @@ def _reference_cost(config, base_config, prompts, lengths) -> dict | None:
     return None
   _banner("stage 3/5: the same prompts through transformers (PyTorch), the outside reference")
   by_length = {}
-  for n, batches in prompts.items():  # each prompt under its nominal length, as cost_curve
-    nominal = min(x for x in lengths if x >= n)
-    by_length.setdefault(nominal, []).extend(b[:, :-1] for b in batches)  # = the timed prefill
+  for n, batches in prompts.items():  # = the timed prefill, under its nominal length
+    by_length.setdefault(evaluate.nominal_length(n, lengths), []).extend(
+        b[:, :-1] for b in batches)
   return reference.transformers_prefill(path, by_length,
                                         evaluate.kv_bytes_per_token(base_config))
 

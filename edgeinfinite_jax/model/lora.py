@@ -34,6 +34,14 @@ TARGETS = ("q_proj", "k_proj", "v_proj")
 PATTERN = r".*/attn/[qkv]_proj/lora_[ab]"
 
 
+def _a_init(fan_in: int):
+  return nn.initializers.normal(stddev=1.0 / np.sqrt(fan_in))
+
+
+def _adapted(kernel, a, b):
+  return kernel + jnp.tensordot(a, b, axes=1).astype(kernel.dtype)
+
+
 def adapted_kernel(module: nn.Module, kernel, n_contract: int, rank: int):
   """``kernel + A B`` for a ``Projection`` with ``lora_rank``; declares ``lora_a`` /
   ``lora_b`` next to its kernel (logical axes: the kernel's, unnamed for the rank)."""
@@ -43,12 +51,11 @@ def adapted_kernel(module: nn.Module, kernel, n_contract: int, rank: int):
   shape, axes = tuple(kernel.shape), tuple(module.axes)
   fan_in = int(np.prod(shape[:n_contract]))
   a = module.param("lora_a", nn.with_logical_partitioning(
-      nn.initializers.normal(stddev=1.0 / np.sqrt(fan_in)), axes[:n_contract] + (None,)),
-      shape[:n_contract] + (rank,), jnp.float32)
+      _a_init(fan_in), axes[:n_contract] + (None,)), shape[:n_contract] + (rank,), jnp.float32)
   b = module.param("lora_b", nn.with_logical_partitioning(
       nn.initializers.zeros, (None,) + axes[n_contract:]), (rank,) + shape[n_contract:],
       jnp.float32)
-  return kernel + jnp.tensordot(a, b, axes=1).astype(kernel.dtype)
+  return _adapted(kernel, a, b)
 
 
 def _attn(params, i):
@@ -69,9 +76,9 @@ def with_lora(config: ModelConfig, params, *, rank: int, rng):
     attn = dict(_attn(params, i))
     for j, name in enumerate(TARGETS):
       kernel = attn[name]["kernel"]
-      fan_in = kernel.shape[0]
-      a = jax.random.normal(jax.random.fold_in(rng, 3 * i + j), (fan_in, rank), jnp.float32)
-      attn[name] = dict(attn[name], lora_a=a / np.sqrt(fan_in),
+      a = _a_init(kernel.shape[0])(jax.random.fold_in(rng, 3 * i + j),
+                                   (kernel.shape[0], rank), jnp.float32)
+      attn[name] = dict(attn[name], lora_a=a,
                         lora_b=jnp.zeros((rank,) + kernel.shape[1:], jnp.float32))
     inner[f"layers_{i}"] = dict(inner[f"layers_{i}"], attn=attn)
   return new_config, {**params, "params": inner}
@@ -87,7 +94,7 @@ def merge(config: ModelConfig, params):
     attn = dict(_attn(params, i))
     for name in TARGETS:
       p = attn[name]
-      kernel = p["kernel"] + jnp.tensordot(p["lora_a"], p["lora_b"], axes=1)
+      kernel = _adapted(p["kernel"], p["lora_a"], p["lora_b"])
       attn[name] = {k: v for k, v in p.items() if not k.startswith("lora_")} | {"kernel": kernel}
     inner[f"layers_{i}"] = dict(inner[f"layers_{i}"], attn=attn)
   return config.replace(lora_rank=0), {**params, "params": inner}

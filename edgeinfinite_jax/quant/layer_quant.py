@@ -397,7 +397,8 @@ def code_acc(equation, a, b):
   i32 = lambda v: jnp.asarray(v).astype(jnp.int32)
   (a_q, a_zp), (b_q, b_zp) = _signed(a_q, a_zp), _signed(b_q, b_zp)
   acc = jnp.einsum(equation, a_q, b_q, preferred_element_type=jnp.int32)
-  (la, lb), out = equation.split("->")[0].split(","), equation.split("->")[1]
+  inputs, out = equation.split("->")
+  la, lb = inputs.split(",")
   sizes = dict(zip(la, a_q.shape)) | dict(zip(lb, b_q.shape))
   depth = int(np.prod([sizes[c] for c in set(la) & set(lb) if c not in out]))
   return (acc - i32(b_zp) * _sum_into(a_q, la, lb, out, sizes)
