@@ -57,6 +57,7 @@ def report(tmp_path_factory):
 def test_report_has_machine_description_and_command(report):
   out, md, args = report
   assert "python -m edgeinfinite_jax.bench " + " ".join(args) in md
+  assert "## Tiny random-weight model (smoke run) (`quick`)" in md
   machine = dict(r[:2] for r in _table(md, "| | |"))
   for key in ("cpu", "cores", "memory", "jax", "torch", "transformers", "date"):
     assert machine.get(key) and machine[key] != "unknown", key
@@ -68,8 +69,10 @@ def test_prefill_table_has_a_parsable_row_per_method_and_length(report):
   rows = _table(md, "| method | context | TTFT")
   got = {(r[0], int(r[1])) for r in rows}
   assert got == {(m, n) for m in plan.METHODS for n in LENGTHS}
-  for method, length, ttft, per_tok, compile_s, delta, peak, state, compiles in rows:
+  for method, length, ttft, reads, per_tok, compile_s, delta, peak, state, compiles in rows:
     assert _number(ttft) > 0 and _number(per_tok) > 0 and _number(peak) > 0
+    # --repeats 2: both reads listed, the TTFT is the faster
+    assert _number(ttft) == min(float(x) for x in reads.split(" / "))
     assert _number(delta) >= 0 and _number(state) > 0
     if method in plan.ENGINE_METHODS:
       assert _number(compile_s) > 0
@@ -85,26 +88,51 @@ def test_decode_table_and_targets(report):
   assert {(r[0], int(r[1])) for r in rows} == {(m, n) for m in plan.METHODS for n in LENGTHS}
   for r in rows:
     assert _number(r[2]) > 0 and _number(r[3]) > 0
-  targets = _table(md, "| target |")
-  assert [t[0].split(" (here")[0] for t in targets] == list(report_lib.TARGETS)
-  assert all(t[2] in ("pass", "FAIL", "not measured") for t in targets)
+  targets = {t[1].split(" (here")[0]: t[2:] for t in _table(md, "| section | target |")}
+  # The quick plan evaluates every group: every target has a row.
+  assert list(targets) == list(report_lib.TARGETS)
+  assert all(status in ("pass", "FAIL", "not measured") for _, status in targets.values())
+  T = report_lib.TARGETS
   # The state-size target is checkable at any scale, and must hold.
-  assert targets[1][2] == "pass"
-  assert "median of paired steps, alternating in one process" in targets[3][1]
-  assert "alternating pairs" in targets[4][1] and targets[4][2] in ("pass", "FAIL")
+  assert targets[T[1]][1] == "pass"
+  assert "median of paired steps, alternating in one process" in targets[T[3]][0]
+  assert "alternating pairs" in targets[T[10]][0] and targets[T[10]][1] in ("pass", "FAIL")
+  # Measured at the quick lengths: the long route's FLOP rate against the peak, the
+  # forward against transformers' and the full route's decode against transformers'.
+  for t in (T[4], T[6], T[8], T[11]):
+    assert targets[t][1] in ("pass", "FAIL"), (t, targets[t])
+  assert "GFLOP/s" in targets[T[4]][0]
+
+
+def test_forward_peak_and_profile_sections(report):
+  out, md, _ = report
+  rows = _table(md, "| runtime | tokens |")
+  assert {(r[0], int(r[1])) for r in rows} == {("JAX forward", LENGTHS[0]),
+                                               ("transformers", LENGTHS[0])}
+  for r in rows:
+    assert _number(r[2]) > 0 and _number(r[5]) > 0
+  peak = re.search(r"= \*\*([0-9.]+) GFLOP/s\*\*", md)
+  assert peak and float(peak.group(1)) > 0
+  prof = _table(md, "| profiled |")
+  assert [r[0] for r in prof] == [f"forward @ {LENGTHS[0]}"]
+  # The forward's matmuls and softmax are found in XLA's HLO and take time.
+  section, = json.loads((out.parent / "benchmarks/results.json").read_text())["sections"]
+  cats = section["profiles"][0]["categories"]
+  assert cats["matmul"] > 0 and cats["attention"] > 0, cats
 
 
 def test_plot_and_raw_results_are_written_and_linked(report):
   out, md, _ = report
   links = re.findall(r"\]\(([^)]+)\)", md)
-  assert "benchmarks/ttft_memory.png" in links and "benchmarks/results.json" in links
+  assert "benchmarks/quick_ttft_memory.png" in links and "benchmarks/results.json" in links
   for link in links:
     assert os.path.getsize(out.parent / link) > 0
   results = json.loads((out.parent / "benchmarks/results.json").read_text())
-  assert {r["method"] for r in results["prefill"]} == set(plan.METHODS)
-  for r in results["prefill"]:  # --repeats 2: the fastest of two reads
+  section, = results["sections"]
+  assert {r["method"] for r in section["prefill"]} == set(plan.METHODS)
+  for r in section["prefill"]:  # --repeats 2: the fastest of two reads
     assert len(r["ttft_runs_s"]) == 2 and r["ttft_s"] == min(r["ttft_runs_s"])
-  assert "## QAT step cost\n\nSkipped: --no-qat." in md
+  assert "### QAT step cost\n\nSkipped: --no-qat." in md
 
 
 def test_skipping_follows_the_trend_of_shorter_lengths():
@@ -126,14 +154,19 @@ def test_length_and_method_flags_are_validated():
 def test_qat_section_renders_what_qat_step_cost_returned(report):
   out, _, _ = report
   results = json.loads((out.parent / "benchmarks/results.json").read_text())
-  raw = {"fp_step_ms": 10.0, "qat_step_ms": 12.5, "ratio": 1.25, "method": "edgeqat_ed"}
-  results["qat"] = {"raw": raw}
+  section = results["sections"][0]
+  raw = {"fp_step_ms": 10.0, "qat_step_ms": 12.5, "ratio": 1.25, "method": "edgeqat_ed", "n": 3}
+  section["qat"] = {"raw": raw}
   md = report_lib.render_markdown(results)
   assert "| qat_step_ms | 12.5 |" in md
   assert "| QAT / full-precision step time | 1.25 (pass: target <= 1.5) |" in md
-  results["qat"] = {"raw": {**raw, "ratio": 1.6}}
+  assert dict((t["target"], t["status"]) for t in report_lib.evaluate_targets(section))[
+      report_lib.TARGETS[12]] == "pass"
+  section["qat"] = {"raw": {**raw, "ratio": 1.6}}
   assert "| QAT / full-precision step time | 1.60 (FAIL: target <= 1.5) |" in (
       report_lib.render_markdown(results))
+  assert dict((t["target"], t["status"]) for t in report_lib.evaluate_targets(section))[
+      report_lib.TARGETS[12]] == "FAIL"
 
 
 def test_lengths_past_the_time_budget_or_a_failure_are_skipped_and_said_so(tmp_path,
@@ -142,6 +175,8 @@ def test_lengths_past_the_time_budget_or_a_failure_are_skipped_and_said_so(tmp_p
   calls = []
 
   def fake_run_job(job, timeout):
+    if job["kind"] not in ("engine", "torch"):  # forward, peak, profile: not planned here
+      return {"error": "not run in this test"}
     calls.append((job["method"], job["length"], job["prefill"]))
     n = job["length"]
     if job["method"] == "streaming" and n >= 128:
@@ -169,3 +204,7 @@ def test_lengths_past_the_time_budget_or_a_failure_are_skipped_and_said_so(tmp_p
   decode = _table(md, "| method | context | median")
   assert {(r[0], int(r[1])) for r in decode} == {("full", 64), ("full", 256),
                                                  ("streaming", 64), ("streaming", 256)}
+  # Interleaved: every method at a length before the next length.
+  assert [(m, n) for m, n, _ in calls] == [("full", 64), ("streaming", 64), ("full", 128),
+                                           ("streaming", 128), ("full", 256),
+                                           ("streaming", 256)]

@@ -1,11 +1,15 @@
 """Running a ``Plan``: one worker subprocess per measurement, rows collected per method.
 
 Every (method, context length) runs in a fresh process (``run_job``) so that its
-peak memory is its own. Lengths run shortest first; one whose time, extrapolated
-from the shorter ones of the same method (``estimate``), exceeds the plan's
-``max_seconds`` is skipped, and so is every length after one that failed or
-timed out. A decode context whose prefill did not run gets a decode-only job on
-a synthetic state. ``machine_description`` says what the numbers were measured on.
+peak memory is its own. Lengths run shortest first, and at each length every
+method runs before the next length starts (interleaved: a slow spell of the
+machine hits the methods it is compared across alike, not one method's whole
+curve). A length whose time, extrapolated from the shorter ones of the same
+method (``estimate``), exceeds the plan's ``max_seconds`` is skipped, and so is
+every length after one that failed or timed out. A decode context whose prefill
+did not run gets a decode-only job on a synthetic state. ``measure_forward``,
+``measure_peak`` and ``measure_profiles`` run the forward, matmul-peak and
+profile jobs. ``machine_description`` says what the numbers were measured on.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from edgeinfinite_jax.bench.plan import METHODS, REFERENCE, Plan, fmt_len, usabl
 # By file path, not `-m`: the package's __init__ imports JAX, which the reference must not load.
 TORCH_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_worker.py")
 WORKER_MODULES = {"engine": "edgeinfinite_jax.bench.workers",
+                  "forward": "edgeinfinite_jax.bench.workers",
+                  "peak": "edgeinfinite_jax.bench.workers",
+                  "profile": "edgeinfinite_jax.bench.workers",
                   "qat": "edgeinfinite_jax.bench.qat_step"}
 DECODE_FIELDS = ("method", "decode_ms_median", "decode_ms_min", "decode_ms_p90",
                  "decode_steps", "state_bytes", "paired", "generate")
@@ -37,7 +44,7 @@ DECODE_FIELDS = ("method", "decode_ms_median", "decode_ms_min", "decode_ms_p90",
 # ----------------------------------------------------------------------------- one job
 def worker_command(job: dict) -> list[str]:
   spec = json.dumps(job)
-  if job["kind"] == "torch":
+  if job["kind"].startswith("torch"):
     return [sys.executable, TORCH_WORKER, spec]
   return [sys.executable, "-m", WORKER_MODULES[job["kind"]], spec]
 
@@ -79,13 +86,17 @@ def job_for(plan: Plan, checkpoint: str, method: str, length: int, prefill: bool
             decode: bool) -> dict:
   job = dict(kind="torch" if method == REFERENCE else "engine", checkpoint=checkpoint,
              scenario=dict(plan.scenario), seed=plan.seed, threads=plan.threads,
-             repeats=plan.repeats, decode_warmup=plan.decode_warmup, method=method,
+             repeats=plan.repeats, repeat_below_s=plan.max_seconds / 2,
+             decode_warmup=plan.decode_warmup, method=method,
              length=length, prefill=prefill, decode_steps=plan.decode_steps if decode else 0)
   paired = plan.paired_context(method, length) if decode else None
   if paired:
     job["paired_context"] = paired
   if method != REFERENCE and decode and prefill and length == min(plan.decode_lengths):
     job["generate"] = 3  # repeats of the generate-loop vs decode-steps pair
+    job["generate_tokens"] = plan.generate_n
+  if plan.peak and method == "edgeinfinite" and prefill and length == max(plan.lengths):
+    job["count_flops"] = True  # the long route's achieved FLOP/s, against the peak
   return job
 
 
@@ -159,69 +170,113 @@ def _prefill_row(plan: Plan, checkpoint: str, method: str, n: int,
   return res
 
 
-def _prefill_rows(plan: Plan, checkpoint: str, method: str, progress: Progress):
-  """Every length of the plan, shortest first: (prefill rows, decode rows they gave)."""
-  prefill_rows, decode_rows = [], []
-  measured: list[tuple[int, float]] = []
-  stop_reason = None  # set when a length failed: longer ones are not tried
-  for n in plan.lengths:
-    res = _prefill_row(plan, checkpoint, method, n, measured, stop_reason, progress)
-    prefill_rows.append(res)
+class _MethodCurve:
+  """One method's lengths so far: what was measured, and why longer ones stop."""
+
+  def __init__(self):
+    self.measured: list[tuple[int, float]] = []
+    self.stop_reason: str | None = None  # set when a length failed: longer ones are not tried
+
+  def add(self, n: int, res: dict):
     if res.get("ttft_s") is not None:
-      measured.append((n, res["ttft_s"]))
+      self.measured.append((n, res["ttft_s"]))
     elif not res.get("skipped"):
-      stop_reason = f"{fmt_len(n)} timed out" if res.get("timed_out") else f"{fmt_len(n)} failed"
-    if n in plan.decode_lengths and res.get("decode_ms_median") is not None:
-      decode_rows.append(dict({k: res.get(k) for k in DECODE_FIELDS if k in res},
-                              decode_context=n))
+      self.stop_reason = f"{fmt_len(n)} timed out" if res.get("timed_out") else (
+          f"{fmt_len(n)} failed")
+
+
+def _decode_only_row(plan: Plan, checkpoint: str, method: str, n: int,
+                     progress: Progress) -> dict:
+  """A decode row from a synthetic state holding ``n`` tokens."""
+  progress.step(f"{method} decode @ {fmt_len(n)} (synthetic state)")
+  res = run_job(job_for(plan, checkpoint, method, n, False, True), plan.timeout_s)
+  res.setdefault("method", method)
+  res["decode_context"] = n
+  if res.get("error"):
+    progress.log(f"[bench] {method} decode @ {n}: {res['error']}\n{res.get('stderr_tail', '')}")
+  progress.done()
+  return res
+
+
+def _at_length(plan: Plan, checkpoint: str, progress: Progress, curves: dict, n: int,
+               method: str) -> tuple[dict | None, dict | None]:
+  """(prefill row or None, decode row or None) of one method at length ``n``."""
+  if n in plan.lengths:
+    curve = curves[method]
+    res = _prefill_row(plan, checkpoint, method, n, curve.measured, curve.stop_reason,
+                       progress)
+    curve.add(n, res)
     progress.done()
-  return prefill_rows, decode_rows
-
-
-def _decode_only_rows(plan: Plan, checkpoint: str, method: str, have: set[int],
-                      progress: Progress) -> list[dict]:
-  """Decode rows, from a synthetic state, for the decode contexts not in ``have``."""
-  rows = []
-  for n in plan.decode_lengths:
-    if n in have:
-      continue
-    if n in plan.lengths:  # not planned: its prefill was skipped or failed
-      progress.add_job()
-    progress.step(f"{method} decode @ {fmt_len(n)} (synthetic state)")
-    res = run_job(job_for(plan, checkpoint, method, n, False, True), plan.timeout_s)
-    res.setdefault("method", method)
-    res["decode_context"] = n
-    if res.get("error"):
-      progress.log(f"[bench] {method} decode @ {n}: {res['error']}\n"
-                   f"{res.get('stderr_tail', '')}")
-    rows.append(res)
-    progress.done()
-  return rows
-
-
-def measure_method(plan: Plan, checkpoint: str, method: str, progress: Progress):
-  """(prefill rows, decode rows) of one method."""
-  prefill_rows, decode_rows = _prefill_rows(plan, checkpoint, method, progress)
-  have = {r["decode_context"] for r in decode_rows}
-  return prefill_rows, decode_rows + _decode_only_rows(plan, checkpoint, method, have, progress)
-
-
-def _measure_method_of(plan: Plan, checkpoint: str, progress: Progress, method: str):
-  return measure_method(plan, checkpoint, method, progress)
+    if n not in plan.decode_lengths:
+      return res, None
+    if res.get("decode_ms_median") is not None:
+      return res, dict({k: res.get(k) for k in DECODE_FIELDS if k in res}, decode_context=n)
+    progress.add_job()  # not planned: its prefill was skipped or failed
+    return res, _decode_only_row(plan, checkpoint, method, n, progress)
+  return None, _decode_only_row(plan, checkpoint, method, n, progress)
 
 
 def measure_methods(plan: Plan, checkpoint: str, progress: Progress):
-  """(prefill rows, decode rows) of every method, ``plan.jobs`` methods at a time."""
-  run = functools.partial(_measure_method_of, plan, checkpoint, progress)
-  if plan.jobs > 1:
-    with concurrent.futures.ThreadPoolExecutor(plan.jobs) as pool:
-      per_method = list(pool.map(run, plan.methods))
-  else:
-    per_method = [run(m) for m in plan.methods]
-  prefill_rows = [r for p, _ in per_method for r in p]
-  decode_rows = [r for _, d in per_method for r in d]
-  decode_rows.sort(key=lambda r: (METHODS.index(r["method"]), r["decode_context"]))
+  """(prefill rows, decode rows) of every method, interleaved: every method at a length
+  before the next length (``plan.jobs`` methods at a time)."""
+  curves = {m: _MethodCurve() for m in plan.methods}
+  prefill_rows, decode_rows = [], []
+  with concurrent.futures.ThreadPoolExecutor(plan.jobs) as pool:
+    for n in sorted(set(plan.lengths) | set(plan.decode_lengths)):
+      run = functools.partial(_at_length, plan, checkpoint, progress, curves, n)
+      for pre, dec in pool.map(run, plan.methods):
+        prefill_rows += [pre] if pre is not None else []
+        decode_rows += [dec] if dec is not None else []
+  order = lambda r: METHODS.index(r["method"])
+  prefill_rows.sort(key=lambda r: (order(r), r["length"]))
+  decode_rows.sort(key=lambda r: (order(r), r["decode_context"]))
   return prefill_rows, decode_rows
+
+
+def measure_forward(plan: Plan, checkpoint: str, progress: Progress) -> list[dict]:
+  """The training-path forward and transformers' forward, alternating, per length."""
+  rows = []
+  kinds = [("forward", "forward")] + ([("torch_forward", REFERENCE)]
+                                      if REFERENCE in plan.methods else [])
+  for n in plan.forward_lengths:
+    for kind, method in kinds:
+      progress.step(f"{method} forward @ {fmt_len(n)}")
+      res = run_job(dict(kind=kind, checkpoint=checkpoint, seed=plan.seed, length=n,
+                         repeats=plan.repeats, repeat_below_s=plan.max_seconds / 2,
+                         threads=plan.threads), plan.timeout_s)
+      res.update(method=method, length=n)
+      if res.get("error"):
+        progress.log(f"[bench] {method} forward @ {n}: {res['error']}\n"
+                     f"{res.get('stderr_tail', '')}")
+      rows.append(res)
+      progress.done()
+  return rows
+
+
+def measure_peak(plan: Plan, progress: Progress) -> dict | None:
+  """The float32 matmul rate this run's CPU achieves (``workers.peak_worker``)."""
+  if not plan.peak:
+    return None
+  progress.step("matmul peak")
+  n = 512 if plan.quick else 2048
+  res = run_job(dict(kind="peak", n=n, repeats=10), plan.timeout_s)
+  progress.done()
+  return res
+
+
+def measure_profiles(plan: Plan, checkpoint: str, progress: Progress) -> list[dict]:
+  """Per-fusion profiles (``workers.profile_worker``) of ``plan.profile``."""
+  rows = []
+  for what, n in plan.profile:
+    progress.step(f"profile {what} @ {fmt_len(n)}")
+    res = run_job(dict(kind="profile", what=what, length=n, checkpoint=checkpoint,
+                       scenario=dict(plan.scenario), seed=plan.seed), plan.timeout_s)
+    res.update(what=what, length=n)
+    if res.get("error"):
+      progress.log(f"[bench] profile {what} @ {n}: {res['error']}\n{res.get('stderr_tail', '')}")
+    rows.append(res)
+    progress.done()
+  return rows
 
 
 def measure_qat(plan: Plan, progress: Progress) -> dict:

@@ -83,12 +83,10 @@ def _synthetic_cache(model, length: int):
 
 
 def _read_again(model, keep: dict, tokens) -> float:
-  t0 = time.perf_counter()
-  float(model(tokens, use_cache=True, **keep).logits[:, -1].sum())
-  return time.perf_counter() - t0
+  return measure.timed(lambda: float(model(tokens, use_cache=True, **keep).logits[:, -1].sum()))
 
 
-def _prefill(model, keep: dict, tokens, repeats: int):
+def _prefill(model, keep: dict, tokens, repeats: int, repeat_below_s: float | None = None):
   """The first read, memory-measured, then the repeats: (row fields, cache, memory window)."""
   import torch  # optional (the test extra): only this worker's process needs it
   with measure.MemoryWindow() as mem:
@@ -101,7 +99,7 @@ def _prefill(model, keep: dict, tokens, repeats: int):
   cache = o.past_key_values
   del o
   out.update(measure.best_of(first, functools.partial(_read_again, model, keep, tokens),
-                             repeats))
+                             repeats, repeat_below_s))
   return out, cache, mem
 
 
@@ -115,6 +113,30 @@ def _decode(model, cache, toks, warmup: int) -> dict:
     _ = o.logits[:, -1].float().sum().item()
     times.append(time.perf_counter() - t0)
   return measure.decode_stats(times[warmup:])
+
+
+def forward_worker(job: dict) -> dict:
+  """The reference for the training-path forward: ``model(input_ids, use_cache=False)``
+  with every position's logits, read once untimed (as the JAX side compiles on the
+  same shape), then ``repeats`` times, the first inside a memory window."""
+  import torch  # optional (the test extra): only this worker's process needs it
+  model, _ = _load(job)
+  tokens = _tokens(np.random.default_rng(job["seed"]), model.config.vocab_size,
+                   (1, job["length"]))
+
+  def run():
+    float(model(tokens, use_cache=False).logits[0, -1, 0])
+
+  with torch.inference_mode():
+    out = dict(method="transformers", length=job["length"], warmup_s=measure.timed(run),
+               threads=torch.get_num_threads())
+    with measure.MemoryWindow() as mem:
+      first = measure.timed(run)
+    out.update(mem.result())
+    out.update(measure.best_of(first, lambda: measure.timed(run), job["repeats"],
+                               job.get("repeat_below_s")))
+  out["peak_rss_mib"] = measure.process_peak_mib(mem)
+  return out
 
 
 def torch_worker(job: dict) -> dict:
@@ -137,7 +159,7 @@ def torch_worker(job: dict) -> dict:
     del o
     if job["prefill"]:
       prefill, cache, mem = _prefill(model, keep, _tokens(rng, vocab, (1, length)),
-                                     job["repeats"])
+                                     job["repeats"], job.get("repeat_below_s"))
       out.update(prefill)
     else:
       cache = _synthetic_cache(model, length)
@@ -153,4 +175,4 @@ def torch_worker(job: dict) -> dict:
 
 
 if __name__ == "__main__":
-  sys.exit(measure.serve(sys.argv[1], {"torch": torch_worker}))
+  sys.exit(measure.serve(sys.argv[1], {"torch": torch_worker, "torch_forward": forward_worker}))

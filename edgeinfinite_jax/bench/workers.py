@@ -16,8 +16,10 @@ the training stack (optax, orbax) here would count in the engine's peak RSS.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -25,12 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgeinfinite_jax.bench import measure
+from edgeinfinite_jax.bench import measure, xla_profile
+from edgeinfinite_jax.bench.plan import usable_cores
+from edgeinfinite_jax.checkpoints import models
 from edgeinfinite_jax.checkpoints.hf import load_hf, save_hf
 from edgeinfinite_jax.engine.engine import Engine, Scenario, state_nbytes
 from edgeinfinite_jax.model.config import ModelConfig
 from edgeinfinite_jax.model.gate import with_memory
-from edgeinfinite_jax.model.transformer import abstract_params
+from edgeinfinite_jax.model.transformer import abstract_params, forward
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -58,12 +62,20 @@ def random_params(config: ModelConfig, seed: int):
   return jax.tree_util.tree_map_with_path(make, abstract_params(config))
 
 
-def write_checkpoint(model: dict, scenario: dict, seed: int, path: str) -> tuple[ModelConfig, int]:
-  """Checks the scenario, saves random weights of ``model`` to ``path``: (config, #params)."""
-  config = ModelConfig(**model)
+def write_checkpoint(source: str, model: dict, scenario: dict, seed: int,
+                     path: str) -> tuple[ModelConfig, int]:
+  """Checks the scenario, saves the weights the section measures to ``path``:
+  random weights of ``model`` (``source="random"``) or a named model of
+  ``checkpoints.models`` (its GGUF file, dequantized to float32). Returns
+  (config, #params). Both the engine and transformers then load this checkpoint,
+  so they run the same float32 weights."""
   Scenario(segment_len=scenario["segment_len"], n_sink=scenario["n_sink"],
            n_window=scenario["n_window"])  # raises on a bad --segment-len/--window/--sink
-  params = random_params(config, seed)
+  if source == "random":
+    config = ModelConfig(**model)
+    params = random_params(config, seed)
+  else:
+    config, params, _ = models.load(source, tokenizer=False)
   n_params = int(sum(x.size for x in jax.tree.leaves(params)))
   save_hf(config, params, path)
   return config, n_params
@@ -95,7 +107,7 @@ def _engine(job: dict) -> tuple[Engine, int]:
     config, params = with_memory(config, params, rng=jax.random.key(1),
                                  attention_type=job["method"], segment_len=L,
                                  n_sink=sc["n_sink"], n_window=sc["n_window"])
-  n_decode = job["decode_warmup"] + job["decode_steps"]
+  n_decode = max(job["decode_warmup"] + job["decode_steps"], job.get("generate_tokens", 0))
   capacity = -(-(job["length"] + n_decode + 1) // L) * L
   return Engine(config, params, Scenario(
       segment_len=L, n_sink=sc["n_sink"], n_window=sc["n_window"], batch_size=1,
@@ -115,12 +127,10 @@ def _warm_up(engine: Engine, warm, log: _CompileLog) -> dict:
 
 
 def _read_again(engine: Engine, tokens) -> float:
-  t0 = time.perf_counter()
-  jax.block_until_ready(engine.prefill(tokens)[1])
-  return time.perf_counter() - t0
+  return measure.timed(lambda: jax.block_until_ready(engine.prefill(tokens)[1]))
 
 
-def _prefill(engine: Engine, tokens, repeats: int):
+def _prefill(engine: Engine, tokens, repeats: int, repeat_below_s: float | None = None):
   """The first read, memory-measured, then the repeats: (row fields, state, memory window).
 
   Not ``eval.passkey.cost_curve``, though both time a steady-state prefill: that
@@ -136,7 +146,8 @@ def _prefill(engine: Engine, tokens, repeats: int):
     first = time.perf_counter() - t0
   out = mem.result()
   out["finite"] = bool(np.all(np.isfinite(np.asarray(logits))))
-  out.update(measure.best_of(first, functools.partial(_read_again, engine, tokens), repeats))
+  out.update(measure.best_of(first, functools.partial(_read_again, engine, tokens), repeats,
+                             repeat_below_s))
   return out, state, mem
 
 
@@ -197,6 +208,18 @@ def _generate_vs_steps(engine: Engine, prompt, n: int, repeats: int) -> dict:
               ratio=statistics.median(a / b for a, b in pairs), repeats=repeats)
 
 
+def prefill_flops(engine: Engine, length: int) -> float:
+  """FLOPs of a ``length``-token prefill on the long route, as XLA counts them: the
+  compiled prefill step's ``cost_analysis`` times the segments read. Valid for a step
+  without a data-dependent loop (streaming, edgeinfinite); XLA counts a loop body once."""
+  L = engine.scenario.segment_len
+  state = engine.init_state("long")
+  args = (engine.params, state, jax.ShapeDtypeStruct((1, L), jnp.int32), jnp.int32(L))
+  cost = engine.step_functions("long")["prefill"].lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) * -(-length // L)
+
+
 def engine_worker(job: dict) -> dict:
   """One engine measurement (``job`` as ``probes.job_for`` builds it)."""
   log = _CompileLog()
@@ -210,7 +233,7 @@ def engine_worker(job: dict) -> dict:
   mem = None
   if job["prefill"]:
     prefill, state, mem = _prefill(engine, rng.integers(0, vocab, (1, length), dtype=np.int32),
-                                   job["repeats"])
+                                   job["repeats"], job.get("repeat_below_s"))
     out.update(prefill)
   else:  # synthetic state holding `length` tokens: decode cost does not depend on values
     state = engine.init_state("long").replace(length=jnp.asarray(length, jnp.int32))
@@ -226,12 +249,76 @@ def engine_worker(job: dict) -> dict:
     if job.get("generate") and job["prefill"]:  # the generate target, at this context
       out["generate"] = _generate_vs_steps(
           engine, rng.integers(0, vocab, (1, length), dtype=np.int32),
-          engine.scenario.max_new_tokens, job["generate"])
+          job.get("generate_tokens") or engine.scenario.max_new_tokens, job["generate"])
+  if job.get("count_flops"):
+    out["prefill_flops"] = prefill_flops(engine, length)
   out["recompiles_after_warmup"] = log.backend_compiles_since(n_events)
   out["compile_count"] = engine.compile_count()
   out["peak_rss_mib"] = measure.process_peak_mib(mem)
   return out
 
 
+# ----------------------------------------------------------------------------- forward
+def forward_worker(job: dict) -> dict:
+  """The training-path ``forward`` (full float32 logits, ``[1, length, vocab]``): compiled
+  on the prompt's shape, then read ``repeats`` times, the first inside a memory window."""
+  config, params = load_hf(job["checkpoint"])
+  params = jax.device_put(params)
+  tokens = np.random.default_rng(job["seed"]).integers(
+      0, config.vocab_size, (1, job["length"]), dtype=np.int32)
+  run = lambda: jax.block_until_ready(forward(config, params, tokens))
+  t0 = time.perf_counter()
+  run()
+  out = dict(method="forward", length=job["length"], warmup_s=time.perf_counter() - t0)
+  with measure.MemoryWindow() as mem:
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+  out.update(mem.result())
+  out.update(measure.best_of(first, lambda: measure.timed(run), job["repeats"],
+                             job.get("repeat_below_s")))
+  out["peak_rss_mib"] = measure.process_peak_mib(mem)
+  return out
+
+
+# ----------------------------------------------------------------------------- peak
+def peak_worker(job: dict) -> dict:
+  """The CPU's achievable float32 matmul rate in this run: the fastest of ``repeats``
+  ``jnp.dot`` of two ``n x n`` matrices (all cores), in FLOP/s."""
+  n = job["n"]
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+  dot = jax.jit(jnp.dot)
+  run = lambda: jax.block_until_ready(dot(a, a))
+  run()
+  best = min(measure.timed(run) for _ in range(job["repeats"]))
+  return dict(method="peak", n=n, seconds=best, flops_per_s=2 * n ** 3 / best)
+
+
+# ----------------------------------------------------------------------------- profile
+def profile_worker(job: dict) -> dict:
+  """Where the time goes, per XLA fusion (``xla_profile.fusion_profile``), in the forward
+  (``what="forward"``) or an engine method's prefill of ``length`` tokens. XLA writes
+  the optimized HLO of what this process compiles to a scratch folder (``XLA_FLAGS``
+  before the CPU backend starts), which names the traced instructions."""
+  what, length = job["what"], job["length"]
+  with tempfile.TemporaryDirectory(prefix="edgeinfinite_hlo_") as dump:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                               + xla_profile.hlo_dump_flags(dump)).strip()
+    if what == "forward":
+      config, params = load_hf(job["checkpoint"])
+      params, vocab = jax.device_put(params), config.vocab_size
+    else:
+      engine, vocab = _engine(dict(job, method=what, decode_warmup=0, decode_steps=0))
+    tokens = np.random.default_rng(job["seed"]).integers(0, vocab, (1, length), dtype=np.int32)
+    if what == "forward":
+      run = lambda: jax.block_until_ready(forward(config, params, tokens))
+    else:
+      run = lambda: jax.block_until_ready(engine.prefill(tokens)[1])
+    run(), run()  # compiles (the dump), then one untimed steady-state call
+    return dict(method="profile", what=what, length=length,
+                **xla_profile.fusion_profile(run, dump, usable_cores()))
+
+
 if __name__ == "__main__":
-  sys.exit(measure.serve(sys.argv[1], {"engine": engine_worker}))
+  sys.exit(measure.serve(sys.argv[1], {"engine": engine_worker, "forward": forward_worker,
+                                       "peak": peak_worker, "profile": profile_worker}))
