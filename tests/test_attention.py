@@ -237,10 +237,12 @@ def test_blockwise_attention_equals_one_softmax_over_all_keys(block):
   dense = lambda q, k, v: attention.dot_attention(q, k, v, (pos[None, :] <= pos[:, None])[None],
                                                   qx)[0]
   blockwise = lambda q, k, v: attention.blockwise_attention(q, k, v, pos, t, block)
-  np.testing.assert_allclose(blockwise(q, k, v), dense(q, k, v), atol=2e-6)
-  for got, want in zip(jax.grad(lambda *a: jnp.sum(blockwise(*a) ** 2), (0, 1, 2))(q, k, v),
-                       jax.grad(lambda *a: jnp.sum(dense(*a) ** 2), (0, 1, 2))(q, k, v)):
-    np.testing.assert_allclose(got, want, atol=2e-5)
+  causal = lambda q, k, v: attention.causal_blockwise_attention(q, k, v, block)
+  for fn in (blockwise, causal):  # all key blocks; query blocks skipping future key blocks
+    np.testing.assert_allclose(fn(q, k, v), dense(q, k, v), atol=2e-6)
+    for got, want in zip(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), (0, 1, 2))(q, k, v),
+                         jax.grad(lambda *a: jnp.sum(dense(*a) ** 2), (0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(got, want, atol=2e-5)
   # The last 8 queries against a cache of 72 keys filled up to them (traced count).
   tail = jax.jit(lambda n: attention.blockwise_attention(q[:, -8:], k, v, pos[-8:], n, block))
   np.testing.assert_allclose(tail(jnp.int32(t)), dense(q, k, v)[:, -8:], atol=2e-6)

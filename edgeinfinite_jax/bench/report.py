@@ -499,25 +499,29 @@ def _profile_table(rows: list[dict]) -> list[str]:
   if not rows:
     return []
   lines = ["### Where the time goes (XLA per-fusion profile)", "",
-           "One call traced with `jax.profiler` after a warm-up (`bench/xla_profile.py`): each "
-           "executed HLO instruction's time, summed over the threads that ran it and grouped "
-           "by what XLA's optimized HLO says it computes; `idle` is cores x wall minus the "
-           "busy time (the cores waited: an instruction ran on fewer threads than there are "
-           "cores, or the host dispatched). Percentages are of cores x wall.", "",
-           "| profiled | wall (s) | " + " | ".join(CATEGORIES) + " | idle | top instructions |",
-           "|---|---|" + "---|" * len(CATEGORIES) + "---|---|"]
+           "One call traced with `jax.profiler` after a warm-up (`bench/xla_profile.py`): the "
+           "time of every executed HLO instruction, grouped by what XLA's optimized HLO says it "
+           "computes (matmul: projections, MLP, logits; attention: score and mix products "
+           "inside the blockwise loop and the softmax; rope: the rotation and its tables). An "
+           "instruction's time is its wall time, including the part of its work XLA's thread "
+           "pool ran on the other core; instructions that ran at the same time both count, so "
+           "shares are of the sum over instructions, and `outside` is wall time in no "
+           "instruction (dispatch, host).", "",
+           "| profiled | wall (s) | sum over instructions (s) | " + " | ".join(CATEGORIES)
+           + " | outside (s) | top instructions |",
+           "|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|"]
   for r in rows:
     name = f"{r['what']} @ {fmt_len(r['length'])}"
     if r.get("error") or not r.get("traced_s"):
       lines.append(f"| {name} | {r.get('error', 'not measured')} |" + " |" * (
-          len(CATEGORIES) + 2))
+          len(CATEGORIES) + 3))
       continue
-    total = r["threads"] * r["traced_s"]
-    pct = lambda x: f"{x:.2f} s ({100 * x / total:.0f}%)"
+    total = max(r["busy_s"], 1e-12)
+    pct = lambda x: f"{x:.2f} ({100 * x / total:.0f}%)"
     top = "; ".join(f"{t['name']} ({t['category']}) {t['seconds']:.2f} s" for t in r["top"][:3])
-    lines.append(f"| {name} | {fmt_s(r['traced_s'])} | "
+    lines.append(f"| {name} | {fmt_s(r['traced_s'])} | {fmt_s(r['busy_s'])} | "
                  + " | ".join(pct(r["categories"][k]) for k in CATEGORIES)
-                 + f" | {pct(r['idle_s'])} | {top} |")
+                 + f" | {r['outside_s']:.2f} | {top} |")
   return lines + [""]
 
 

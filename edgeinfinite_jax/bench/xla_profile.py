@@ -1,9 +1,5 @@
 """Where a compiled JAX computation spends its time on the CPU, per XLA fusion.
 
-(Not ``profile.py``: the reference worker runs by file path with this folder first on
-``sys.path``, where a ``profile`` module would shadow the standard library's, which
-torch imports.)
-
 ``fusion_profile(run)`` traces one call of ``run`` with ``jax.profiler``, reads
 the trace back with ``jax.profiler.ProfileData`` (no TensorBoard needed) and sums
 the duration of every executed HLO instruction by what it computes, as read from
@@ -17,10 +13,17 @@ XLA's own optimized HLO (dumped by the worker: ``hlo_dump_flags``):
 * ``data movement``: copies, transposes, concatenations, slices, updates, gathers;
 * ``elementwise``: everything else (norms, activations, masks, selects).
 
-Busy time is summed over the threads that ran the instructions; ``idle`` is
-``threads x wall - busy``: time the cores waited (an instruction's critical path
-ran on fewer threads than there are cores, or Python dispatched). This is the
-profile that ``BENCHMARKS.md`` shows for targets it does not reach.
+An instruction's time is its wall time on the thread that launched it, which
+includes the part of its work that XLA's thread pool ran on other cores (a
+2048x2048 matmul on 2 cores shows as one event of its wall time, not two).
+Independent instructions may run at the same time on different threads, so the
+sum over instructions can exceed the call's wall time; ``outside`` is the wall
+time minus that sum when positive (dispatch, waiting on the host). This is the
+profile that ``BENCHMARKS.md`` shows next to the targets it does not reach.
+
+(Not ``profile.py``: the reference worker runs by file path with this folder first on
+``sys.path``, where a ``profile`` module would shadow the standard library's, which
+torch imports.)
 """
 
 from __future__ import annotations
@@ -121,8 +124,9 @@ def instruction_categories(dump_dir: str) -> dict[str, str | None]:
 
 def fusion_profile(run: Callable[[], object], dump_dir: str, threads: int) -> dict:
   """One traced call of ``run`` (already compiled; its HLO dumped to ``dump_dir``):
-  wall seconds (``traced_s``), busy seconds per category (summed over threads), idle
-  seconds and the eight most expensive instruction kinds. Events the HLO does not name (the runtime's own
+  wall seconds (``traced_s``), instruction seconds per category (``busy_s`` their
+  sum), ``outside_s`` (wall minus that sum, when positive) and the eight most
+  expensive instruction kinds. Events the HLO does not name (the runtime's own
   waits and dispatch) are not counted as busy."""
   kinds = instruction_categories(dump_dir)
   with tempfile.TemporaryDirectory(prefix="edgeinfinite_profile_") as trace_dir:
@@ -144,7 +148,6 @@ def fusion_profile(run: Callable[[], object], dump_dir: str, threads: int) -> di
         busy[kind] += ev.duration_ns * 1e-9
         top[(re.sub(r"\.\d+$", "", ev.name), kind)] += ev.duration_ns * 1e-9
   total = sum(busy.values())
-  return dict(traced_s=wall, threads=threads, busy_s=total,
-              idle_s=max(threads * wall - total, 0.0),
+  return dict(traced_s=wall, threads=threads, busy_s=total, outside_s=max(wall - total, 0.0),
               categories={k: busy.get(k, 0.0) for k in CATEGORIES},
               top=[dict(name=n, category=k, seconds=s) for (n, k), s in top.most_common(8)])

@@ -64,6 +64,26 @@ def grouped_mix(probs, v):
   return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, d)
 
 
+def causal_blockwise_attention(q, k, v, block: int):
+  """``blockwise_attention`` of a sequence against itself from position 0 (query i and
+  key i at position i, the training path), skipping the key blocks wholly in the
+  queries' future: queries go in blocks of ``block`` too, and query block j visits key
+  blocks 0..j only, so the work is the causal half of T x T (plus the diagonal
+  blocks) instead of all of it, and a step's scores are [block, block] per row group.
+  Same values as one ``blockwise_attention`` over all keys: a skipped block was fully
+  masked, adding exp(-inf) = 0. Query blocks are a Python loop (static trip counts,
+  reverse-differentiable): ``T / block`` of them."""
+  t = q.shape[1]
+  if block <= 0 or t <= block:
+    return blockwise_attention(q, k, v, jnp.arange(t, dtype=jnp.int32), t, block)
+  outs = []
+  for lo in range(0, t, block):
+    hi = min(lo + block, t)
+    outs.append(blockwise_attention(q[:, lo:hi], k[:, :hi], v[:, :hi],
+                                    jnp.arange(lo, hi, dtype=jnp.int32), hi, block))
+  return jnp.concatenate(outs, axis=1)
+
+
 def blockwise_attention(q, k, v, q_pos, n_keys, block: int):
   """Causal softmax attention with a running softmax over key blocks (flash style).
 
@@ -215,7 +235,7 @@ def sequence_attention(config: ModelConfig, q, k, v, positions, inv_freq, gate_p
   if not m.segmented:
     rq, rk = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if float_path(qx):  # the sequence starts at 0: key i is at position i
-      return blockwise_attention(rq, rk, v, positions[0], k.shape[1], m.key_block), {}
+      return causal_blockwise_attention(rq, rk, v, m.key_block), {}
     mask = positions[:, None, :] <= positions[:, :, None]
     return dot_attention(rq, rk, v, mask, qx)
   return _segment_scan(config, q, k, v, inv_freq, gate_params, qx)
