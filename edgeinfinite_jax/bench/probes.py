@@ -86,7 +86,7 @@ def job_for(plan: Plan, checkpoint: str, method: str, length: int, prefill: bool
             decode: bool) -> dict:
   job = dict(kind="torch" if method == REFERENCE else "engine", checkpoint=checkpoint,
              scenario=dict(plan.scenario), seed=plan.seed, threads=plan.threads,
-             repeats=plan.repeats, repeat_below_s=plan.max_seconds / 2,
+             repeats=plan.repeats, repeat_below_s=plan.repeat_below_s,
              decode_warmup=plan.decode_warmup, method=method,
              length=length, prefill=prefill, decode_steps=plan.decode_steps if decode else 0)
   paired = plan.paired_context(method, length) if decode else None
@@ -242,7 +242,7 @@ def measure_forward(plan: Plan, checkpoint: str, progress: Progress) -> list[dic
     for kind, method in kinds:
       progress.step(f"{method} forward @ {fmt_len(n)}")
       res = run_job(dict(kind=kind, checkpoint=checkpoint, seed=plan.seed, length=n,
-                         repeats=plan.repeats, repeat_below_s=plan.max_seconds / 2,
+                         repeats=plan.repeats, repeat_below_s=plan.repeat_below_s,
                          threads=plan.threads), plan.timeout_s)
       res.update(method=method, length=n)
       if res.get("error"):

@@ -399,7 +399,7 @@ def _scenario_section(meta: dict, run_meta: dict) -> list[str]:
       "other). Decoding feeds one token at a time with the returned `past_key_values`.",
       f"- A length is skipped when its time, extrapolated from the shorter lengths of the "
       f"same method, exceeds --max-seconds={meta['max_seconds']:.0f} s; a read longer "
-      f"than {meta['max_seconds'] / 2:.0f} s is not repeated. Section wall time: "
+      f"than {meta['max_seconds'] / 4:.0f} s is not repeated. Section wall time: "
       f"{meta['wall_s']:.0f} s.", ""]
 
 

@@ -27,7 +27,7 @@ Every (method, context length) measurement runs in a fresh subprocess
 (``/proc/self/clear_refs``), reads the whole prompt, and reports the peak RSS
 during the prefill minus the RSS just before it, next to the process's absolute
 peak (``VmHWM``; ``measure``); it then reads the prompt again (``--repeats``, 2
-in all, unless one read took more than half of ``--max-seconds``), and the time
+in all, unless one read took more than a quarter of ``--max-seconds``), and the time
 to first token is the fastest read (other load on a shared machine only ever
 adds time); the report shows every read's time, so the spread is visible. At
 each length every method runs before the next length starts. Lengths whose time, extrapolated from the
@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sections", type=parse_sections, default=list(plan_lib.SECTIONS),
                  help="comma-separated subset of the report's sections "
                       f"({','.join(plan_lib.SECTIONS)}; default: all; ignored with --quick)")
-  p.add_argument("--max-seconds", type=float, default=full.max_seconds,
-                 help="skip a measurement whose extrapolated time exceeds this "
-                      f"(default {full.max_seconds:.0f})")
+  p.add_argument("--max-seconds", type=float, default=None,
+                 help="skip a measurement whose extrapolated time exceeds this (default: "
+                      "each section's, " + ", ".join(
+                          f"{k} {make().max_seconds:.0f}" for k, make in
+                          plan_lib.SECTIONS.items()) + ")")
   p.add_argument("--segment-len", type=int, default=None)
   p.add_argument("--window", type=int, default=None, help="n_window in tokens")
   p.add_argument("--sink", type=int, default=None, help="n_sink")
@@ -168,14 +170,15 @@ def plan_from_args(args, make=None) -> plan_lib.Plan:
     raise SystemExit("--jobs must be >= 1")
   changes = {k: v for k, v in dict(
       lengths=args.lengths, decode_lengths=args.decode_lengths, decode_steps=args.decode_steps,
-      decode_warmup=args.decode_warmup, repeats=args.repeats).items() if v is not None}
+      decode_warmup=args.decode_warmup, repeats=args.repeats,
+      max_seconds=args.max_seconds).items() if v is not None}
   make = make or (plan_lib.quick_plan if args.quick else plan_lib.full_plan)
   plan = make(**changes)
   scenario = {k: v for k, v in (("segment_len", args.segment_len), ("n_window", args.window),
                                 ("n_sink", args.sink)) if v is not None}
   return dataclasses.replace(
       plan, scenario={**plan.scenario, **scenario}, methods=tuple(args.methods),
-      max_seconds=args.max_seconds, seed=args.seed, jobs=args.jobs,
+      seed=args.seed, jobs=args.jobs,
       threads=args.threads or plan_lib.usable_cores(), qat=None if args.no_qat else plan.qat)
 
 
