@@ -96,6 +96,18 @@ def best_of(first_s: float, again: Callable[[], float], repeats: int,
   return dict(ttft_s=min(runs), ttft_runs_s=runs)
 
 
+def timed_reads(run: Callable[[], object], repeats: int,
+                repeat_below_s: float | None = None) -> dict:
+  """Reads of an already-warm ``run``: the first inside a ``MemoryWindow``, then
+  ``best_of`` the repeats; the window's fields, the reads and the process peak."""
+  with MemoryWindow() as mem:
+    first = timed(run)
+  out = mem.result()
+  out.update(best_of(first, lambda: timed(run), repeats, repeat_below_s))
+  out["peak_rss_mib"] = process_peak_mib(mem)
+  return out
+
+
 def decode_stats(times: list[float]) -> dict:
   """Median, min and p90 (milliseconds) of the timed decode steps."""
   ms = sorted(t * 1e3 for t in times)

@@ -32,8 +32,8 @@ class QatPlan:
 
 
 # Target groups a section evaluates (``report.TARGET_GROUPS`` holds their rules).
-LONG_ROUTE, FULL_ROUTE, FULL_MEMORY, FORWARD, DECODE, QAT = (
-    "long_route", "full_route", "full_memory", "forward", "decode", "qat")
+LONG_ROUTE, THROUGHPUT, FULL_ROUTE, FULL_MEMORY, FORWARD, DECODE, QAT = (
+    "long_route", "throughput", "full_route", "full_memory", "forward", "decode", "qat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +148,7 @@ def smollm2_plan(**changes) -> Plan:
               name="smollm2", title="SmolLM2-135M-Instruct", source="smollm2",
               forward_lengths=(1024, 4096), generate_tokens=64, peak=True,
               profile=(("forward", 1024), ("full", 4096)),
-              targets=(LONG_ROUTE, FULL_ROUTE, FORWARD, DECODE))
+              targets=(LONG_ROUTE, THROUGHPUT, FULL_ROUTE, FORWARD, DECODE))
   return dataclasses.replace(plan, **changes)
 
 
@@ -167,7 +167,7 @@ def quick_plan(**changes) -> Plan:
               qat=QatPlan(batch=2, seq_len=32, n=3), quick=True, name="quick",
               title="Tiny random-weight model (smoke run)", forward_lengths=lengths[:1],
               peak=True, profile=(("forward", lengths[0]),),
-              targets=(LONG_ROUTE, FULL_ROUTE, FULL_MEMORY, FORWARD, DECODE, QAT))
+              targets=(LONG_ROUTE, THROUGHPUT, FULL_ROUTE, FULL_MEMORY, FORWARD, DECODE, QAT))
   return dataclasses.replace(plan, **changes)
 
 

@@ -334,5 +334,6 @@ def machine_description(threads: int) -> dict:
       "jax": _version("jax"), "jaxlib": _version("jaxlib"), "flax": _version("flax"),
       "numpy": _version("numpy"), "torch": _version("torch"),
       "transformers": _version("transformers"),
+      "llama-cpp-python": _version("llama-cpp-python"),
       "git": _git_revision(),
   }

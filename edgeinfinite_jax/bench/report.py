@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 from edgeinfinite_jax.bench.plan import (  # noqa: E402
-    DECODE, FORWARD, FULL_MEMORY, FULL_ROUTE, LONG_ROUTE, QAT, REFERENCE, fmt_len)
+    DECODE, FORWARD, FULL_MEMORY, FULL_ROUTE, LONG_ROUTE, QAT, REFERENCE, THROUGHPUT, fmt_len)
 from edgeinfinite_jax.bench.xla_profile import CATEGORIES  # noqa: E402
 
 MIB = 1024 * 1024
@@ -249,8 +249,8 @@ TARGETS = (
     "QAT training step <= 1.5x a full-precision step",
 )
 TARGET_GROUPS = {
-    LONG_ROUTE: (_linear_ttft_target, _state_target, _reference_target, _decode_target,
-                 _throughput_target),
+    LONG_ROUTE: (_linear_ttft_target, _state_target, _reference_target, _decode_target),
+    THROUGHPUT: (_throughput_target,),
     FULL_ROUTE: (_full_ttft_target, _full_decode_target),
     FULL_MEMORY: (_full_memory_target,),
     FORWARD: (_forward_time_target, _forward_memory_target),
@@ -356,6 +356,17 @@ def _machine_table(meta: dict, machine: dict) -> list[str]:
                   f"| load average (1, 5, 15 min) at start | {meta['load_start']} |",
                   f"| load average at end | {meta['load_end']} |",
                   f"| wall time of the run | {meta['wall_s']:.0f} s |", ""]
+
+
+def _llama_cpp(machine: dict) -> list[str]:
+  """Issue #13's second outside reference, llama.cpp on the same GGUF file: skipped
+  with a note unless ``llama-cpp-python`` is installed (no wheel is published; it
+  builds from source with a C++ compiler and CMake)."""
+  if machine.get("llama-cpp-python", "not installed") != "not installed":
+    return ["llama.cpp: `llama-cpp-python` is installed but no section measures it yet.", ""]
+  return ["llama.cpp (a second outside reference on the same GGUF file): not measured, "
+          "`llama-cpp-python` is not installed (it publishes no wheel and builds from "
+          "source).", ""]
 
 
 def _noise(sections: list[dict]) -> list[str]:
@@ -569,7 +580,7 @@ def render_section(s: dict, run_meta: dict) -> list[str]:
 def render_markdown(results: dict) -> str:
   meta, sections = results["meta"], results["sections"]
   lines = (_header(meta) + _machine_table(meta, results["machine"]) + _noise(sections)
-           + _targets_table(sections))
+           + _llama_cpp(results["machine"]) + _targets_table(sections))
   for s in sections:
     lines += render_section(s, meta)
   lines += [f"Raw results: [{meta['results_json']}]({meta['results_json']}).", ""]

@@ -130,12 +130,7 @@ def forward_worker(job: dict) -> dict:
   with torch.inference_mode():
     out = dict(method="transformers", length=job["length"], warmup_s=measure.timed(run),
                threads=torch.get_num_threads())
-    with measure.MemoryWindow() as mem:
-      first = measure.timed(run)
-    out.update(mem.result())
-    out.update(measure.best_of(first, lambda: measure.timed(run), job["repeats"],
-                               job.get("repeat_below_s")))
-  out["peak_rss_mib"] = measure.process_peak_mib(mem)
+    out.update(measure.timed_reads(run, job["repeats"], job.get("repeat_below_s")))
   return out
 
 

@@ -267,17 +267,8 @@ def forward_worker(job: dict) -> dict:
   tokens = np.random.default_rng(job["seed"]).integers(
       0, config.vocab_size, (1, job["length"]), dtype=np.int32)
   run = lambda: jax.block_until_ready(forward(config, params, tokens))
-  t0 = time.perf_counter()
-  run()
-  out = dict(method="forward", length=job["length"], warmup_s=time.perf_counter() - t0)
-  with measure.MemoryWindow() as mem:
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-  out.update(mem.result())
-  out.update(measure.best_of(first, lambda: measure.timed(run), job["repeats"],
-                             job.get("repeat_below_s")))
-  out["peak_rss_mib"] = measure.process_peak_mib(mem)
+  out = dict(method="forward", length=job["length"], warmup_s=measure.timed(run))
+  out.update(measure.timed_reads(run, job["repeats"], job.get("repeat_below_s")))
   return out
 
 
