@@ -7,7 +7,7 @@ forward, the matmul peak and profiles; and ``full_plan()``, a model of about 55M
 random parameters (8 layers, hidden 512, GQA 8/2 heads, intermediate 1408, vocab
 32000, float32) at contexts 1k to 32k with the QAT step cost. ``quick_plan()`` is
 the smoke run (``--quick``): a tiny model and short contexts. Each takes keyword
-changes; ``suite.plan_from_args`` applies the command line's.
+changes; ``suite.plans_from_args`` applies the command line's.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ the training-path forward, against transformers on the same weights.
     python -m edgeinfinite_jax.bench --quick         # tiny model, short lengths (smoke test)
 
 The report has one section per plan (``plan.SECTIONS``): SmolLM2-135M-Instruct
-(``plan.smollm2_plan``: the real model from its GGUF file, in the demo's
-scenario, with the forward, the matmul peak and per-fusion profiles) and a 55M
+(``plan.smollm2_plan``: the real model from its GGUF file, segments of 512,
+with the forward, the matmul peak and per-fusion profiles) and a 55M
 random-weight model (``plan.full_plan``: 8 layers, hidden 512, GQA 8/2 heads,
 intermediate 1408, vocab 32000, float32, with the QAT step cost). Each is run
 through
@@ -30,9 +30,9 @@ peak (``VmHWM``; ``measure``); it then reads the prompt again (``--repeats``, 2
 in all, unless one read took more than a quarter of ``--max-seconds``), and the time
 to first token is the fastest read (other load on a shared machine only ever
 adds time); the report shows every read's time, so the spread is visible. At
-each length every method runs before the next length starts. Lengths whose time, extrapolated from the
-shorter ones of the same method, exceeds ``--max-seconds`` are skipped and
-reported as such. Decode latency is the median over ``--decode-steps``
+each length every method runs before the next length starts. Lengths whose
+time, extrapolated from the shorter ones of the same method, exceeds
+``--max-seconds`` are skipped and reported as such. Decode latency is the median over ``--decode-steps``
 single-token steps after warm-up, at the contexts of ``--decode-lengths``;
 where that context's prefill was skipped, decoding runs from a synthetic state
 holding that many tokens (the cost of a decode step does not depend on the
@@ -46,7 +46,7 @@ The SmolLM2 section adds the training-path ``forward`` (full logits) against
 transformers' forward at ``forward_lengths``, the CPU's float32 matmul rate
 (a large ``jnp.dot``, timed in the same run) against which the long route's
 prefill FLOPs (XLA's count) per second are reported, and per-fusion profiles
-(``profile``) that explain where the time of the forward and the prefills goes.
+(``xla_profile``) that explain where the time of the forward and the prefills goes.
 The 55M section times one QAT training step against a full-precision one
 (``edgeinfinite_jax.bench.qat_step.qat_step_cost``; target <= 1.5x; ``--no-qat``
 skips it).
@@ -161,9 +161,8 @@ def plans_from_args(args) -> list[plan_lib.Plan]:
   return [plan_from_args(args, make) for make in makers]
 
 
-def plan_from_args(args, make=None) -> plan_lib.Plan:
-  """A section's plan (``make``; default the ``--quick`` or 55M one) with the command
-  line's changes."""
+def plan_from_args(args, make) -> plan_lib.Plan:
+  """A section's plan (``make``: a ``plan`` constructor) with the command line's changes."""
   if args.repeats is not None and args.repeats < 1:
     raise SystemExit(f"--repeats={args.repeats}: must be >= 1")
   if args.jobs < 1:
@@ -172,7 +171,6 @@ def plan_from_args(args, make=None) -> plan_lib.Plan:
       lengths=args.lengths, decode_lengths=args.decode_lengths, decode_steps=args.decode_steps,
       decode_warmup=args.decode_warmup, repeats=args.repeats,
       max_seconds=args.max_seconds).items() if v is not None}
-  make = make or (plan_lib.quick_plan if args.quick else plan_lib.full_plan)
   plan = make(**changes)
   scenario = {k: v for k, v in (("segment_len", args.segment_len), ("n_window", args.window),
                                 ("n_sink", args.sink)) if v is not None}

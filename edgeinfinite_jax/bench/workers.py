@@ -259,14 +259,19 @@ def engine_worker(job: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- forward
-def forward_worker(job: dict) -> dict:
-  """The training-path ``forward`` (full float32 logits, ``[1, length, vocab]``): compiled
-  on the prompt's shape, then read ``repeats`` times, the first inside a memory window."""
+def _forward_run(job: dict):
+  """A blocking call of the training-path ``forward`` on ``job["length"]`` random tokens."""
   config, params = load_hf(job["checkpoint"])
   params = jax.device_put(params)
   tokens = np.random.default_rng(job["seed"]).integers(
       0, config.vocab_size, (1, job["length"]), dtype=np.int32)
-  run = lambda: jax.block_until_ready(forward(config, params, tokens))
+  return lambda: jax.block_until_ready(forward(config, params, tokens))
+
+
+def forward_worker(job: dict) -> dict:
+  """The training-path ``forward`` (full float32 logits, ``[1, length, vocab]``): compiled
+  on the prompt's shape, then read ``repeats`` times, the first inside a memory window."""
+  run = _forward_run(job)
   out = dict(method="forward", length=job["length"], warmup_s=measure.timed(run))
   out.update(measure.timed_reads(run, job["repeats"], job.get("repeat_below_s")))
   return out
@@ -296,14 +301,11 @@ def profile_worker(job: dict) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                                + xla_profile.hlo_dump_flags(dump)).strip()
     if what == "forward":
-      config, params = load_hf(job["checkpoint"])
-      params, vocab = jax.device_put(params), config.vocab_size
+      run = _forward_run(job)
     else:
       engine, vocab = _engine(dict(job, method=what, decode_warmup=0, decode_steps=0))
-    tokens = np.random.default_rng(job["seed"]).integers(0, vocab, (1, length), dtype=np.int32)
-    if what == "forward":
-      run = lambda: jax.block_until_ready(forward(config, params, tokens))
-    else:
+      tokens = np.random.default_rng(job["seed"]).integers(0, vocab, (1, length),
+                                                           dtype=np.int32)
       run = lambda: jax.block_until_ready(engine.prefill(tokens)[1])
     run(), run()  # compiles (the dump), then one untimed steady-state call
     return dict(method="profile", what=what, length=length,
