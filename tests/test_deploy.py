@@ -182,6 +182,8 @@ def test_manifest_names_every_graph_array_and_counts_its_ops(exported):
                                                                                 "decode_long")}
   assert "IF" not in tflite["prefill_long"] and tflite["prefill_long"]["SELECT_V2"] > 0
   assert tflite["decode_long"]["IF"] == engine.route_configs["long"].num_layers
+  # The sink and ring writes are slices: the one gather left is the token embedding.
+  assert tflite["prefill_long"]["GATHER_ND"] == tflite["decode_long"]["GATHER_ND"] == 1
 
 
 @pytest.mark.parametrize("attention_type", ["streaming", "full"])
@@ -313,3 +315,25 @@ def test_deploy_check_command_prints_agreement_and_refusals(tmp_path, capsys):
   assert float_row["prompt_tokens"] > 4 + 32 + 2 * 32  # two blocks reached the memory
   assert "| float | litert | " in out and "| integer | litert | " in out
   assert json.loads((tmp_path / "rows.json").read_text()) == json.loads(json.dumps(rows))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_the_quantizers_division_stays_a_division_in_each_runtime(tmp_path, runtime):
+  """``round(x / scale)`` must divide: a multiply by the reciprocal is 1 ulp off in a
+  third of the quotients and moves codes at rounding boundaries. LiteRT's converter
+  folded ``exact_div``'s old zero term (``0·min(|x|, 1)``) and then the division by a
+  constant into one MUL; each runtime now computes the correctly rounded quotient,
+  infinities included."""
+  from edgeinfinite_jax.deploy import runtime as runtime_lib
+  from edgeinfinite_jax.quant import intsim
+  x = np.random.RandomState(0).randn(2, 128, 64).astype(np.float32)
+  x[0, 0, :4] = [np.inf, -np.inf, 0.0, -0.0]
+  s = np.float32(0.0137)
+  graph = export_lib.Graph("op", lambda x: (intsim.exact_div(x, s),),
+                           [jax.ShapeDtypeStruct(x.shape, x.dtype)], ["x"], ["y"])
+  path = str(tmp_path / f"op.{deploy.RUNTIMES[runtime]}")
+  ops = graph.write(path, deploy.RUNTIMES[runtime])
+  assert ops.get("DIV" if runtime == "litert" else "Div") == 1, ops
+  sig = {"inputs": [{"name": "x"}], "outputs": [{"name": "y"}]}
+  got = runtime_lib.open_graph(path, "op", sig, runtime, 1)({"x": x})["y"]
+  np.testing.assert_array_equal(got, x / s)

@@ -306,6 +306,25 @@ def test_continued_prefill_equals_one_prefill_of_the_concatenation(attention_typ
                              atol=2e-5)
 
 
+@pytest.mark.parametrize("c", [1, 2, 3, 5, L])
+def test_sink_slot_i_holds_position_i_whatever_the_chunk_start(c):
+  """The sink is written with slices (a decode token: broadcast and select; a segment: one
+  dynamic slice), never a gather; slot i must take the chunk row at position i, for a
+  chunk starting anywhere before, inside or past the sink, and keep its old value else."""
+  from edgeinfinite_jax.model.kv_cache import _write_sink
+  S = 4
+  old = np.random.RandomState(0).randn(2, S, 3, 5).astype(np.float32)
+  x = np.random.RandomState(1).randn(2, c, 3, 5).astype(np.float32)
+  write = jax.jit(lambda *a: _write_sink(*a))  # its own cache: one compile per shape
+  for start in range(S + 3):
+    want = old.copy()
+    for i in range(S):
+      if start <= i < start + c:
+        want[:, i] = x[:, i - start]
+    np.testing.assert_array_equal(write(old, x, jnp.int32(start)), want, err_msg=f"{start=}")
+  assert write._cache_size() == 1  # the start is traced
+
+
 def test_continued_prefill_checks_the_state_and_the_capacity():
   cfg, params = _model("full")
   engine = Engine(cfg, params, _scenario())

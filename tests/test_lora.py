@@ -103,6 +103,27 @@ def test_subset_file_round_trip_and_mismatch(tmp_path):
     lora.save_subset(params, path, lora.PATTERN, "adapters")
 
 
+@pytest.mark.parametrize("form", [{"gate": "mlp", "gate_mlp_hidden": 8},
+                                  {"gate": "per_head_vector"}, {"gate": "per_head_scalar"}])
+def test_a_saved_gate_loads_in_its_own_form(tmp_path, form):
+  """``generate --gate`` / ``deploy_check --gate``: the engine takes the gate's form from
+  the file (the demo saves an mlp gate; the memory's default form is a scalar)."""
+  from edgeinfinite_jax.cli.generate import build_engine
+  from edgeinfinite_jax.engine.engine import Scenario
+  config, params = _base()
+  _, trained = gate_lib.with_memory(config, params, rng=jax.random.key(3),
+                                    **{**MEMORY, **form})
+  path = str(tmp_path / "gate.npz")
+  gate_lib.save_gate(trained, path)
+  assert gate_lib.saved_form(path) == form
+  engine = build_engine(config, params, "edgeinfinite",
+                        Scenario(segment_len=16, n_sink=4, n_window=16), gate_path=path)
+  assert engine.route_configs["long"].memory.gate == form["gate"]
+  got = gate_lib.gate_params(engine.params)
+  for k, v in gate_lib.gate_params(trained).items():
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v))
+
+
 @pytest.mark.parametrize("rank", [-1, 33])
 def test_bad_rank_names_the_key(rank):
   with pytest.raises(ConfigError, match=f"model.lora_rank={rank}"):

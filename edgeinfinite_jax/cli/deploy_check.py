@@ -10,8 +10,12 @@ EdgeInfinite engine is exported (``Engine.export``), loaded with
 ``edgeinfinite_jax.deploy.load`` and fed a prompt of at least ``--segments``
 segments, long enough that two blocks pass into the memory (the last segment
 padded), and ``--steps`` greedy decode steps, the runtime holding its own
-state; the JAX engine reads the same tokens. Printed: the largest logit difference
-(absolute, and relative to the largest logit), whether every greedy token agreed,
+state; the JAX engine reads the same tokens. Then each side generates ``--steps``
+tokens greedily from the prompt on its own (``generate``: its own tokens fed back).
+Printed: the largest logit difference (absolute, and relative to the largest
+logit), whether every greedy token agreed, how many generated tokens are equal
+(and, for a model with a tokenizer, the generated text), the share of the integer
+state's entries (an integer engine's int8 KV cache) that are equal,
 the largest difference over the final state's arrays (absolute, and relative to the
 largest value of that array), the graphs' size, the export
 time, and each runtime's prefill time per segment and decode time per token (median
@@ -35,13 +39,16 @@ import jax
 import numpy as np
 
 from edgeinfinite_jax import deploy
+from edgeinfinite_jax.deploy import runtime as runtime_lib
 from edgeinfinite_jax.checkpoints import models
 from edgeinfinite_jax.cli.generate import SCENARIOS, build_engine
 from edgeinfinite_jax.data import corpus
 from edgeinfinite_jax.engine import engine as engine_lib
 from edgeinfinite_jax.engine import export as export_lib
+from edgeinfinite_jax.model import rope as rope_lib
 from edgeinfinite_jax.model import transformer as model_lib
 from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.quant import intsim
 from edgeinfinite_jax.quant import qconfig as qc
 from edgeinfinite_jax.train import calib
 
@@ -115,8 +122,18 @@ def replay(engine, deployed, prompt, steps):
   graph = deployed.manifest["functions"]["decode_long"]["graph"]["inputs"]
   diffs = [(float(np.abs(leaves[x["leaf"]] - dstate.arrays[x["name"]]).max()),
             float(np.abs(leaves[x["leaf"]]).max())) for x in graph if x["leaf"]]
+  # integer leaves (an integer engine's int8 KV cache): the share of entries equal
+  codes = [(leaves[x["leaf"]] == dstate.arrays[x["name"]]).ravel() for x in graph
+           if x["leaf"] and np.issubdtype(np.dtype(x["dtype"]), np.integer)
+           and x["leaf"] != ".length"]
+  # free-running: each side's generate from the prompt, its own tokens fed back
+  want = np.asarray(engine.generate(prompt, max_new_tokens=steps))
+  got = deployed.generate(prompt, max_new_tokens=steps)
   n_seg = -(-prompt.shape[1] // engine.scenario.segment_len)
-  return {"max_abs_logit_diff": float(max(err)),
+  return {"generated_equal": f"{int((want == got).all(0).sum())}/{steps}",
+          "generated": (want, got),
+          "int_state_equal": float(np.concatenate(codes).mean()) if codes else None,
+          "max_abs_logit_diff": float(max(err)),
           "max_rel_logit_diff": float(max(e / s for e, s in zip(err, scale))),
           "greedy_agree": f"{same}/{steps}", "max_state_diff": max(d for d, _ in diffs),
           "max_rel_state_diff": max(d / m for d, m in diffs if m > 0),
@@ -164,24 +181,123 @@ def check(args) -> list[dict]:
                             for f in manifest["functions"].values()) / 2**20
       deployed = deploy.load(directory, runtime, num_threads=args.threads)
       row.update(replay(engine, deployed, prompt, args.steps))
+      want, got = row.pop("generated")
+      if tokenizer is not None:  # what a user reads: the first row's continuation
+        row["text"], row["jax_text"] = tokenizer.decode(got[0]), tokenizer.decode(want[0])
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
 
 
+def _float_op_cases():
+  """The float ops an integer engine computes between its integer ops (``layer_quant``'s
+  list), on SmolLM2's shapes (one 128-token segment; a few outlier channels, as the
+  model has), plus the quantizer's own division as a control."""
+  rs = np.random.RandomState(0)
+  x = (rs.randn(1, 128, 576) * np.where(rs.rand(576) < 0.02, 30, 1)).astype(np.float32)
+  scores = (3 * rs.randn(1, 9, 128, 1156)).astype(np.float32)
+  q = rs.randn(1, 128, 9, 64).astype(np.float32)
+  pos = np.arange(1000, 1128, dtype=np.int32)[None]
+  inv_freq = (1.0 / 100000 ** (np.arange(0, 64, 2) / 64)).astype(np.float32)
+  jnp = jax.numpy
+  return {
+      "rmsnorm": (lambda x: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5), x),
+      "softmax": (lambda s: jax.nn.softmax(s, axis=-1), scores),
+      "silu": (jax.nn.silu, x),
+      "rope": (lambda q, p: rope_lib.apply_rope(q, p, inv_freq), q, pos),
+      "x*a + x*x": (lambda x: x * 1.37 + x * x, x),
+      "x / scale (the quantizer's exact_div)": (lambda x: intsim.exact_div(x, 0.0137), x),
+  }
+
+
+def float_ops(args) -> list[dict]:
+  """Each op of ``_float_op_cases`` exported alone and run in each runtime: the share of
+  outputs whose float32 bits differ from XLA's and the largest difference in ulps."""
+  rows = []
+  for name, (fn, *inputs) in _float_op_cases().items():
+    want = np.asarray(jax.jit(fn)(*inputs))
+    names = [f"x{i}" for i in range(len(inputs))]
+    graph = export_lib.Graph("op", lambda *a, fn=fn: (fn(*a),),
+                             [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs],
+                             names, ["y"])
+    sig = {"inputs": [{"name": n} for n in names], "outputs": [{"name": "y"}]}
+    for runtime in args.runtimes:
+      path = os.path.join(args.workdir, f"op.{deploy.RUNTIMES[runtime]}")
+      graph.write(path, deploy.RUNTIMES[runtime])
+      got = runtime_lib.open_graph(path, "op", sig, runtime, args.threads)(
+          dict(zip(names, inputs)))["y"]
+      ulps = np.abs(want.view(np.int32).astype(np.int64) - got.view(np.int32).astype(np.int64))
+      rows.append({"op": name, "runtime": runtime, "differ": float(np.mean(ulps > 0)),
+                   "max_ulp": int(ulps.max()), "size": int(want.size)})
+      print(json.dumps(rows[-1]), flush=True)
+  if "onnxruntime" in args.runtimes:
+    rows.append(qdq_matmul(args))
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def qdq_matmul(args) -> dict:
+  """A projection in ONNX's QDQ form (DequantizeLinear on int8 codes and per-channel int8
+  weights, a float MatMul, QuantizeLinear to int16, as an NPU provider takes it) in ONNX
+  Runtime, against the integer projection it stands for (``intsim.qlinear_matmul``,
+  ``onnx`` mode): the share of output codes that differ and the largest difference.
+  Equal codes would mean the runtime fused the pattern into an integer kernel."""
+  import onnx  # optional: the deploy-export tools
+  from onnx import helper, numpy_helper
+
+  rs = np.random.RandomState(0)
+  m, k, n = 512, 576, 1536  # a segment of SmolLM2's up_proj rows
+  x = rs.randint(-128, 128, (1, m, k)).astype(np.int8)
+  w = rs.randint(-127, 128, (k, n)).astype(np.int8)
+  sx, zx = np.float32(0.0213), np.int8(-7)
+  sw = (0.01 * rs.rand(n) + 1e-3).astype(np.float32)
+  sy, zy = np.float32(0.0011), np.int16(3)
+  want = np.asarray(intsim.qlinear_matmul(x, sx, int(zx), w, sw, 0, sy, int(zy), np.int16,
+                                          "onnx"))
+  consts = {"w": w, "sx": np.asarray(sx), "zx": np.asarray(zx), "sw": sw,
+            "zw": np.zeros(n, np.int8), "sy": np.asarray(sy), "zy": np.asarray(zy)}
+  graph = helper.make_graph(
+      [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
+       helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=1),
+       helper.make_node("MatMul", ["xf", "wf"], ["yf"]),
+       helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"])], "qdq",
+      [helper.make_tensor_value_info("x", onnx.TensorProto.INT8, x.shape)],
+      [helper.make_tensor_value_info("y", onnx.TensorProto.INT16, want.shape)],
+      [numpy_helper.from_array(v, name) for name, v in consts.items()])
+  path = os.path.join(args.workdir, "qdq.onnx")
+  onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+  sig = {"inputs": [{"name": "x"}], "outputs": [{"name": "y"}]}
+  got = runtime_lib.open_graph(path, "qdq", sig, "onnxruntime", args.threads)({"x": x})["y"]
+  diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+  return {"op": "QDQ MatMul, int16 codes vs intsim (onnx mode)", "runtime": "onnxruntime",
+          "differ": float(np.mean(diff > 0)), "max_ulp": int(diff.max()), "size": int(diff.size)}
+
+
+def float_ops_table(rows) -> str:
+  out = ["| op | runtime | outputs | bits differ from XLA | max ulps (codes) |",
+         "|---|---|---|---|---|"]
+  out += [f"| {r['op']} | {r['runtime']} | {r['size']:,} | {r['differ']:.1%} | {r['max_ulp']} |"
+          for r in rows]
+  return "\n".join(out)
+
+
 def table(rows) -> str:
-  out = ["| mode | runtime | max abs Δlogits | rel. | greedy | max Δstate (rel.) | graphs MB | "
-         "export s | prefill ms/seg (JAX) | decode ms/token median [min-max] (JAX median) |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+  out = ["| mode | runtime | max abs Δlogits | rel. | greedy | generate | max Δstate (rel.) | "
+         "int state equal | graphs MB | export s | prefill ms/seg (JAX) | "
+         "decode ms/token median [min-max] (JAX median) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "refused" in r:
       out.append(f"| {r['mode']} | {r['runtime']} | refused: {r['refused'][:110]}... "
-                 "| | | | | | | |")
+                 "| | | | | | | | | |")
       continue
     d, j = r["decode_ms"], r["jax_decode_ms"]
+    codes = "" if r["int_state_equal"] is None else f"{r['int_state_equal']:.4%}"
     out.append(f"| {r['mode']} | {r['runtime']} | {r['max_abs_logit_diff']:.1e} | "
-               f"{r['max_rel_logit_diff']:.1e} | {r['greedy_agree']} | "
-               f"{r['max_state_diff']:.1e} ({r['max_rel_state_diff']:.0e}) | {r['graph_mb']:.3g} | "
+               f"{r['max_rel_logit_diff']:.1e} | {r['greedy_agree']} | {r['generated_equal']} | "
+               f"{r['max_state_diff']:.1e} ({r['max_rel_state_diff']:.0e}) | "
+               f"{codes} | "
+               f"{r['graph_mb']:.3g} | "
                f"{r['export_s']:.0f} | "
                f"{r['prefill_ms_per_segment']:.1f} ({r['jax_prefill_ms_per_segment']:.1f}) | "
                f"{d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}] ({j['median']:.1f}) |")
@@ -206,6 +322,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--gate", default=None, help="trained gate parameters (.npz)")
   p.add_argument("--workdir", default=None, help="where the graphs go (default: a temp dir)")
   p.add_argument("--out", default=None, help="write the rows as JSON here")
+  p.add_argument("--float-ops", action="store_true",
+                 help="instead: run each float op of the integer path (RMSNorm, softmax, SiLU, "
+                      "RoPE, ...) alone in each runtime and count outputs whose bits differ "
+                      "from XLA's")
   return p
 
 
@@ -223,8 +343,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     raise SystemExit("--segments and --steps: at least 2")
   with tempfile.TemporaryDirectory() as tmp:
     args.workdir = args.workdir or tmp
-    rows = check(args)
-  print(table(rows))
+    os.makedirs(args.workdir, exist_ok=True)
+    rows = float_ops(args) if args.float_ops else check(args)
+  print(float_ops_table(rows) if args.float_ops else table(rows))
+  for r in rows:
+    if "text" in r:
+      same = "the same as JAX" if r["text"] == r["jax_text"] else f"JAX: {r['jax_text']!r}"
+      print(f"{r['mode']}/{r['runtime']} generated: {r['text']!r} ({same})")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=2)

@@ -61,10 +61,11 @@ def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, 
   """An Engine for ``attention`` on a base model (``with_memory`` for the segmented
   kinds); ``quant``: a QuantConfig to run it in (its scales in ``params``)."""
   if attention != "full":
+    form = gate_lib.saved_form(gate_path) if gate_path else {}  # the trained gate's form
     config, params = gate_lib.with_memory(
         config, params, rng=jax.random.key(0), attention_type=attention,
         segment_len=scenario.segment_len, n_sink=scenario.n_sink, n_window=scenario.n_window,
-        rope_positions=rope_positions)
+        rope_positions=rope_positions, **form)
     if gate_path:
       params = gate_lib.load_gate(params, gate_path)
   elif gate_path:

@@ -78,14 +78,13 @@ class Deployed:
     self.scenario = manifest["scenario"]
     self.routes = manifest["routes"]
     self.vocab_size = next(iter(self.routes.values()))["model_config"]["vocab_size"]
-    open_step = _litert_step if runtime == "litert" else _onnxruntime_step
     self._steps, self._renames = {}, {}
     for name, fn in manifest["functions"].items():
       leaves = {x["leaf"]: x["name"] for x in fn["graph"]["inputs"] if x["leaf"]}
       self._renames[name] = {x["name"]: leaves[x["leaf"]]  # new state leaf -> its input
                              for x in fn["graph"]["outputs"] if x["leaf"]}
-      self._steps[name] = open_step(os.path.join(directory, fn["files"][RUNTIMES[runtime]]),
-                                    name, fn["graph"], num_threads)
+      self._steps[name] = open_graph(os.path.join(directory, fn["files"][RUNTIMES[runtime]]),
+                                     name, fn["graph"], runtime, num_threads)
 
   def _state_spec(self, route: str) -> dict:
     """``{name: (shape, dtype)}`` of the route's state arrays (the graphs' inputs
@@ -175,6 +174,14 @@ class Deployed:
         break
       state, logits = self._run(f"decode_{route}", state, tok[:, None], 1)
     return out
+
+
+def open_graph(path, name, graph, runtime, num_threads=None):
+  """One graph file (signature ``name``) in ``runtime``: a function from a dict of input
+  arrays to a dict of output arrays, by name. ``graph``: the manifest's entry
+  (``{"inputs": [{"name": ...}], "outputs": [...]}``), checked against the file."""
+  open_step = _litert_step if runtime == "litert" else _onnxruntime_step
+  return open_step(path, name, graph, num_threads)
 
 
 def _litert_step(path, name, graph, num_threads):

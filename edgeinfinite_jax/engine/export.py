@@ -89,8 +89,7 @@ def export(engine, directory: str, routes=("short", "long"), formats=("stablehlo
       for fmt in ("tflite", "onnx"):
         if fmt in formats:
           path = os.path.join(directory, f"{name}.{fmt}")
-          ops = (_write_tflite(exported, graph, path) if fmt == "tflite"
-                 else _write_onnx(graph, path))
+          ops = graph.write(path, fmt, exported)
           entry["files"][fmt] = os.path.basename(path)
           entry["ops"][fmt] = dict(sorted(ops.items()))
   with open(os.path.join(directory, "manifest.json"), "w") as f:
@@ -127,7 +126,27 @@ def leaf_name(path) -> str:
   return re.sub(r"[^A-Za-z0-9]+", "_", jax.tree_util.keystr(path)).strip("_")
 
 
-class GraphStep:
+class Graph:
+  """A function of flat, named arrays, as edge runtimes take it: ``fn(*inputs) ->
+  tuple(outputs)`` over ``in_specs``, named ``input_names`` / ``output_names``."""
+
+  def __init__(self, name, fn, in_specs, input_names, output_names):
+    self.name, self.fn, self.in_specs = name, fn, list(in_specs)
+    self.input_names, self.output_names = list(input_names), list(output_names)
+
+  def export(self):
+    return jax.export.export(jax.jit(self.fn))(*self.in_specs)
+
+  def write(self, path, fmt: str, exported=None) -> dict:
+    """Converts to ``fmt`` ("tflite" or "onnx") at ``path``; returns the op census."""
+    if fmt == "tflite":
+      return _write_tflite(exported or self.export(), self, path)
+    if fmt == "onnx":
+      return _write_onnx(self, path)
+    raise ValueError(f"fmt={fmt!r}: must be 'tflite' or 'onnx'")
+
+
+class GraphStep(Graph):
   """One step function with the params baked in and flat, named array inputs.
 
   ``fn(*state_leaves, tokens, n_valid) -> (*state_leaves, logits)``, over the
@@ -135,7 +154,6 @@ class GraphStep:
   """
 
   def __init__(self, engine, route, kind):
-    self.name = f"{kind}_{route}"
     step = engine.step_functions(route, loops=False)[kind]  # LiteRT/ONNX take no traced loop
     paths, self._treedef = jax.tree_util.tree_flatten_with_path(
         jax.eval_shape(lambda: engine.init_state(route)))
@@ -144,12 +162,6 @@ class GraphStep:
     self.leaf_paths = [jax.tree_util.keystr(paths[i][0]) for i in self._keep]
     self.state_names = [leaf_name(paths[i][0]) for i in self._keep]
     chunk = engine.scenario.segment_len if kind == "prefill" else 1
-    self.in_specs = ([self._avals[i] for i in self._keep]
-                     + [jax.ShapeDtypeStruct((engine.scenario.batch_size, chunk), jnp.int32),
-                        jax.ShapeDtypeStruct((), jnp.int32)])
-    self.input_names = self.state_names + ["tokens", "n_valid"]
-    # ONNX names every value once: a new state leaf cannot share its input's name
-    self.output_names = ["new_" + n for n in self.state_names] + ["logits"]
     params = engine.params
 
     def fn(*args):
@@ -161,10 +173,14 @@ class GraphStep:
       new = jax.tree.leaves(new)
       return (*[new[i] for i in self._keep], logits)
 
-    self.fn = fn
-
-  def export(self):
-    return jax.export.export(jax.jit(self.fn))(*self.in_specs)
+    super().__init__(
+        f"{kind}_{route}", fn,
+        [self._avals[i] for i in self._keep]
+        + [jax.ShapeDtypeStruct((engine.scenario.batch_size, chunk), jnp.int32),
+           jax.ShapeDtypeStruct((), jnp.int32)],
+        self.state_names + ["tokens", "n_valid"],
+        # ONNX names every value once: a new state leaf cannot share its input's name
+        ["new_" + n for n in self.state_names] + ["logits"])
 
   def signature(self, out_avals) -> dict:
     """Every input and output (``out_avals``: the exported function's) by name."""
@@ -209,7 +225,7 @@ def _quiet(*loggers):
       lg.setLevel(level)
 
 
-def _write_tflite(exported, graph: GraphStep, path) -> dict:
+def _write_tflite(exported, graph: Graph, path) -> dict:
   import litert_converter.converter_api_ext as api  # optional: the deploy-export tools
   from litert_converter.mlir import ir, passmanager  # optional: bundled with the converter
   from litert_converter.mlir.dialects import stablehlo  # optional: as above
@@ -249,11 +265,11 @@ def _tflite_census(blob, signature):
   return names, dict(ops)
 
 
-def _write_onnx(graph: GraphStep, path) -> dict:
+def _write_onnx(graph: Graph, path) -> dict:
   import jax2onnx  # optional: the deploy-export tools
   import onnx  # optional: as above
 
-  with _quiet("onnx_ir", "onnx_ir.serde", "jax2onnx"):
+  with _quiet("onnx_ir", "onnx_ir.serde", "jax2onnx"), _linear_jax2onnx():
     model = jax2onnx.to_onnx(graph.fn, inputs=graph.in_specs, model_name=graph.name,
                              input_names=graph.input_names, output_names=graph.output_names)
   for kind, got, want in (("inputs", model.graph.input, graph.input_names),
@@ -276,6 +292,67 @@ def _write_onnx(graph: GraphStep, path) -> dict:
 
   count(model.graph)
   return dict(ops)
+
+
+@contextlib.contextmanager
+def _linear_jax2onnx():
+  """jax2onnx 0.17.1 with its three graph lookups made O(1), for the conversion's length.
+
+  Each answers "is this value in the graph" / "which of these nodes consume or produce
+  it" by scanning every node (or building a set of every node) per call, so a
+  conversion is quadratic in the graph: 3.7 s for one SmolLM2 layer's decode step,
+  38 s for 8 layers, SmolLM2's 30 unrolled layers out of reach. The IR already links
+  each value to its producer and consumers; these versions ask it first and fall back
+  to the library's scan when it does not answer, so the result is the library's own.
+  (``_consumer_nodes`` / ``_producer_node`` get node lists the optimizer never
+  mutates, so the id set is cached per list object.) The Makefile pins the version
+  these names come from.
+  """
+  import onnx_ir as ir  # optional: the deploy-export tools
+  from jax2onnx.converter import conv_transpose_bias_folding  # optional: as above
+  from jax2onnx.converter import ir_optimizations, optimizer_graph_utils, output_binding
+
+  connected, consumers, producer = (output_binding._value_is_graph_connected,
+                                    optimizer_graph_utils._consumer_nodes,
+                                    optimizer_graph_utils._producer_node)
+  cache = {"nodes": None, "ids": frozenset()}
+
+  def ids(nodes):
+    if cache["nodes"] is not nodes:  # the list is held, so its id is never reused
+      cache.update(nodes=nodes, ids={id(n) for n in nodes})
+    return cache["ids"]
+
+  def fast_connected(ctx, value):
+    node = value.producer()
+    return (node is not None and node.graph is ctx.builder.nodes) or connected(ctx, value)
+
+  def fast_consumers(nodes, value):
+    if isinstance(value, ir.Value) and isinstance(nodes, list):
+      found = [c for c in value.consumers() if id(c) in ids(nodes)]
+      if found:
+        return found
+    return consumers(nodes, value)
+
+  def fast_producer(nodes, value):
+    if isinstance(value, ir.Value) and isinstance(nodes, list):
+      node = value.producer()
+      if node is not None and id(node) in ids(nodes):
+        return node
+    return producer(nodes, value)
+
+  patches = [(output_binding, "_value_is_graph_connected", fast_connected)] + [
+      (module, name, fn)
+      for module in (optimizer_graph_utils, ir_optimizations, conv_transpose_bias_folding)
+      for name, fn in (("_consumer_nodes", fast_consumers), ("_producer_node", fast_producer))
+      if hasattr(module, name)]
+  saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+  try:
+    for module, name, fn in patches:
+      setattr(module, name, fn)
+    yield
+  finally:
+    for module, name, fn in saved:
+      setattr(module, name, fn)
 
 
 def _subgraphs(node):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from edgeinfinite_jax.model import lora
 from edgeinfinite_jax.model.config import ModelConfig
@@ -114,6 +115,21 @@ def gate_params(params) -> dict[str, jax.Array]:
 def save_gate(params, path: str) -> None:
   """Writes the gate's parameters (the only trained part of an EdgeInfinite model) to ``.npz``."""
   lora.save_subset(params, path, PATTERN, "gate")
+
+
+def saved_form(path: str) -> dict:
+  """The ``MemoryConfig`` options that give a model the gate form saved at ``path``
+  (``{"gate": "mlp", "gate_mlp_hidden": 32}``), read from its arrays' names and shapes,
+  so that a trained gate loads without the user restating how it was configured."""
+  with np.load(path) as saved:
+    shapes = {k.rsplit("/", 1)[-1]: saved[k].shape for k in saved.files
+              if k.startswith("layers_0/")}
+  if "w1" in shapes:
+    return {"gate": "mlp", "gate_mlp_hidden": int(shapes["w1"][-1])}
+  if "bias" not in shapes:
+    raise ValueError(f"{path}: no gate parameters of layer 0 (layers_0/.../memory_gate/bias); "
+                     f"names: {sorted(shapes)}")
+  return {"gate": "per_head_vector" if len(shapes["bias"]) == 2 else "per_head_scalar"}
 
 
 def load_gate(params, path: str):

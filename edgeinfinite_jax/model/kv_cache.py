@@ -90,8 +90,33 @@ def _write_block(ring, x, slot_start, in_block, L):
   old = jax.lax.dynamic_slice_in_dim(ring, slot_start, L, axis=1)
   src = jnp.arange(L, dtype=jnp.int32) - in_block
   take = ((src >= 0) & (src < c))[None, :, None, None]
-  new = jnp.where(take, jnp.take(x, jnp.clip(src, 0, c - 1), axis=1), old)
+  new = jnp.where(take, _shift_rows(x, in_block, L), old)
   return jax.lax.dynamic_update_slice_in_dim(ring, new, slot_start, axis=1)
+
+
+def _shift_rows(x, offset, n):
+  """n rows whose row j is ``x[:, j - offset]`` (zeros where that is outside x), for a
+  traced ``offset`` in [0, n]: one dynamic slice of x's first n rows placed after n zero
+  rows. Not a gather with traced indices: NPU delegates keep slices on the accelerator,
+  and a gather tends to fall back to the CPU."""
+  head = x[:, :n]
+  rows = lambda k: jnp.zeros((x.shape[0], k) + x.shape[2:], x.dtype)
+  padded = jnp.concatenate([rows(n), head, rows(n - head.shape[1])], axis=1)
+  return jax.lax.dynamic_slice_in_dim(padded, n - jnp.clip(offset, 0, n), n, axis=1)
+
+
+def _write_sink(sink, x, start):
+  """Sink slot i takes the chunk's row i - start, when the chunk holds position i.
+
+  With slices, not a gather (see ``_shift_rows``): a decode token can land only in slot
+  ``start``, so it is broadcast and selected; a segment's rows are shifted by ``start``.
+  """
+  S, c = sink.shape[1], x.shape[1]
+  slot = jnp.arange(S, dtype=jnp.int32)[None, :, None, None]
+  x = x.astype(sink.dtype)
+  if c == 1:
+    return jnp.where(slot == start, x, sink)
+  return jnp.where((slot >= start) & (slot < start + c), _shift_rows(x, start, S), sink)
 
 
 def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k, v, inv_freq,
@@ -142,12 +167,7 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
   q_pos = chunk.start + jnp.arange(c, dtype=jnp.int32)
   sink_k, sink_v = cache.sink_k, cache.sink_v
   if S:
-    # Sink slot i takes the chunk token at position i, when the chunk holds it.
-    sink_pos = jnp.arange(S, dtype=jnp.int32)
-    src = jnp.clip(sink_pos - chunk.start, 0, c - 1)
-    take = ((sink_pos >= chunk.start) & (sink_pos < chunk.start + c))[None, :, None, None]
-    sink_k = jnp.where(take, k[:, src].astype(sink_k.dtype), sink_k)
-    sink_v = jnp.where(take, v[:, src].astype(sink_v.dtype), sink_v)
+    sink_k, sink_v = _write_sink(sink_k, k, chunk.start), _write_sink(sink_v, v, chunk.start)
   r_pos = ring_positions(config, block, ring_len)
   win_start = (block - (ring_len // L - 1)) * L
   s_pos = jnp.arange(S, dtype=jnp.int32)

@@ -311,7 +311,7 @@ def project(qx: LayerQuant, site_in, site_out, x, kernel, *, equation, n_in, n_c
     w = kernel.dequantize() if isinstance(kernel, ptq.QuantizedTensor) else kernel
   else:
     w = fake_weight(qx.quant, spec, kernel, n_contract, learned_scale)
-  y = jnp.einsum(equation, xh.astype(dtype), w.astype(dtype))
+  y = jnp.einsum(_explicit(equation, xh.ndim), xh.astype(dtype), w.astype(dtype))
   if bias is not None:
     y = y + bias.astype(dtype)
   return qx.act(site_out, y) if site_out else y
@@ -360,6 +360,21 @@ def _integer_project(qx, site_in, site_out, x, kernel, spec, n_in, n_contract, b
                               bias_q=bias_q)
   y = intsim.to_real(y_q, jnp.asarray(sy, jnp.float32), jnp.asarray(zy, jnp.float32), dtype)
   return y.reshape(out_shape)
+
+
+def _explicit(equation, ndim):
+  """``equation`` with its ``...`` spelled out as letters for ``ndim``-rank x.
+
+  The same dot for XLA. For jax2onnx (0.17.1) it is not: it lowers ``...k,kn->...n``
+  by broadcasting the kernel to [B, T, K, N] (Expand) before the Einsum, and ONNX
+  Runtime constant-folds that into a copy of every weight per token, 40 GB for
+  SmolLM2's prefill graph, at session creation.
+  """
+  if "..." not in equation:
+    return equation
+  spare = [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in equation]
+  lead = "".join(spare[:ndim - (len(equation.split(",")[0]) - 3)])
+  return equation.replace("...", lead)
 
 
 def code_dot(equation, a, b):
