@@ -337,3 +337,23 @@ def test_the_quantizers_division_stays_a_division_in_each_runtime(tmp_path, runt
   sig = {"inputs": [{"name": "x"}], "outputs": [{"name": "y"}]}
   got = runtime_lib.open_graph(path, "op", sig, runtime, 1)({"x": x})["y"]
   np.testing.assert_array_equal(got, x / s)
+
+
+def test_the_faster_jax2onnx_lookups_give_the_librarys_own_graph():
+  """``export._linear_jax2onnx`` replaces three of jax2onnx's graph lookups (quadratic in
+  the graph: SmolLM2's steps did not convert) with IR links; the ONNX model must be the
+  library's byte for byte, and the library's functions must be back afterwards."""
+  import jax2onnx
+  from jax2onnx.converter import optimizer_graph_utils, output_binding
+  graph = export_lib.GraphStep(_engine(), "long", "decode")
+  convert = lambda: jax2onnx.to_onnx(graph.fn, inputs=graph.in_specs, model_name=graph.name,
+                                     input_names=graph.input_names,
+                                     output_names=graph.output_names).SerializeToString()
+  before = (output_binding._value_is_graph_connected, optimizer_graph_utils._consumer_nodes,
+            optimizer_graph_utils._producer_node)
+  with export_lib._linear_jax2onnx():
+    assert output_binding._value_is_graph_connected is not before[0]
+    fast = convert()
+  assert (output_binding._value_is_graph_connected, optimizer_graph_utils._consumer_nodes,
+          optimizer_graph_utils._producer_node) == before
+  assert fast == convert()
