@@ -33,8 +33,9 @@ LAYERS = (
 )
 ONLY = {"configs": ("configs", "model.config")}
 # Imported inside functions on purpose: optional or slow to import, each needed by one path.
+# (onnx_ir: jax2onnx's graph IR, installed with it.)
 LAZY_OK = ("torch", "transformers", "datasets", "onnx", "onnxruntime", "ai_edge_litert",
-           "litert_converter", "jax2onnx")
+           "litert_converter", "jax2onnx", "onnx_ir")
 
 
 def _modules():
