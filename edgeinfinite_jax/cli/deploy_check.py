@@ -36,11 +36,12 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from edgeinfinite_jax import deploy
 from edgeinfinite_jax.deploy import runtime as runtime_lib
-from edgeinfinite_jax.checkpoints import models
+from edgeinfinite_jax.checkpoints import gguf, models
 from edgeinfinite_jax.cli.generate import SCENARIOS, build_engine
 from edgeinfinite_jax.data import corpus
 from edgeinfinite_jax.engine import engine as engine_lib
@@ -191,20 +192,25 @@ def check(args) -> list[dict]:
 
 def _float_op_cases():
   """The float ops an integer engine computes between its integer ops (``layer_quant``'s
-  list), on SmolLM2's shapes (one 128-token segment; a few outlier channels, as the
-  model has), plus the quantizer's own division as a control."""
+  list), the model's own functions on SmolLM2's config and the ``qa`` scenario's shapes
+  (one segment; a few outlier channels, as the model has), plus the quantizer's own
+  division as a control."""
+  c = gguf.config_from_gguf(gguf.read_header(models.gguf_path("smollm2")))
+  sc = engine_lib.Scenario.preset("qa")
   rs = np.random.RandomState(0)
-  x = (rs.randn(1, 128, 576) * np.where(rs.rand(576) < 0.02, 30, 1)).astype(np.float32)
-  scores = (3 * rs.randn(1, 9, 128, 1156)).astype(np.float32)
-  q = rs.randn(1, 128, 9, 64).astype(np.float32)
-  pos = np.arange(1000, 1128, dtype=np.int32)[None]
-  inv_freq = (1.0 / 100000 ** (np.arange(0, 64, 2) / 64)).astype(np.float32)
-  jnp = jax.numpy
+  scale = np.where(rs.rand(c.hidden_size) < 0.02, 30, 1)
+  x = (rs.randn(1, sc.segment_len, c.hidden_size) * scale).astype(np.float32)
+  keys = sc.n_sink + sc.n_window + sc.segment_len
+  scores = (3 * rs.randn(1, c.num_heads, sc.segment_len, keys)).astype(np.float32)
+  q = rs.randn(1, sc.segment_len, c.num_heads, c.head_dim).astype(np.float32)
+  pos = np.arange(1000, 1000 + sc.segment_len, dtype=np.int32)[None]
+  norm = model_lib.RMSNorm(c.rms_norm_eps)
+  ones = {"params": {"scale": jnp.ones(c.hidden_size, jnp.float32)}}
   return {
-      "rmsnorm": (lambda x: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5), x),
+      "rmsnorm": (lambda x: norm.apply(ones, x), x),
       "softmax": (lambda s: jax.nn.softmax(s, axis=-1), scores),
       "silu": (jax.nn.silu, x),
-      "rope": (lambda q, p: rope_lib.apply_rope(q, p, inv_freq), q, pos),
+      "rope": (lambda q, p: rope_lib.apply_rope(q, p, rope_lib.rope_inv_freq(c)), q, pos),
       "x*a + x*x": (lambda x: x * 1.37 + x * x, x),
       "x / scale (the quantizer's exact_div)": (lambda x: intsim.exact_div(x, 0.0137), x),
   }
@@ -245,8 +251,9 @@ def qdq_matmul(args) -> dict:
   import onnx  # optional: the deploy-export tools
   from onnx import helper, numpy_helper
 
+  c = gguf.config_from_gguf(gguf.read_header(models.gguf_path("smollm2")))
   rs = np.random.RandomState(0)
-  m, k, n = 512, 576, 1536  # a segment of SmolLM2's up_proj rows
+  m, k, n = 512, c.hidden_size, c.intermediate_size  # 512 rows of SmolLM2's up_proj
   x = rs.randint(-128, 128, (1, m, k)).astype(np.int8)
   w = rs.randint(-127, 128, (k, n)).astype(np.int8)
   sx, zx = np.float32(0.0213), np.int8(-7)

@@ -180,6 +180,8 @@ def open_graph(path, name, graph, runtime, num_threads=None):
   """One graph file (signature ``name``) in ``runtime``: a function from a dict of input
   arrays to a dict of output arrays, by name. ``graph``: the manifest's entry
   (``{"inputs": [{"name": ...}], "outputs": [...]}``), checked against the file."""
+  if runtime not in RUNTIMES:
+    raise ValueError(f"runtime={runtime!r}: must be one of {sorted(RUNTIMES)}")
   open_step = _litert_step if runtime == "litert" else _onnxruntime_step
   return open_step(path, name, graph, num_threads)
 

@@ -140,7 +140,7 @@ class Graph:
   def write(self, path, fmt: str, exported=None) -> dict:
     """Converts to ``fmt`` ("tflite" or "onnx") at ``path``; returns the op census."""
     if fmt == "tflite":
-      return _write_tflite(exported or self.export(), self, path)
+      return _write_tflite(self.export() if exported is None else exported, self, path)
     if fmt == "onnx":
       return _write_onnx(self, path)
     raise ValueError(f"fmt={fmt!r}: must be 'tflite' or 'onnx'")
