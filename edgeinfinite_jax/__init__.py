@@ -39,7 +39,8 @@ _PUBLIC = {
 }
 _MODULES = {"convert": "edgeinfinite_jax.checkpoints.hf",
             "gguf_loader": "edgeinfinite_jax.checkpoints.gguf",
-            "lora": "edgeinfinite_jax.model.lora"}
+            "lora": "edgeinfinite_jax.model.lora",
+            "models": "edgeinfinite_jax.checkpoints.models"}
 
 __all__ = sorted(_PUBLIC)
 

@@ -307,7 +307,7 @@ def main(argv=None):
         f"{gates['top5'][:3]}", flush=True)
   if a.gate_out and a.steps:
     os.makedirs(os.path.dirname(a.gate_out) or ".", exist_ok=True)
-    gate_lib.save_gate(trained, a.gate_out)
+    gate_lib.save_gate(trained, a.gate_out, mcfg)
 
   # ---- evaluation
   prior = None

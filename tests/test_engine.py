@@ -259,6 +259,10 @@ def test_a_state_from_another_engine_is_refused_by_name():
     (dict(top_k=2.5), "top_k=2.5"),
     (dict(top_k=True), "top_k=True"),
     (dict(max_new_tokens=2.5), "max_new_tokens=2.5: must be an int"),
+    (dict(top_p=0.0, rng=jax.random.key(0)), r"top_p=0.0: must be a number in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p=1.5: must be a number in \(0, 1\]"),
+    # It used to draw with key(0) on every call: the same "random" answer each time.
+    (dict(temperature=1.0), "temperature=1.0: sampling needs an explicit rng"),
 ])
 def test_generate_refuses_invalid_sampling_parameters(kwargs, message):
   """They used to fall back to greedy decoding without a word."""
@@ -266,7 +270,39 @@ def test_generate_refuses_invalid_sampling_parameters(kwargs, message):
   engine = Engine(cfg, params, _scenario())
   with pytest.raises(ValueError, match=message):
     engine.generate(_tokens(5), **{"max_new_tokens": 2, **kwargs})
+  if "max_new_tokens" not in kwargs:  # the step-by-step sampler keeps the same rules
+    with pytest.raises(ValueError, match=message):
+      engine.sample(np.zeros((2, cfg.vocab_size), np.float32), **kwargs)
   assert engine.compile_count() == 0
+
+
+def test_sample_cuts_to_top_k_then_top_p_like_a_numpy_reference():
+  """Draws only from the nucleus of the top-k survivors (transformers' order), whose
+  token set a numpy loop over the sorted probabilities gives; compiles once."""
+  cfg, params = _model("full")
+  engine = Engine(cfg, params, _scenario())
+  logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05] + [1e-9] * (cfg.vocab_size - 5)] * 2,
+                           np.float32))
+
+  def allowed(top_k, top_p):
+    p = np.exp(logits[0]) / np.exp(logits[0]).sum()
+    order = np.argsort(-p, kind="stable")[:top_k or None]
+    p_k = p[order] / p[order].sum()
+    keep, mass = [], 0.0
+    for tok, q in zip(order, p_k):
+      if mass >= top_p:
+        break
+      keep.append(int(tok))
+      mass += q
+    return set(keep)
+
+  for top_k, top_p in ((0, 0.6), (3, 0.9), (2, 1.0), (0, 0.01)):
+    seen = set()
+    for i in range(60):
+      seen |= set(np.asarray(engine.sample(logits, temperature=1.0, top_k=top_k, top_p=top_p,
+                                           rng=jax.random.key(i))).tolist())
+    assert seen == allowed(top_k, top_p), (top_k, top_p)
+  assert engine.compile_counts() == {"sample": 1}
 
 
 def test_scenario_sizes_must_be_ints_not_bools():
@@ -351,8 +387,8 @@ def test_generate_loop_on_device_equals_a_host_loop_of_decode_steps(attention_ty
     state, logits = engine.prefill(prompt)
     out = []
     for i in range(n):
-      tok = engine._sample_fn(logits, jax.random.fold_in(rng, i), jnp.float32(temperature),
-                              jnp.int32(top_k))
+      tok = engine.sample(logits, temperature=temperature, top_k=top_k,
+                          rng=jax.random.fold_in(rng, i))
       out.append(np.asarray(tok))
       if i + 1 < n:
         state, logits = engine.decode(state, tok)

@@ -75,6 +75,12 @@ def test_longbench_task_metrics():
   assert M.classification_score("Person or Location", "Person", all_classes=classes) == 0.5
   # LongBench's remove-while-iterating skips "AB" after removing "A": 1/2, not 1.
   assert M.classification_score("ABC", "ABC", all_classes=["A", "AB", "ABC"]) == 0.5
-  # difflib ratio 2*3/8 = 0.75; first line without ``` / # / // is the prediction.
+  # InDel similarity 100 * 2 * LCS / (len a + len b), rounded: "abcd"/"abce" share 3 of
+  # 8 characters -> 75. "bab"/"acb": LCS "ab", 4/6 -> 67 (difflib's greedy blocks find
+  # one common character: 33, the old fallback's number).
   assert M.fuzz_ratio("abcd", "abce") == 75 and M.fuzz_ratio("", "") == 100 and M.fuzz_ratio("", "a") == 0
+  assert M.fuzz_ratio("bab", "acb") == 67
+  # First line without ``` / # / // is the prediction.
   assert M.code_sim_score("\n```python\n# set x\nx = 1\ny = 2", "x = 1") == 1.0
+  # "x = foo(a, b)" vs "x = foo(b)": LCS 10 of 13 + 10 characters -> 86.96 -> 87.
+  assert M.code_sim_score("x = foo(a, b)\n", "x = foo(b)") == 0.87

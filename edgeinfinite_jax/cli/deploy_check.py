@@ -42,7 +42,8 @@ import numpy as np
 from edgeinfinite_jax import deploy
 from edgeinfinite_jax.deploy import runtime as runtime_lib
 from edgeinfinite_jax.checkpoints import gguf, models
-from edgeinfinite_jax.cli.generate import SCENARIOS, build_engine
+from edgeinfinite_jax.cli import errors
+from edgeinfinite_jax.cli.generate import SCENARIOS, build_engine, serving_scenario
 from edgeinfinite_jax.data import corpus
 from edgeinfinite_jax.engine import engine as engine_lib
 from edgeinfinite_jax.engine import export as export_lib
@@ -152,13 +153,17 @@ def _spread(times):
 
 def check(args) -> list[dict]:
   if args.model == "tiny":
-    (config, params), tokenizer, gate_kwargs = tiny_model(), None, {}
+    (config, params), tokenizer = tiny_model(), None
   else:
     config, params, tokenizer = models.load(args.model)
-    gate_kwargs = {"gate_path": args.gate} if args.gate else {}
   scenario = engine_lib.Scenario.preset(args.scenario, batch_size=1) if args.scenario \
       else engine_lib.Scenario(segment_len=32, n_sink=4, n_window=32, batch_size=1,
                                max_new_tokens=args.steps + 8, short_threshold=16)
+  # A trained set is served with its recorded sizes and positions; without one, the
+  # initial gate (this checks numerics across runtimes, not answers).
+  scenario, rope_positions = serving_scenario(scenario, args.gate, {})
+  gate_kwargs = dict(gate_path=args.gate, untrained_gate=not args.gate,
+                     rope_positions=rope_positions)
   scenario = dataclasses.replace(scenario, max_new_tokens=max(scenario.max_new_tokens,
                                                               args.steps + 1))
   prompt = _prompt(args, scenario, config.vocab_size, tokenizer)
@@ -326,7 +331,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--segments", type=int, default=4, help="prompt segments (the last padded)")
   p.add_argument("--steps", type=int, default=40, help="greedy decode steps")
   p.add_argument("--threads", type=int, default=2, help="runtime CPU threads")
-  p.add_argument("--gate", default=None, help="trained gate parameters (.npz)")
+  p.add_argument("--gate", default=None,
+                 help="a trained set (.npz: the gate, or the gate + LoRA), served with its "
+                      "recorded sizes (default: the initial gate)")
   p.add_argument("--workdir", default=None, help="where the graphs go (default: a temp dir)")
   p.add_argument("--out", default=None, help="write the rows as JSON here")
   p.add_argument("--float-ops", action="store_true",
@@ -363,5 +370,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   return rows
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+  """The console script ``edgeinfinite-deploy-check``: user errors as one line."""
+  errors.run(main, "deploy_check", argv)
+
+
 if __name__ == "__main__":
-  main()
+  cli()

@@ -14,6 +14,7 @@ is validated, then ``config.job`` is dispatched through ``jobs.registry.JOBS``.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 
 import ml_collections
@@ -21,6 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from edgeinfinite_jax import configs
+from edgeinfinite_jax.cli import errors
 from edgeinfinite_jax.jobs import registry
 from edgeinfinite_jax.train import sharding
 
@@ -72,11 +74,34 @@ def override_error(argv) -> str | None:
   return None
 
 
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
+
+
+def argv_error(argv) -> str | None:
+  """What is wrong with the command line before any flag is parsed, as one line: a
+  config file that does not exist (absl would report it as a 36-line double traceback
+  once the config is read) or a ``--config.KEY`` override that names no key."""
+  for i, a in enumerate(argv[1:], 1):
+    spec = argv[i + 1] if a in ("--config", "-config") and i + 1 < len(argv) else (
+        a.split("=", 1)[1] if a.startswith(("--config=", "-config=")) else None)
+    if spec is not None:
+      path = spec.partition(":")[0]
+      if not os.path.isfile(path):
+        return f"--config={spec}: no such config file {path!r}"
+  return override_error(argv)
+
+
 def _parse_flags(argv):
-  error = override_error(argv)
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    try:  # absl prints the usage, then exits with status 1: asking for help is no error
+      app.parse_flags_with_usage(argv)
+    except SystemExit:
+      pass
+    sys.exit(0)
+  error = argv_error(argv)
   if error:
     print(f"main: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(errors.EXIT_USAGE)
   return app.parse_flags_with_usage(argv)
 
 
@@ -88,10 +113,19 @@ def main(argv):
   config = _CONFIG.value
   if config is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
+  workdir = _WORKDIR.value
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir={workdir}: exists and is not a directory")
   sharding.maybe_initialize_distributed(config)
   registry.validate(config)  # names the key and the rule; an unknown job included
-  registry.run(config, _WORKDIR.value)
+  registry.run(config, workdir)
+
+
+def cli(argv=None):
+  """The console script ``edgeinfinite-run``: user errors as one line (``errors.run``)."""
+  errors.run(lambda args: app.run(main, argv=[sys.argv[0], *args], flags_parser=_parse_flags),
+             "main", argv)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli()

@@ -74,6 +74,7 @@ from typing import Any, Mapping, Sequence
 
 
 from edgeinfinite_jax import configs
+from edgeinfinite_jax.cli import errors
 from edgeinfinite_jax.cli import launcher as launcher_lib
 from edgeinfinite_jax.configs import overrides as overrides_lib
 from edgeinfinite_jax.jobs import registry
@@ -585,5 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 1 if result["failed"] else 0
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+  """The console script ``edgeinfinite-sweep``: user errors as one line (``errors.run``)."""
+  sys.exit(errors.run(main, "sweep", argv))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

@@ -161,6 +161,27 @@ def embedded_documents(max_bytes: int, heldout_fraction: float = 0.05,
   return tuple(docs[False]), tuple(docs[True])
 
 
+# The held-out share of the embedded corpus: ``data.heldout_fraction``'s default
+# (configs/schema.py), which the trained gates and the demo use. Evaluation text
+# drawn with it is never in their training split.
+HELDOUT_FRACTION = 0.05
+
+
+@functools.lru_cache(maxsize=4)
+def heldout_sources(heldout_fraction: float, root: str | None = None
+                    ) -> tuple[tuple[str, str], ...]:
+  """(relative path, raw text) of every stdlib file ``embedded_documents`` holds out at
+  ``heldout_fraction`` (``is_heldout(path)``; whole files, before the prose filter),
+  in sorted path order: evaluation text no training split of that fraction reads."""
+  root = root or sysconfig.get_paths()["stdlib"]
+  out = []
+  for rel in stdlib_files(root):
+    if is_heldout(rel, heldout_fraction):
+      with open(os.path.join(root, rel), encoding="utf-8", errors="replace") as f:
+        out.append((rel, f.read()))
+  return tuple(out)
+
+
 # ----------------------------------------------------------------------------- datasets
 
 

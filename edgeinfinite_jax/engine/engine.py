@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgeinfinite_jax.model.config import ConfigError, ModelConfig, check_cache_layout
+from edgeinfinite_jax.model.config import (ConfigError, ModelConfig, check_cache_layout,
+                                           check_eviction)
 from edgeinfinite_jax.model.transformer import Transformer, check_tokens, compute_dtype
 from edgeinfinite_jax.model.config import quant_of, quantized
 from edgeinfinite_jax.quant import layer_quant as qapply
@@ -77,6 +78,9 @@ class Scenario:
   max_new_tokens: int = 64
   short_threshold: int = 256
   max_context: int = 8192  # capacity of a full-attention cache on the long route
+  # h2o / snapkv: kept tokens per KV head and layer on the long route (the eviction
+  # budget); None keeps the model's ``memory.n_kept``. Other attention types ignore it.
+  n_kept: int | None = None
 
   def __post_init__(self):
     # bool is an int subclass, but True is no size: refused like any other non-int.
@@ -88,6 +92,10 @@ class Scenario:
       v = getattr(self, key)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise ConfigError(f"Scenario.{key}={v!r}: must be a non-negative integer (int)")
+    if self.n_kept is not None and (not isinstance(self.n_kept, int)
+                                    or isinstance(self.n_kept, bool) or self.n_kept < 0):
+      raise ConfigError(f"Scenario.n_kept={self.n_kept!r}: must be None (the model's "
+                        "memory.n_kept) or a non-negative integer (int)")
     check_cache_layout(self.segment_len, self.n_sink, self.n_window, "Scenario")
 
   @classmethod
@@ -110,19 +118,44 @@ class Scenario:
     ring that holds ``short_threshold + max_new_tokens`` and never wraps. ``long``:
     sink + a ring of ``n_window + segment_len`` (the window and the block being
     written; the memory takes what leaves it), or for ``full`` attention a ring of
-    ``max_context`` that never wraps.
+    ``max_context`` that never wraps. ``h2o`` / ``snapkv`` add ``n_kept`` kept tokens
+    per KV head (``Scenario.n_kept``, else the model's), checked here against the
+    Scenario's segment length.
     """
     base = dict(segment_len=self.segment_len, n_sink=0)
     short = Route(config.with_memory(attention_type="full", n_window=0, **base), n_sink=0,
                   ring_len=self.capacity(self.short_threshold + self.max_new_tokens))
     if config.memory.segmented:
-      long = Route(config.with_memory(segment_len=self.segment_len, n_sink=self.n_sink,
-                                      n_window=self.n_window),
+      sizes = dict(segment_len=self.segment_len, n_sink=self.n_sink, n_window=self.n_window)
+      if config.memory.evicts:
+        mine = self.n_kept is not None
+        sizes["n_kept"] = self.n_kept if mine else config.memory.n_kept
+        check_eviction(config.memory, sizes["n_kept"], self.segment_len,
+                       "Scenario.n_kept" if mine else "model.memory.n_kept",
+                       "Scenario.segment_len")
+      long = Route(config.with_memory(**sizes),
                    n_sink=self.n_sink, ring_len=self.n_window + self.segment_len)
     else:
       long = Route(config.with_memory(n_window=0, **base), n_sink=0,
                    ring_len=self.capacity(self.max_context))
     return {"short": short, "long": long}
+
+
+def check_sampling(temperature, top_k, top_p, rng) -> None:
+  """``generate``'s and ``sample``'s rules for the sampling settings (ValueError naming
+  the value): the sampler would otherwise fall back to greedy, or repeat one draw,
+  without a word."""
+  number = lambda x: (isinstance(x, (int, float, np.integer, np.floating))
+                      and not isinstance(x, bool) and math.isfinite(x))
+  if not number(temperature) or temperature < 0:
+    raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0 = greedy)")
+  if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
+    raise ValueError(f"top_k={top_k!r}: must be an int >= 0 (0 = no top-k cut)")
+  if not number(top_p) or not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p!r}: must be a number in (0, 1] (1 = no nucleus cut)")
+  if temperature > 0 and rng is None:
+    raise ValueError(f"temperature={temperature}: sampling needs an explicit rng "
+                     "(jax.random.key(seed)); temperature=0 decodes greedily")
 
 
 class Route(NamedTuple):
@@ -152,7 +185,10 @@ class Engine:
   ``LayerCache`` per layer with ``sink_k/v [B, n_sink, K, D]`` and ``ring_k/v
   [B, ring_len, K, D]`` in the compute dtype (the integer K/V dtype in integer
   mode), the memory ``M [B, K, D, D]`` and ``z [B, K, D]`` in float32 (zero-sized
-  unless edgeinfinite), and ``length``, an int32 scalar. B = ``Scenario.batch_size``,
+  unless edgeinfinite), for h2o / snapkv the kept tokens (``eviction.Kept``: k/v
+  ``[B, n_kept, K, D]`` like the ring, positions int32 and scores float32 ``[B,
+  n_kept, K]``, the window's scores float32 ``[B, ring_len, K]``; ``None`` otherwise),
+  and ``length``, an int32 scalar. B = ``Scenario.batch_size``,
   K = kv heads, D = head dim. Cached keys are pre-RoPE, except on ``full``-attention
   routes in float, which cache them after RoPE (``kv_cache`` module doc).
 
@@ -196,13 +232,16 @@ class Engine:
     self.ring_len = {r: x.ring_len for r, x in routes.items()}
     self.n_sink = {r: x.n_sink for r, x in routes.items()}
     for route, cfg in self.route_configs.items():
-      qapply.check_attention_depth(cfg, self.n_sink[route] + self.ring_len[route])
+      qapply.check_attention_depth(cfg, self.n_sink[route] + self.ring_len[route]
+                                   + (cfg.memory.n_kept if cfg.memory.evicts else 0))
     self._traces = collections.Counter()
     self._state_avals = {}  # route -> [(path, ShapeDtypeStruct)] of init_state(route)
     self._prefill = {r: self._jit(f"prefill_{r}", self._step(r)) for r in self.route_configs}
     self._decode = {r: self._jit(f"decode_{r}", self._step(r)) for r in self.route_configs}
+    self._score = {r: self._jit(f"score_{r}", self._score_step(r)) for r in self.route_configs}
     self._generate = {r: self._jit(f"generate_{r}", self._generate_loop(r), donate=False)
                       for r in self.route_configs}
+    self._sample = self._jit("sample", self._sample_fn, donate=False)
 
   def _prepare(self, params):
     """Checks the static scales; integer mode quantizes the weights once, here."""
@@ -233,23 +272,41 @@ class Engine:
 
   # -- step functions ---------------------------------------------------------
 
-  def _step(self, route, config=None):
+  def _step(self, route, config=None, every_position=False):
     """The step of ``route``: ``(params, state, tokens [B, c], n_valid) -> (state, logits)``
     for a prefill segment (c = segment_len) or a decode token (c = 1). ``config``: the
-    route's config with other implementation settings (``step_functions(loops=False)``)."""
+    route's config with other implementation settings (``step_functions(loops=False)``).
+    ``every_position``: logits ``[B, c, vocab]`` of every position (``score``), not
+    only of the last valid one."""
     config = config or self.route_configs[route]
 
     def step(params, state: EngineState, tokens, n_valid):
-      chunk = cache_lib.Chunk(state.length)
+      chunk = cache_lib.Chunk(state.length, n_valid)
       positions = state.length + jnp.arange(tokens.shape[1], dtype=jnp.int32)
       model = Transformer(config)
       hidden, caches = model.apply(params, tokens, positions[None], state.caches, chunk,
                                    return_hidden=True)
+      new_state = EngineState(caches, state.length + n_valid, state.route)
+      if every_position:
+        return new_state, model.apply(params, hidden, method=Transformer.logits)
       last = jax.lax.dynamic_index_in_dim(hidden, n_valid - 1, axis=1, keepdims=True)
       logits = model.apply(params, last, method=Transformer.logits)[:, 0]
-      return EngineState(caches, state.length + n_valid, state.route), logits
+      return new_state, logits
 
     return step
+
+  def _score_step(self, route):
+    """``(params, state, tokens [B, c], n_valid, targets [B, c]) -> (state, nll [B, c])``:
+    one prefill segment and, at every position, -log p(target) in float32 (the
+    log-softmax runs here, so only [B, c] leaves the device, not [B, c, vocab])."""
+    step = self._step(route, every_position=True)
+
+    def score_step(params, state: EngineState, tokens, n_valid, targets):
+      state, logits = step(params, state, tokens, n_valid)
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      return state, -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+    return score_step
 
   def _jit(self, name, fn, donate=True):
     """``fn`` jitted, counting its traces; ``donate``: the state (argument 1) is donated
@@ -261,7 +318,7 @@ class Engine:
     return jax.jit(counted, donate_argnums=(1,) if donate else ())
 
   def _generate_loop(self, route):
-    """``(params, state, logits, n, rng, temperature, top_k, eos_id) -> tokens
+    """``(params, state, logits, n, rng, temperature, top_k, top_p, eos_id) -> tokens
     [B, max_new_tokens]``: the whole decode loop in one compiled ``while_loop``.
 
     Token i is sampled from the logits with ``fold_in(rng, i)`` (as a host loop of
@@ -273,10 +330,10 @@ class Engine:
     step, sample = self._step(route), self._sample_fn
     size = self.scenario.max_new_tokens
 
-    def loop(params, state, logits, n, rng, temperature, top_k, eos_id):
+    def loop(params, state, logits, n, rng, temperature, top_k, top_p, eos_id):
       batch = logits.shape[0]
       out = jnp.full((batch, size), jnp.maximum(eos_id, 0), jnp.int32)
-      tok = sample(logits, jax.random.fold_in(rng, 0), temperature, top_k)
+      tok = sample(logits, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
       out = out.at[:, 0].set(tok)
 
       # Each iteration feeds the previous token and samples the next, so the step runs
@@ -285,7 +342,7 @@ class Engine:
       def body(carry):
         i, state, tok, out, done = carry
         state, logits = step(params, state, tok[:, None], jnp.int32(1))
-        tok = sample(logits, jax.random.fold_in(rng, i), temperature, top_k)
+        tok = sample(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
         tok = jnp.where(done, eos_id, tok)
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
         return i + 1, state, tok, out, done | (tok == eos_id)
@@ -308,13 +365,25 @@ class Engine:
               for _ in range(config.num_layers)]
     return EngineState(caches, jnp.zeros((), jnp.int32), route)
 
-  def _sample_fn(self, logits, rng, temperature, top_k):
+  def _sample_fn(self, logits, rng, temperature, top_k, top_p):
+    """One token per row from ``logits [B, V]``: greedy at temperature 0, else a draw
+    from softmax(logits / temperature) cut to the ``top_k`` most likely tokens (0 = no
+    cut), then to the smallest set whose probability reaches ``top_p`` (1 = no cut;
+    the most likely token always stays), in transformers' order (top-k, then top-p)."""
     # Greedy skips the vocabulary sort and the draw (a cond on the traced temperature:
     # both would otherwise run on every token and be thrown away).
     def sampled(logits):
       scaled = logits / jnp.maximum(temperature, 1e-6)
-      kth = -jnp.sort(-scaled, axis=-1)[:, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)]
-      scaled = jnp.where((top_k > 0) & (scaled < kth[:, None]), -jnp.inf, scaled)
+      ranked = -jnp.sort(-scaled, axis=-1)
+      vocab = logits.shape[-1]
+      kth = ranked[:, jnp.clip(top_k - 1, 0, vocab - 1)]
+      keep_k = (top_k <= 0) | (ranked >= kth[:, None])
+      # Nucleus over the top-k survivors: a ranked token stays while the mass before it
+      # is below top_p; the cut is the smallest logit that stays.
+      probs = jax.nn.softmax(jnp.where(keep_k, ranked, -jnp.inf), axis=-1)
+      keep = keep_k & ((top_p >= 1) | ((jnp.cumsum(probs, axis=-1) - probs) < top_p))
+      cut = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1)
+      scaled = jnp.where(scaled < cut[:, None], -jnp.inf, scaled)
       return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, sampled,
@@ -424,34 +493,65 @@ class Engine:
     self._check_state(state, "copy_state")
     return jax.tree.map(jnp.copy, state)
 
-  def generate(self, tokens, max_new_tokens=None, *, temperature=0.0, top_k=0, rng=None,
-               eos_id=None, state: EngineState | None = None):
+  def score(self, tokens) -> np.ndarray:
+    """Teacher-forced negative log-likelihood of a text [batch, time] (time >= 2):
+    float32 ``[batch, time - 1]``, entry t = -log p(tokens[:, t + 1] | tokens[:, :t + 1]).
+
+    The text is read as ``prefill`` reads it (the route of its length, segment by
+    segment, the last segment padded), through one more jitted step per route that
+    returns every position's log-likelihood of the segment (``_score_step``): one
+    compilation per route whatever the length, and what the model sees at position
+    t is exactly what ``prefill``/``decode`` would have given it there (tested against
+    ``model.forward``). The same tokens, checks and capacity limits as ``prefill``.
+    """
+    tokens, route, _ = self._placement(tokens, None)
+    if tokens.shape[1] < 2:
+      raise ValueError(f"score tokens: time={tokens.shape[1]}; must be >= 2 (a next token "
+                       "to score)")
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]  # the last position has no target; dropped below
+    state, out, seg = self.init_state(route), [], self.scenario.segment_len
+    for (chunk, n), (target, _) in zip(placement.chunks(tokens, 0, seg),
+                                       placement.chunks(targets, 0, seg)):
+      state, nll = self._score[route](self.params, state, chunk, jnp.int32(n), target)
+      out.append(nll[:, :n])
+    return np.asarray(jnp.concatenate(out, axis=1))[:, :-1]
+
+  def generate(self, tokens, max_new_tokens=None, *, temperature=0.0, top_k=0, top_p=1.0,
+               rng=None, eos_id=None, state: EngineState | None = None):
     """Greedy (temperature 0) or sampled continuation, int32 [batch, max_new_tokens].
 
     The prompt is read by ``prefill(tokens, state=state)``; the new tokens are then
     produced by one compiled loop (``_generate_loop``): no host round trip per token,
     one compilation per route whatever the prompt length, ``max_new_tokens``,
-    sampling settings or ``eos_id`` (all traced). ``temperature``: a finite number
-    >= 0 (0 = greedy); ``top_k``: an int >= 0 (0 = the whole vocabulary); ``eos_id``:
-    a token id that ends a row (its later tokens repeat it) or None. Anything else
-    raises ValueError naming it, before any work (the sampler would otherwise fall
-    back to greedy without a word). ``decode`` stays for step-by-step use.
+    sampling settings or ``eos_id`` (all traced). Sampling (``check_sampling``):
+    ``temperature`` >= 0 (0 = greedy), ``top_k`` >= 0 (0 = the whole vocabulary),
+    ``top_p`` in (0, 1] (1 = no nucleus cut) and, when temperature > 0, an explicit
+    ``rng`` (a silent default key would give every call the same "random" text);
+    ``eos_id``: a token id that ends a row (its later tokens repeat it) or None.
+    Anything else raises ValueError naming it, before any work. ``decode`` and
+    ``sample`` stay for step-by-step use.
     """
     n = placement.new_tokens(max_new_tokens, self.scenario.max_new_tokens)
-    if (not isinstance(temperature, (int, float, np.integer, np.floating))
-        or isinstance(temperature, bool) or not math.isfinite(temperature) or temperature < 0):
-      raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 "
-                       "(0 = greedy)")
-    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
-      raise ValueError(f"top_k={top_k!r}: must be an int >= 0 (0 = no top-k cut)")
+    check_sampling(temperature, top_k, top_p, rng)
     placement.check_eos_id(eos_id, self.route_configs["short"].vocab_size)
     tokens, route, start = self._placement(tokens, state, decoded=n - 1)
-    rng = jax.random.key(0) if rng is None else rng
+    rng = jax.random.key(0) if rng is None else rng  # unused when greedy
     state, logits = self._read(tokens, route, start, state)
     out = self._generate[route](self.params, state, logits, jnp.int32(n), rng,
                                 jnp.float32(temperature), jnp.int32(top_k),
-                                jnp.int32(-1 if eos_id is None else eos_id))
+                                jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id))
     return np.asarray(out)[:, :n]
+
+  def sample(self, logits, *, temperature=0.0, top_k=0, top_p=1.0, rng=None):
+    """The next token of each row of ``logits [batch, vocab]`` (from ``prefill`` or
+    ``decode``), int32 [batch], by ``generate``'s sampler and rules: a host loop of
+    ``decode`` and ``sample`` draws what ``generate`` draws with ``fold_in(rng, i)``
+    for token i. One compilation, whatever the settings (they are traced)."""
+    check_sampling(temperature, top_k, top_p, rng)
+    rng = jax.random.key(0) if rng is None else rng  # unused when greedy
+    return self._sample(logits, rng, jnp.float32(temperature), jnp.int32(top_k),
+                        jnp.float32(top_p))
 
   def compile_count(self) -> int:
     """XLA compilations of the step functions so far (all routes)."""

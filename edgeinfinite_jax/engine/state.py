@@ -12,6 +12,7 @@ from typing import Any
 import flax.struct
 import jax
 
+from edgeinfinite_jax.model import eviction
 from edgeinfinite_jax.model import kv_cache as cache_lib
 from edgeinfinite_jax.model import memory as memory_lib
 from edgeinfinite_jax.quant import ptq
@@ -29,6 +30,8 @@ jax.export.register_namedtuple_serialization(
     cache_lib.LayerCache, serialized_name="edgeinfinite_jax.LayerCache")
 jax.export.register_namedtuple_serialization(
     memory_lib.Memory, serialized_name="edgeinfinite_jax.Memory")
+jax.export.register_namedtuple_serialization(
+    eviction.Kept, serialized_name="edgeinfinite_jax.Kept")
 jax.export.register_pytree_node_serialization(
     EngineState, serialized_name="edgeinfinite_jax.EngineState",
     serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
@@ -52,5 +55,6 @@ jax.export.register_pytree_node_serialization(
 
 
 def state_nbytes(state) -> int:
-  """Bytes held by an engine state (every array leaf)."""
+  """Bytes held by an engine state (every array leaf: for h2o / snapkv, the kept
+  tokens' keys, values, positions and scores and the window's scores too)."""
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))

@@ -1,9 +1,12 @@
-"""Answer metrics, computed the way LongBench computes them; pure Python, no dependencies.
+"""Answer metrics, computed the way LongBench computes them.
 
 LongBench (THUDM/LongBench ``metrics.py``) scores with its own normalisation
 plus three packages: ``rouge`` 1.0.1 (ROUGE-L), ``fuzzywuzzy`` (code
-similarity) and ``jieba`` (Chinese). The first two are re-implemented here to
-give the same numbers; Chinese word segmentation is not (see ``longbench.py``).
+similarity) and ``jieba`` (Chinese). ROUGE-L is re-implemented here to give the
+same numbers; code similarity is ``rapidfuzz.fuzz.ratio``, the maintained
+equivalent of fuzzywuzzy's ratio with python-Levenshtein (the InDel similarity
+100 * (1 - distance / (len(a) + len(b)))), rounded to an int as fuzzywuzzy
+rounds it; Chinese word segmentation is not reproduced (see ``longbench.py``).
 
 Every metric takes ``(prediction, ground_truth, **kwargs)`` and returns a float
 in [0, 1], so any of them can go to ``best_over_answers``.
@@ -11,11 +14,12 @@ in [0, 1], so any of them can go to ``best_over_answers``.
 
 from __future__ import annotations
 
-import difflib
 import re
 import string
 from collections import Counter
 from typing import Callable, Sequence
+
+from rapidfuzz import fuzz
 
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -213,12 +217,15 @@ def classification_score(prediction: str, ground_truth: str, all_classes: Sequen
 
 
 def fuzz_ratio(a: str, b: str) -> int:
-  """``fuzzywuzzy.fuzz.ratio`` without python-Levenshtein (difflib fallback): 0..100."""
-  if a == b:
-    return 100
-  if not a or not b:
-    return 0
-  return int(round(100 * difflib.SequenceMatcher(None, a, b).ratio()))
+  """``fuzzywuzzy.fuzz.ratio`` (with python-Levenshtein), as LongBench calls it: 0..100.
+
+  ``rapidfuzz.fuzz.ratio`` computes the same InDel similarity, as a float; fuzzywuzzy
+  rounds it to an int (Python's ``round``), which is kept so scores match LongBench's.
+  Two empty strings are equal (100). difflib's ``SequenceMatcher`` (fuzzywuzzy's
+  fallback without python-Levenshtein) is not this: it matches greedy blocks, not a
+  longest common subsequence, and drops frequent characters of long lines as junk.
+  """
+  return int(round(fuzz.ratio(a, b)))
 
 
 def code_sim_score(prediction: str, ground_truth: str, **_) -> float:

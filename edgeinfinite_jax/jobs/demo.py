@@ -311,6 +311,7 @@ def _load_trained(config, base, run, path, sc) -> tuple:
   params, summary)."""
   base_config, base_params = base
   rng = jax.random.key(int(config.seed))
+  gate_lib.check_trained_settings(path, dict(config.demo.memory), "demo.memory")
   model_config, params = gate_lib.with_memory(base_config, base_params, rng=rng,
                                               **dict(config.demo.memory))
   if run == "gate+lora":
@@ -357,7 +358,7 @@ def stage_sft(config, workdir, base_source, base, record) -> dict:
       summary.update(wall_s=time.perf_counter() - t0, **_share(model_config, params, sc.optim))
       if run in SAVED_SETS:
         saved = os.path.join(stage_dir, "trained.npz")
-        lora.save_subset(params, saved, _trained_pattern(run), run)
+        lora.save_subset(params, saved, _trained_pattern(run), run, model_config)
         summary.update(saved=saved, sha256=workdir_lib.sha256_file(saved))
       _save_json(os.path.join(stage_dir, "summary.json"), summary)
     record.setdefault("sft", {})[run] = summary

@@ -33,9 +33,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from edgeinfinite_jax.model import eviction
 from edgeinfinite_jax.model import gate as gate_lib
 from edgeinfinite_jax.model import memory as memory_lib
-from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig
 from edgeinfinite_jax.model.rope import apply_rope, local_positions
 from edgeinfinite_jax.quant import intsim, losses
 from edgeinfinite_jax.quant import layer_quant as qapply
@@ -157,15 +158,23 @@ def float_path(qx) -> bool:
 def dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
   """Softmax attention with GQA grouping, through the layer's quantizers.
 
-  q [B, T, H, D], k/v [B, S, K, D], mask [B or 1, T, S] bool. Logits and softmax
-  in float32 whatever the compute dtype. Q, K (after RoPE), V and the
-  probabilities pass ``qx``'s quantizers: identities for a float model.
+  q [B, T, H, D], k/v [B, S, K, D], mask [B or 1, T, S] bool, or [B, K, T, S] when
+  which keys may be seen differs per KV head (an evicting cache's kept tokens).
+  Logits and softmax in float32 whatever the compute dtype. Q, K (after RoPE), V
+  and the probabilities pass ``qx``'s quantizers: identities for a float model.
 
   q_pos [T] / k_pos [S]: absolute positions of the rows (token-adaptive masks).
   Integer mode (and fake_quant_dots='exact') runs QK^T and PV as integer dots
   (``quant.apply`` module doc).
   Returns (out [B, T, H, D] float32, captured dict).
   """
+  out, captured, _ = _dot_attention(q, k, v, mask, qx, q_pos, k_pos)
+  return out, captured
+
+
+def _dot_attention(q, k, v, mask, qx, q_pos, k_pos):
+  """``dot_attention`` that also returns the float32 probabilities [B, K, G, T, S]
+  (before their quantizer: what an eviction policy scores keys by)."""
   b, t, h, d = q.shape
   kh = k.shape[2]
   inv_sqrt_d = 1.0 / jnp.sqrt(jnp.float32(d))
@@ -183,7 +192,8 @@ def dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
   qx.record("q_hat", q_hat)
   qx.record("k_hat", k_hat)
   qx.record("logits", logits)  # pre-mask, pre-softmax (L_D, token importance)
-  logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+  logits = jnp.where(mask[:, None, None] if mask.ndim == 3 else mask[:, :, None], logits,
+                     NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
   qx.record("attn_probs", probs)
   qx.record("v", v)
@@ -192,7 +202,7 @@ def dot_attention(q, k, v, mask, qx, q_pos=None, k_pos=None):
                           qx.qint("v", v)).reshape(b, t, h, d)
   else:
     out = grouped_mix(qx.act("attn_probs", probs), qx.act("v", v, k_pos))
-  return out, qx.cap or {}
+  return out, qx.cap or {}, probs
 
 
 def site_on(qx, site) -> bool:
@@ -200,26 +210,60 @@ def site_on(qx, site) -> bool:
 
 
 def segment_attention(config, q, q_pos, k, v, k_pos, k_valid, memory, inv_freq, gate_params,
-                      qx):
+                      qx, kept=None):
   """One segment's output: local softmax attention blended with the memory read.
 
   q [B, T, H, D] and k/v [B, S, K, D] are pre-RoPE; q_pos [T], k_pos [S] absolute
   positions; k_valid [S] (or [B, S]) marks keys that may be seen at all; the
-  causal rule is applied here. Returns (float32 [B, T, H, D], captured dict).
+  causal rule is applied here. ``kept``: an evicting cache's kept tokens (h2o,
+  snapkv), ``(k, v, pos)`` with k/v [B, n, K, D] pre-RoPE and pos [B, n, K] (-1: an
+  empty slot; all older than any query), seen between the first ``n_sink`` keys (the
+  sink) and the rest. Returns (float32 [B, T, H, D], captured dict, probabilities
+  [B, K, G, T, S (+ n)] over the keys in that order).
+
+  RoPE of the kept tokens: ``absolute`` rotates each at its own original position
+  (so positions differ per KV head); ``cache_relative`` places them after the sink
+  in slot order (the store is in position order, ``eviction`` module doc) and shifts
+  the window and the queries by ``n`` (fixed, so no position moves as the store
+  fills), as H2O's positional rolling numbers a cache.
   """
   m = config.memory
   block = q_pos[0] // m.segment_len
-  rq = apply_rope(q, local_positions(config, q_pos, block)[None], inv_freq)
-  rk = apply_rope(k, local_positions(config, k_pos, block)[None], inv_freq)
+  lq, lk = local_positions(config, q_pos, block), local_positions(config, k_pos, block)
+  if kept is not None and m.rope_positions == "cache_relative":
+    n = kept[0].shape[1]
+    lq, lk = lq + jnp.where(q_pos < m.n_sink, 0, n), lk + jnp.where(k_pos < m.n_sink, 0, n)
+  rq = apply_rope(q, lq[None], inv_freq)
+  rk = apply_rope(k, lk[None], inv_freq)
   mask = (k_pos[None, :] <= q_pos[:, None]) & k_valid[..., None, :]
   if mask.ndim == 2:
     mask = mask[None]
-  local, captured = dot_attention(rq, rk, v, mask, qx, q_pos, k_pos)
+  if kept is not None:
+    rk, v, mask = _with_kept(config, kept, rk, v, mask, inv_freq)
+    k_pos = None  # per-head positions; token-adaptive bits are refused with eviction
+  local, captured, probs = _dot_attention(rq, rk, v, mask, qx, q_pos, k_pos)
   if m.uses_memory:
     mem_q = rq if m.mem_uses_rope else q
     read = memory_lib.retrieve(memory, mem_q, m.eps)
     local = gate_lib.blend(config, gate_params, read, local, memory_lib.has_content(memory))
-  return local, captured
+  return local, captured, probs
+
+
+def _with_kept(config, kept, rk, v, mask, inv_freq):
+  """RoPE'd keys, values and mask [B, K, T, S + n] with the kept tokens inserted after
+  the sink (``segment_attention``)."""
+  k_kept, v_kept, pos = kept
+  S, (b, n, kh) = config.memory.n_sink, pos.shape
+  if config.memory.rope_positions == "cache_relative":
+    pos = jnp.broadcast_to(S + jnp.arange(n, dtype=jnp.int32)[None, :, None], pos.shape)
+  # apply_rope rotates x[..., T, N, D] by positions[..., T]: here T = the KV heads.
+  rk_kept = apply_rope(k_kept[..., None, :], pos, inv_freq)[..., 0, :].astype(rk.dtype)
+  insert = lambda a, x: jnp.concatenate([a[:, :S], x.astype(a.dtype), a[:, S:]], axis=1)
+  t = mask.shape[1]
+  seen = jnp.broadcast_to(jnp.swapaxes(kept[2] >= 0, 1, 2)[:, :, None, :], (b, kh, t, n))
+  per_head = jnp.broadcast_to(mask[:, None], (b, kh) + mask.shape[1:])
+  mask = jnp.concatenate([per_head[..., :S], seen, per_head[..., S:]], axis=-1)
+  return insert(rk, rk_kept), insert(v, v_kept), mask
 
 
 def memory_keys(config, k, pos, inv_freq):
@@ -238,6 +282,10 @@ def sequence_attention(config: ModelConfig, q, k, v, positions, inv_freq, gate_p
       return causal_blockwise_attention(rq, rk, v, m.key_block), {}
     mask = positions[:, None, :] <= positions[:, :, None]
     return dot_attention(rq, rk, v, mask, qx)
+  if m.evicts and qapply.adaptive(qx.quant):
+    raise ConfigError(f"model.memory.attention_type={m.attention_type!r}: token-adaptive bits "
+                      "(quant.edgeqat.adaptive_fraction > 0) need one position per key, and "
+                      "kept tokens sit at a different position in each KV head")
   return _segment_scan(config, q, k, v, inv_freq, gate_params, qx)
 
 
@@ -258,8 +306,13 @@ def _segment_scan(config, q, k, v, inv_freq, gate_params, qx):
     sink_k, sink_v = (jnp.pad(x, ((0, 0), (0, S - x.shape[1]), (0, 0), (0, 0)))
                       for x in (sink_k, sink_v))
   memory = memory_lib.empty(b, k.shape[2], d, d)
+  # An evicting type carries its kept tokens; ring_score holds the window's scores in
+  # position order (the window of the previous segment, blocks blk-1-w .. blk-1).
+  kept = (eviction.empty(b, m.n_kept, (w + 1) * L, k.shape[2], d, k.dtype) if m.evicts
+          else None)
 
-  def body(memory, xs):
+  def body(carry, xs):
+    memory, kept = carry
     blk, q_b = xs
     if m.uses_memory:
       evict = blk - w - 1
@@ -272,6 +325,15 @@ def _segment_scan(config, q, k, v, inv_freq, gate_params, qx):
       if m.truncate_every:
         cut = (blk % m.truncate_every) == 0
         memory = jax.tree.map(lambda x: jnp.where(cut, jax.lax.stop_gradient(x), x), memory)
+    if m.evicts:  # block blk-1-w leaves the window (the first L rows of ring_score)
+      evict = blk - w - 1
+      e_pos = evict * L + jnp.arange(L, dtype=jnp.int32)
+      e_k = jax.lax.dynamic_slice_in_dim(kp, blk * L, L, axis=1)
+      e_v = jax.lax.dynamic_slice_in_dim(vp, blk * L, L, axis=1)
+      kept = eviction.select(m, kept, e_k, e_v, e_pos, (e_pos >= S) & (evict >= 0),
+                             kept.ring_score[:, :L])
+      shifted = jnp.pad(kept.ring_score[:, L:], ((0, 0), (0, L), (0, 0)))
+      kept = eviction.restart(m, kept._replace(ring_score=shifted), True)
     win_start = (blk - w) * L
     win_pos = win_start + jnp.arange((w + 1) * L, dtype=jnp.int32)
     win_k = jax.lax.dynamic_slice_in_dim(kp, win_start + front, (w + 1) * L, axis=1)
@@ -283,12 +345,16 @@ def _segment_scan(config, q, k, v, inv_freq, gate_params, qx):
     k_valid = jnp.concatenate([sink_pos < jnp.maximum(win_start, 0), win_pos >= 0])
     q_pos = blk * L + jnp.arange(L, dtype=jnp.int32)
     # A fresh capture dict per segment: the scan stacks it (tracers must not leak out).
-    return memory, segment_attention(config, q_b, q_pos, keys, vals, k_pos, k_valid, memory,
-                                     inv_freq, gate_params, qx.fresh_capture())
+    out, captured, probs = segment_attention(
+        config, q_b, q_pos, keys, vals, k_pos, k_valid, memory, inv_freq, gate_params,
+        qx.fresh_capture(), None if kept is None else kept[:3])
+    if m.evicts:  # padding rows of the last segment vote too; nothing is evicted after it
+      kept = eviction.add_mass(kept, eviction.chunk_mass(m, probs, q_pos, L), S)
+    return (memory, kept), (out, captured)
 
   if m.remat:
     body = jax.checkpoint(body)
-  _, out = jax.lax.scan(body, memory, (jnp.arange(nseg, dtype=jnp.int32), q_seg))
+  _, out = jax.lax.scan(body, (memory, kept), (jnp.arange(nseg, dtype=jnp.int32), q_seg))
   out, captured = out
   return out.swapaxes(0, 1).reshape(b, nseg * L, h, d)[:, :t], captured
 

@@ -19,7 +19,9 @@ from typing import Any, Mapping
 from edgeinfinite_jax.quant import layer_quant as qapply
 from edgeinfinite_jax.quant.qconfig import QuantConfig
 
-ATTENTION_TYPES = ("full", "streaming", "edgeinfinite")
+ATTENTION_TYPES = ("full", "streaming", "edgeinfinite", "h2o", "snapkv")
+EVICTING_TYPES = ("h2o", "snapkv")  # sink + window + a store of kept tokens (eviction.py)
+POOLINGS = ("avg", "max")
 GATE_FORMS = ("per_head_scalar", "per_head_vector", "mlp")
 UPDATE_RULES = ("linear", "delta")
 ROPE_POSITIONS = ("absolute", "cache_relative")
@@ -82,12 +84,14 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
-  """The attention family (full / streaming / edgeinfinite) and its knobs.
+  """The attention family (full / streaming / edgeinfinite / h2o / snapkv) and its knobs.
 
   Attributes:
     attention_type: ``full`` (ordinary causal attention), ``streaming`` (sink +
-      block window, nothing else) or ``edgeinfinite`` (sink + block window +
-      compressive memory blended by a gate).
+      block window, nothing else), ``edgeinfinite`` (sink + block window +
+      compressive memory blended by a gate), or ``h2o`` / ``snapkv`` (sink + block
+      window + ``n_kept`` tokens per KV head chosen, as blocks leave the window, by
+      accumulated attention or by an observation window's vote; ``eviction.py``).
     segment_len: tokens per segment L; the window moves in blocks of L.
     n_sink: leading tokens always kept as raw KV.
     n_window: raw-KV window in tokens, a multiple of ``segment_len``.
@@ -109,6 +113,13 @@ class MemoryConfig:
       and an engine step visits only the filled part of its cache). 0 = one softmax
       over all keys: the form of exported graphs (edge runtimes take no loop whose
       trip count is a traced value). Numerics agree to float32 rounding.
+    n_kept: ``h2o`` / ``snapkv``: tokens kept beside sink and window, per KV head
+      and layer (the eviction budget; >= 1). Other types ignore it.
+    obs_window: ``snapkv``: voting queries, the last ones of the block before each
+      eviction (SnapKV's window_size, published default 32; <= segment_len).
+    pool_kernel: ``snapkv``: width of the 1-D pooling over positions (odd; the
+      published code's default 5).
+    pooling: ``snapkv``: ``avg`` (the published code's default) or ``max``.
   """
   attention_type: str = "full"
   segment_len: int = 64
@@ -125,6 +136,10 @@ class MemoryConfig:
   truncate_every: int = 0
   force_gate: str = "none"
   key_block: int = 1024
+  n_kept: int = 0
+  obs_window: int = 32
+  pool_kernel: int = 5
+  pooling: str = "avg"
 
   def __post_init__(self):
     check_types(self, "model.memory")  # the value rules need the model: ``validate``
@@ -140,6 +155,10 @@ class MemoryConfig:
   @property
   def uses_memory(self) -> bool:
     return self.attention_type == "edgeinfinite"
+
+  @property
+  def evicts(self) -> bool:
+    return self.attention_type in EVICTING_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +265,20 @@ def check_cache_layout(segment_len, n_sink: int, n_window: int, where: str) -> N
            f"must be <= segment_len={segment_len} (sink tokens come from the first segment)")
 
 
+def check_eviction(m: MemoryConfig, n_kept, segment_len, n_kept_key: str,
+                   segment_key: str) -> None:
+  """The budget rules of an evicting type (``h2o``, ``snapkv``) at a given budget and
+  segment length, shared by ``model.memory`` and the engine's ``Scenario`` (the keys
+  name where each value came from)."""
+  require(n_kept >= 1, n_kept_key, n_kept,
+          f"must be >= 1 for {m.attention_type} (the kept tokens per KV head; "
+          "streaming keeps none)")
+  if m.attention_type == "snapkv":
+    require(m.obs_window <= segment_len, "model.memory.obs_window", m.obs_window,
+            f"must be <= {segment_key}={segment_len}: snapkv's voting queries are the last "
+            "ones of the block before each eviction")
+
+
 def validate(c: ModelConfig) -> None:
   """Checks every rule of a model config; raises ConfigError naming the key."""
   check_types(c, "model")
@@ -289,6 +322,15 @@ def validate(c: ModelConfig) -> None:
           "must be >= 0 (0 = one softmax over all keys)")
   require(m.truncate_every >= 0, "model.memory.truncate_every", m.truncate_every,
            "must be >= 0 (0 = full backpropagation)")
+  require(m.n_kept >= 0, "model.memory.n_kept", m.n_kept, "must be >= 0")
+  require(m.obs_window >= 1, "model.memory.obs_window", m.obs_window, "must be >= 1")
+  require(m.pool_kernel >= 1 and m.pool_kernel % 2 == 1, "model.memory.pool_kernel",
+          m.pool_kernel, "must be an odd int >= 1 (pooling keeps every position)")
+  require(m.pooling in POOLINGS, "model.memory.pooling", m.pooling,
+          f"must be one of {POOLINGS}")
+  if m.evicts:
+    check_eviction(m, m.n_kept, m.segment_len, "model.memory.n_kept",
+                   "model.memory.segment_len")
 
 
 @dataclasses.dataclass(frozen=True)

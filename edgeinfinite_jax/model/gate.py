@@ -15,13 +15,15 @@ trainable-group regexes can select them alone.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from edgeinfinite_jax.model import lora
-from edgeinfinite_jax.model.config import ModelConfig
+from edgeinfinite_jax.model.config import ConfigError, ModelConfig
 
 # The gate's parameter paths (``layers_3/attn/memory_gate/bias``).
 PATTERN = r".*/memory_gate/.*"
@@ -112,18 +114,19 @@ def gate_params(params) -> dict[str, jax.Array]:
   return lora.subset(params, PATTERN)
 
 
-def save_gate(params, path: str) -> None:
-  """Writes the gate's parameters (the only trained part of an EdgeInfinite model) to ``.npz``."""
-  lora.save_subset(params, path, PATTERN, "gate")
+def save_gate(params, path: str, config: ModelConfig | None = None) -> None:
+  """Writes the gate's parameters (the only trained part of an EdgeInfinite model) to
+  ``.npz``, with the memory settings of ``config`` it was trained with (``lora.save_subset``)."""
+  lora.save_subset(params, path, PATTERN, "gate", config)
 
 
 def saved_form(path: str) -> dict:
   """The ``MemoryConfig`` options that give a model the gate form saved at ``path``
   (``{"gate": "mlp", "gate_mlp_hidden": 32}``), read from its arrays' names and shapes,
   so that a trained gate loads without the user restating how it was configured."""
-  with np.load(path) as saved:
-    shapes = {k.rsplit("/", 1)[-1]: saved[k].shape for k in saved.files
-              if k.startswith("layers_0/")}
+  leaves, _ = lora.read_subset(path, "gate")
+  shapes = {k.rsplit("/", 1)[-1]: v.shape for k, v in leaves.items()
+            if k.startswith("layers_0/") and "/memory_gate/" in k}
   if "w1" in shapes:
     return {"gate": "mlp", "gate_mlp_hidden": int(shapes["w1"][-1])}
   if "bias" not in shapes:
@@ -135,3 +138,53 @@ def saved_form(path: str) -> dict:
 def load_gate(params, path: str):
   """``params`` with the gate leaves replaced by those saved at ``path`` (names and shapes checked)."""
   return lora.load_subset(params, path, PATTERN, "gate")
+
+
+class TrainedSet(NamedTuple):
+  """What a trained-set file (``lora.save_subset``) says about itself."""
+  memory: dict      # MemoryConfig options it was trained with (``lora.SERVING_KEYS``)
+  lora_rank: int    # 0 = the gate alone; else the gate + rank-r q/k/v adapters
+  recorded: bool    # False: an older file without settings; ``memory`` has the form only
+
+
+def trained_set(path: str) -> TrainedSet:
+  """The serving settings of the set at ``path``: recorded ones, or, for a file written
+  before they were recorded, the gate form and adapter rank read from its arrays."""
+  leaves, settings = lora.read_subset(path, "trained set")
+  if settings is not None:
+    return TrainedSet(dict(settings["memory"]), int(settings["lora_rank"]), True)
+  ranks = {v.shape[-1] for k, v in leaves.items() if k.endswith("/lora_a")}
+  return TrainedSet({"attention_type": "edgeinfinite", **saved_form(path)},
+                    ranks.pop() if ranks else 0, False)
+
+
+def check_trained_settings(path: str, options: dict, where: str,
+                           flags: dict | None = None) -> TrainedSet:
+  """The set at ``path``, after checking that every option in ``options`` that it
+  recorded has its recorded value: a ConfigError names both values otherwise (a gate
+  served with other sizes or positions than it was trained with reads noise).
+  ``flags`` names an option as the caller's user knows it (``{"n_window": "--window"}``);
+  else it is ``WHERE.KEY``."""
+  info = trained_set(path)
+  for key, value in options.items():
+    if key in info.memory and info.memory[key] != value:
+      name = (flags or {}).get(key, f"{where}.{key}")
+      raise ConfigError(f"{name}={value!r}: the trained set {path} was trained with "
+                        f"{key}={info.memory[key]!r} (serve it with that, or retrain)")
+  return info
+
+
+def load_trained_set(config: ModelConfig, params, path: str, *, rng, **memory_options):
+  """A base model with the trained set at ``path``: the memory and gate of the set's
+  recorded settings (``memory_options`` override them: the engine's Scenario sizes
+  replace the training sizes anyway), its adapters merged into the kernels when it has
+  any -> (config, params, TrainedSet)."""
+  info = trained_set(path)
+  config, params = with_memory(config, params, rng=rng, **{**info.memory, **memory_options})
+  pattern = PATTERN
+  if info.lora_rank:
+    config, params = lora.with_lora(config, params, rank=info.lora_rank, rng=rng)
+    pattern = f"(?:{PATTERN})|(?:{lora.PATTERN})"
+  params = lora.load_subset(params, path, pattern, "trained set")
+  config, params = lora.merge(config, params)
+  return config, params, info

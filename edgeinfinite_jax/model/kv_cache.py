@@ -6,7 +6,9 @@ layer against it and returns the updated cache. Block b and the block it evicts
 (b-w-1) share a ring slot, so a block is compressed into the memory exactly when
 its slot is reused; ``full`` in the engine is the same ring sized never to wrap.
 What each query sees is defined once, in ``attention.segment_attention``; this
-file only decides where keys live.
+file only decides where keys live. ``h2o`` and ``snapkv`` add a store of kept
+tokens (``eviction.Kept``): at the same moment, the block leaving the window
+competes with them for the store's slots instead of entering a memory.
 
 Keys are cached before RoPE so that ``cache_relative`` positions can be
 re-assigned as the window moves, and the memory compresses pre-RoPE keys. The one
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from edgeinfinite_jax.model import attention
+from edgeinfinite_jax.model import eviction
 from edgeinfinite_jax.model import memory as memory_lib
 from edgeinfinite_jax.model.config import ModelConfig
 from edgeinfinite_jax.model.rope import apply_rope
@@ -35,32 +38,38 @@ class LayerCache(NamedTuple):
   ring_k: jax.Array  # [B, (w+1)*L, K, D]; slot j holds the newest block ≡ j mod (w+1)
   ring_v: jax.Array
   memory: memory_lib.Memory  # M [B, K, D, D], z [B, K, D]; zeros unless edgeinfinite
+  kept: eviction.Kept | None = None  # h2o / snapkv only (None: no leaves, no bytes)
 
 
 class Chunk(NamedTuple):
   """Where the tokens of one engine call sit: traced, so nothing recompiles.
 
-  There is deliberately no count of valid tokens. A padded last prefill segment is
-  safe without one: the padding comes after the real tokens, so the causal rule
+  Attention itself needs no count of valid tokens. A padded last prefill segment
+  is safe without one: the padding comes after the real tokens, so the causal rule
   hides it from every real query; its K/V land in ring (and sink) slots of
   positions the sequence has not reached yet, and each later decode token writes
   its own K/V into its slot before any query at that position or later can see it
   (a query at p sees keys at positions <= p only, and ``ring_positions`` derives
   positions from the block, not from what was written). The memory compresses
-  only whole blocks that have left the window, never a padded one. The engine
-  uses its valid count only outside the layers: for the last real token's logits
-  and the state's length (``tests/test_engine.py`` checks padded prefills against
-  teacher forcing).
+  only whole blocks that have left the window, never a padded one. Besides the
+  eviction scores (``n_valid``), the engine uses the valid count only outside the
+  layers: for the last real token's logits and the state's length
+  (``tests/test_engine.py`` checks padded prefills against teacher forcing).
   """
   start: jax.Array  # int32 scalar: absolute position of the chunk's first token
+  # Real rows of the chunk (int32 scalar). Only the eviction scores read it: a padding
+  # row is hidden from every real query, but its own probabilities would still vote.
+  n_valid: jax.Array
 
 
 def empty_cache(config: ModelConfig, batch: int, n_sink: int, ring_len: int, dtype) -> LayerCache:
   kh, d = config.num_kv_heads, config.head_dim
   z = lambda n: jnp.zeros((batch, n, kh, d), dtype)
   d_mem = d if config.memory.uses_memory else 0  # no memory bytes for full/streaming
+  kept = (eviction.empty(batch, config.memory.n_kept, ring_len, kh, d, dtype)
+          if config.memory.evicts else None)
   return LayerCache(z(n_sink), z(n_sink), z(ring_len), z(ring_len),
-                    memory_lib.empty(batch, kh, d_mem, d_mem))
+                    memory_lib.empty(batch, kh, d_mem, d_mem), kept)
 
 
 def ring_positions(config: ModelConfig, block, ring_len):
@@ -162,6 +171,9 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
       memory = jax.tree.map(lambda new, old: jnp.where(due, new, old), fresh, memory)
     else:
       memory = jax.lax.cond(due, compress, lambda x: x, memory)
+  kept = cache.kept
+  if m.evicts:
+    kept = _evict(config, cache, chunk, c, slot_start, S)
   ring_k = _write_block(cache.ring_k, k, slot_start, jnp.mod(chunk.start, L), L)
   ring_v = _write_block(cache.ring_v, v, slot_start, jnp.mod(chunk.start, L), L)
   q_pos = chunk.start + jnp.arange(c, dtype=jnp.int32)
@@ -175,9 +187,41 @@ def cached_attention(config: ModelConfig, cache: LayerCache, chunk: Chunk, q, k,
   vals = read("v", jnp.concatenate([sink_v, ring_v], axis=1))
   k_pos = jnp.concatenate([s_pos, r_pos])
   k_valid = jnp.concatenate([s_pos < jnp.maximum(win_start, 0), r_pos >= 0])
-  out, _ = attention.segment_attention(config, q, q_pos, keys, vals, k_pos, k_valid, memory,
-                                       inv_freq, gate_params, qx)
-  return out, LayerCache(sink_k, sink_v, ring_k, ring_v, memory)
+  seen = None if kept is None else (read("k", kept.k), read("v", kept.v), kept.pos)
+  out, _, probs = attention.segment_attention(config, q, q_pos, keys, vals, k_pos, k_valid,
+                                              memory, inv_freq, gate_params, qx, seen)
+  if m.evicts:
+    # The chunk's rows start with no score (a slot's previous block has left), then
+    # everything the chunk saw gets its votes.
+    fresh = (r_pos >= chunk.start) & (r_pos < chunk.start + c)
+    ring_score = jnp.where(fresh[None, :, None], 0.0, kept.ring_score)
+    kept = eviction.add_mass(kept, eviction.chunk_mass(m, probs, q_pos, chunk.n_valid), S,
+                             ring_score)
+  return out, LayerCache(sink_k, sink_v, ring_k, ring_v, memory, kept)
+
+
+def _evict(config: ModelConfig, cache: LayerCache, chunk: Chunk, c: int, slot_start,
+           S: int) -> eviction.Kept:
+  """h2o / snapkv on entering a new block: the block in the slot about to be reused
+  competes with the kept tokens (``eviction.select``); snapkv's votes then restart."""
+  m, L = config.memory, config.memory.segment_len
+  ring_len = cache.ring_k.shape[1]
+  evict = chunk.start // L - ring_len // L
+  e_pos = evict * L + jnp.arange(L, dtype=jnp.int32)
+  cut = lambda x: jax.lax.dynamic_slice_in_dim(x, slot_start, L, axis=1)
+
+  def select(kept):
+    return eviction.select(m, kept, cut(cache.ring_k), cut(cache.ring_v), e_pos, e_pos >= S,
+                           cut(kept.ring_score))
+
+  block_start = chunk.start % L == 0
+  due = block_start & (evict >= 0)
+  if c > 1:  # as the memory's update: always computed and selected in a prefill graph
+    kept = jax.tree.map(lambda new, old: jnp.where(due, new, old), select(cache.kept),
+                        cache.kept)
+  else:
+    kept = jax.lax.cond(due, select, lambda x: x, cache.kept)
+  return eviction.restart(m, kept, block_start)
 
 
 def _full_attention(cache: LayerCache, chunk: Chunk, q, k, v, inv_freq, slot_start, L,

@@ -17,8 +17,10 @@ checkpoints take) with no change in the function.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import zipfile
 
 import flax.linen as nn
 import jax
@@ -111,24 +113,64 @@ def subset(params, pattern: str) -> dict[str, jax.Array]:
   return {"/".join(k): v for k, v in flat.items() if rx.fullmatch("/".join(k))}
 
 
-def save_subset(params, path: str, pattern: str, what: str) -> None:
+# The memory settings a trained set is served with: what the frozen model's memory and
+# cache looked like while the set was trained. A gate trained with a 128-token window and
+# absolute positions reads a 1024-token window or cache-relative positions as noise (it
+# decoded an empty answer), so they travel with the set.
+SERVING_KEYS = ("attention_type", "segment_len", "n_sink", "n_window", "gate",
+                "gate_mlp_hidden", "update_rule", "mem_uses_rope", "rope_positions")
+_SETTINGS = "__settings__"  # the .npz entry that holds them, as JSON
+
+
+def serving_settings(config: ModelConfig) -> dict:
+  """What ``save_subset`` records of ``config``: its memory's ``SERVING_KEYS`` and the
+  adapters' rank."""
+  return {"memory": {k: getattr(config.memory, k) for k in SERVING_KEYS},
+          "lora_rank": int(config.lora_rank)}
+
+
+def save_subset(params, path: str, pattern: str, what: str, config: ModelConfig | None = None
+                ) -> None:
   """Writes the leaves ``pattern`` selects to ``.npz`` (atomic: a killed writer leaves
-  an earlier file intact). A trained gate or adapter set is a few MB at most: small
-  enough to commit next to the command that trained it."""
+  an earlier file intact), with ``serving_settings(config)`` when a config is given. A
+  trained gate or adapter set is a few MB at most: small enough to commit next to the
+  command that trained it."""
   leaves = subset(params, pattern)
   if not leaves:
     raise ValueError(f"save {what}: these params have none (no leaf matches {pattern!r})")
+  extra = {} if config is None else {_SETTINGS: np.array(json.dumps(serving_settings(config)))}
   tmp = f"{path}.tmp.npz"
-  np.savez(tmp, **{k: np.asarray(v) for k, v in leaves.items()})
+  np.savez(tmp, **{k: np.asarray(v) for k, v in leaves.items()}, **extra)
   os.replace(tmp, path)
+
+
+def read_subset(path: str, what: str) -> tuple[dict[str, np.ndarray], dict | None]:
+  """(leaves, serving settings or None) of a file ``save_subset`` wrote. A missing,
+  truncated or foreign file, or a non-finite value (a diverged run: it decodes to an
+  empty string), is a ValueError naming the path, before any model is built."""
+  if not os.path.isfile(path):
+    raise ValueError(f"{what} file {path!r}: no such file")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      got = {k: f[k] for k in f.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise ValueError(f"{what} file {path!r}: not a readable .npz of trained parameters "
+                     f"({type(e).__name__}: {e})") from None
+  settings = json.loads(str(got.pop(_SETTINGS))) if _SETTINGS in got else None
+  for k, v in got.items():
+    if not np.issubdtype(v.dtype, np.floating):
+      raise ValueError(f"{what} file {path!r}: {k} is {v.dtype}, not floating point")
+    if not np.all(np.isfinite(v)):
+      raise ValueError(f"{what} file {path!r}: {k} holds {int(np.sum(~np.isfinite(v)))} "
+                       "non-finite values (NaN/inf); the run that wrote it diverged")
+  return got, settings
 
 
 def load_subset(params, path: str, pattern: str, what: str):
   """``params`` with the leaves ``pattern`` selects replaced by those saved at ``path``;
   the file must hold exactly those names with the same shapes (ValueError otherwise)."""
   want = subset(params, pattern)
-  with np.load(path) as f:
-    got = {k: f[k] for k in f.files}
+  got, _ = read_subset(path, what)
   if set(got) != set(want):
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     raise ValueError(f"{path}: {what} parameters do not match this model's (missing "
