@@ -125,13 +125,9 @@ def serving_scenario(base: engine_lib.Scenario, gate_path: str | None,
   return dataclasses.replace(base, **chosen), rope_positions
 
 
-def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, *,
-                 gate_path: str | None = None, untrained_gate: bool = False,
-                 rope_positions: str = "cache_relative", quant=None) -> engine_lib.Engine:
-  """An Engine for ``attention`` on a base model. ``edgeinfinite`` loads the trained set
-  at ``gate_path`` (its recorded settings, with the Scenario's sizes: see
-  ``serving_scenario``), or keeps the initial gate only if ``untrained_gate``;
-  ``quant``: a QuantConfig to run it in (its scales in ``params``)."""
+def check_gate_choice(attention: str, gate_path: str | None, untrained_gate: bool) -> None:
+  """A trained set goes with ``edgeinfinite`` only, and ``edgeinfinite`` needs one unless
+  the initial gate is asked for (it used to run silently, answering like streaming)."""
   if gate_path and attention != "edgeinfinite":
     raise ValueError(f"--gate={gate_path}: a trained set is only for --attention=edgeinfinite "
                      f"(got --attention={attention})")
@@ -139,13 +135,23 @@ def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, 
     raise ValueError("--attention=edgeinfinite needs a trained set: --gate=FILE (e.g. "
                      "experiments/gates/smollm2_gate.npz); --untrained-gate runs the initial "
                      "gate, whose memory is nearly off (it answers like streaming)")
+
+
+def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, *,
+                 gate_path: str | None = None, untrained_gate: bool = False,
+                 rope_positions: str = "cache_relative", quant=None) -> engine_lib.Engine:
+  """An Engine for ``attention`` on a base model. ``edgeinfinite`` loads the trained set
+  at ``gate_path`` (its recorded settings, with the Scenario's sizes: see
+  ``serving_scenario``), or keeps the initial gate only if ``untrained_gate``;
+  ``quant``: a QuantConfig to run it in (its scales in ``params``)."""
+  check_gate_choice(attention, gate_path, untrained_gate)
   if attention != "full":
     sizes = dict(segment_len=scenario.segment_len, n_sink=scenario.n_sink,
                  n_window=scenario.n_window, rope_positions=rope_positions)
     rng = jax.random.key(0)
     if gate_path:
-      gate_lib.check_trained_settings(gate_path, sizes, "Scenario")
-      config, params, _ = gate_lib.load_trained_set(config, params, gate_path, rng=rng, **sizes)
+      config, params, _ = gate_lib.load_trained_set(config, params, gate_path, rng=rng,
+                                                    where="Scenario", **sizes)
     else:
       config, params = gate_lib.with_memory(config, params, rng=rng, attention_type=attention,
                                             **sizes)
@@ -306,9 +312,6 @@ def _check_args(args) -> None:
   engine_lib.check_sampling(args.temperature, args.top_k, args.top_p, jax.random.key(0))
   if args.chat and args.file == "-":
     raise ValueError("--chat reads the turns from stdin: give the document with --file=PATH")
-  if args.gate and args.attention != "edgeinfinite":
-    raise ValueError(f"--gate={args.gate}: a trained set is only for --attention=edgeinfinite "
-                     f"(got --attention={args.attention})")
   for key, flag in SIZE_FLAGS.items():
     if key != "rope_positions" and getattr(args, flag[2:]) is not None and args.attention == "full":
       raise ValueError(f"{flag}: only for the segmented kinds (streaming, edgeinfinite)")
@@ -330,6 +333,7 @@ def _read_input(args) -> tuple[str | None, str | None]:
 def run(args, out: TextIO) -> dict:
   _check_args(args)
   document, question = _read_input(args)
+  check_gate_choice(args.attention, args.gate, args.untrained_gate)  # before the model loads
   info = print if not args.json else (lambda *a, **k: None)
   t0 = time.perf_counter()
   config, params, tokenizer = models.load(args.model)
@@ -405,13 +409,12 @@ def chat(engine, tokenizer, messages, ids, stats, n_new, out, sampling) -> list[
     messages += [{"role": "assistant", "content": (turns[-1] if turns else stats)["answer"]},
                  {"role": "user", "content": line.strip()}]
     full = prompt_ids(tokenizer, messages)
-    if full[:len(fed)] == fed:
-      new_ids = full[len(fed):]
-    else:  # the answer's text re-tokenizes differently: read the conversation afresh
-      state, new_ids = None, full
+    if full[:len(fed)] != fed:  # the answer's text re-tokenizes otherwise: read it all afresh
+      state, fed = None, []
+    new_ids = full[len(fed):]
     turn = stream(engine, tokenizer, new_ids, n_new, out=out, sampling=sampling, state=state)
     state = turn["state"]
-    fed = (fed if new_ids is not full else []) + list(new_ids) + turn["answer_ids"]
+    fed = fed + list(new_ids) + turn["answer_ids"]
     turns.append(turn)
 
 

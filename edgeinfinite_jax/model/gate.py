@@ -124,7 +124,10 @@ def saved_form(path: str) -> dict:
   """The ``MemoryConfig`` options that give a model the gate form saved at ``path``
   (``{"gate": "mlp", "gate_mlp_hidden": 32}``), read from its arrays' names and shapes,
   so that a trained gate loads without the user restating how it was configured."""
-  leaves, _ = lora.read_subset(path, "gate")
+  return _form(lora.read_subset(path, "gate")[0], path)
+
+
+def _form(leaves: dict, path: str) -> dict:
   shapes = {k.rsplit("/", 1)[-1]: v.shape for k, v in leaves.items()
             if k.startswith("layers_0/") and "/memory_gate/" in k}
   if "w1" in shapes:
@@ -150,11 +153,14 @@ class TrainedSet(NamedTuple):
 def trained_set(path: str) -> TrainedSet:
   """The serving settings of the set at ``path``: recorded ones, or, for a file written
   before they were recorded, the gate form and adapter rank read from its arrays."""
-  leaves, settings = lora.read_subset(path, "trained set")
+  return _trained_set(path, *lora.read_subset(path, "trained set"))
+
+
+def _trained_set(path: str, leaves: dict, settings: dict | None) -> TrainedSet:
   if settings is not None:
     return TrainedSet(dict(settings["memory"]), int(settings["lora_rank"]), True)
   ranks = {v.shape[-1] for k, v in leaves.items() if k.endswith("/lora_a")}
-  return TrainedSet({"attention_type": "edgeinfinite", **saved_form(path)},
+  return TrainedSet({"attention_type": "edgeinfinite", **_form(leaves, path)},
                     ranks.pop() if ranks else 0, False)
 
 
@@ -166,25 +172,34 @@ def check_trained_settings(path: str, options: dict, where: str,
   ``flags`` names an option as the caller's user knows it (``{"n_window": "--window"}``);
   else it is ``WHERE.KEY``."""
   info = trained_set(path)
+  _check_settings(info, path, options, where, flags)
+  return info
+
+
+def _check_settings(info: TrainedSet, path: str, options: dict, where: str,
+                    flags: dict | None = None) -> None:
   for key, value in options.items():
     if key in info.memory and info.memory[key] != value:
       name = (flags or {}).get(key, f"{where}.{key}")
       raise ConfigError(f"{name}={value!r}: the trained set {path} was trained with "
                         f"{key}={info.memory[key]!r} (serve it with that, or retrain)")
-  return info
 
 
-def load_trained_set(config: ModelConfig, params, path: str, *, rng, **memory_options):
-  """A base model with the trained set at ``path``: the memory and gate of the set's
-  recorded settings (``memory_options`` override them: the engine's Scenario sizes
-  replace the training sizes anyway), its adapters merged into the kernels when it has
-  any -> (config, params, TrainedSet)."""
-  info = trained_set(path)
+def load_trained_set(config: ModelConfig, params, path: str, *, rng, where: str = "memory",
+                     **memory_options):
+  """A base model with the trained set at ``path`` (read once): the memory and gate of
+  the set's recorded settings, its adapters merged into the kernels when it has any ->
+  (config, params, TrainedSet). ``memory_options`` (the engine's Scenario sizes and
+  positions, say) must agree with what the set recorded (``check_trained_settings``,
+  named ``WHERE.KEY``); they fill in what an older file did not record."""
+  leaves, settings = lora.read_subset(path, "trained set")
+  info = _trained_set(path, leaves, settings)
+  _check_settings(info, path, memory_options, where)
   config, params = with_memory(config, params, rng=rng, **{**info.memory, **memory_options})
   pattern = PATTERN
   if info.lora_rank:
     config, params = lora.with_lora(config, params, rank=info.lora_rank, rng=rng)
     pattern = f"(?:{PATTERN})|(?:{lora.PATTERN})"
-  params = lora.load_subset(params, path, pattern, "trained set")
+  params = lora.set_subset(params, leaves, pattern, "trained set", path)
   config, params = lora.merge(config, params)
   return config, params, info

@@ -169,8 +169,13 @@ def read_subset(path: str, what: str) -> tuple[dict[str, np.ndarray], dict | Non
 def load_subset(params, path: str, pattern: str, what: str):
   """``params`` with the leaves ``pattern`` selects replaced by those saved at ``path``;
   the file must hold exactly those names with the same shapes (ValueError otherwise)."""
+  return set_subset(params, read_subset(path, what)[0], pattern, what, path)
+
+
+def set_subset(params, got: dict[str, np.ndarray], pattern: str, what: str, path: str):
+  """``params`` with the leaves ``pattern`` selects replaced by ``got`` (``read_subset``'s
+  leaves of ``path``): exactly those names with the same shapes (ValueError otherwise)."""
   want = subset(params, pattern)
-  got, _ = read_subset(path, what)
   if set(got) != set(want):
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     raise ValueError(f"{path}: {what} parameters do not match this model's (missing "
