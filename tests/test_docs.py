@@ -9,7 +9,9 @@ A block is marked by an HTML comment on the line right before its fence::
     ```
 
 ``<!-- runnable requires=mod_a,mod_b -->`` skips the block where one of those modules is
-not installed (the exporters, the runtimes). Python blocks run in a subprocess with this
+not installed (the exporters, the runtimes). ``<!-- runnable base-install -->`` marks a
+block on the real model that ``test_base_install`` runs in the torch-free base install
+(the README's generate command); this file leaves it to that test. Python blocks run in a subprocess with this
 interpreter; bash blocks with ``bash -e``, ``python`` and ``.venv/bin/python`` being this
 interpreter too. Each runs in a scratch directory (``experiments/`` linked in, so the
 commands' relative config paths work and their workdirs land in the scratch), in tiny
@@ -37,13 +39,15 @@ DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "
 BLOCK_TIMEOUT_S = 240  # one block, on a loaded 2-core machine; quiet, each takes ~5-15 s
 
 MARKER = re.compile(r"^\s*<!--\s*runnable\b(.*?)-->\s*$")
-REQUIRES = re.compile(r"^\s*(?:requires=([\w.]+(?:,[\w.]+)*))?\s*$")
+REQUIRES = re.compile(r"^\s*(base-install\s*)?(?:requires=([\w.]+(?:,[\w.]+)*))?\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 
 
 class Block:
-  def __init__(self, path: str, line: int, lang: str, code: str, requires: tuple[str, ...]):
+  def __init__(self, path: str, line: int, lang: str, code: str, requires: tuple[str, ...],
+               base_install: bool = False):
     self.path, self.line, self.lang, self.code, self.requires = path, line, lang, code, requires
+    self.base_install = base_install
 
   @property
   def id(self) -> str:
@@ -63,7 +67,7 @@ def extract(path: str) -> tuple[list[Block], list[str]]:
     fence = FENCE.match(lines[i + 1]) if i + 1 < len(lines) else None
     if args is None:
       errors.append(f"{where(i)}: bad marker arguments {m.group(1).strip()!r} "
-                    "(expected 'requires=mod,mod')")
+                    "(expected '[base-install] [requires=mod,mod]')")
     elif fence is None or fence.group(1) not in ("python", "bash"):
       errors.append(f"{where(i)}: a runnable marker must sit right before a ```python "
                     "or ```bash fence")
@@ -72,9 +76,9 @@ def extract(path: str) -> tuple[list[Block], list[str]]:
       if end is None:
         errors.append(f"{where(i)}: the marked block is never closed")
         continue
-      requires = tuple(args.group(1).split(",")) if args.group(1) else ()
+      requires = tuple(args.group(2).split(",")) if args.group(2) else ()
       blocks.append(Block(path, i + 2, fence.group(1), "\n".join(lines[i + 2:end]) + "\n",
-                          requires))
+                          requires, base_install=bool(args.group(1))))
   return blocks, errors
 
 
@@ -82,28 +86,29 @@ def all_blocks() -> list[Block]:
   return [b for path in DOCS for b in extract(path)[0]]
 
 
-def scratch_dir(tmp_path) -> str:
+def scratch_dir(tmp_path, python: str = sys.executable) -> str:
   """A working directory where the docs' relative paths resolve: experiments/ linked in,
-  and .venv/bin/python (and python, python3 on PATH) running this interpreter."""
+  and .venv/bin/python (and python, python3 on PATH) running ``python``."""
   work = tmp_path / "work"
   (work / ".venv" / "bin").mkdir(parents=True)
   os.symlink(os.path.join(ROOT, "experiments"), work / "experiments")
   for name in ("python", "python3"):
     shim = work / ".venv" / "bin" / name
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    shim.write_text(f'#!/bin/sh\nexec "{python}" "$@"\n')
     shim.chmod(0o755)
   return str(work)
 
 
-def run_block(block: Block, cwd: str) -> subprocess.CompletedProcess:
+def run_block(block: Block, cwd: str, python: str = sys.executable,
+              tiny: bool = True) -> subprocess.CompletedProcess:
   env = fast_compile.fast_env(
-      JAX_PLATFORMS="cpu", EDGEINFINITE_TINY="1", TMPDIR=cwd,
+      JAX_PLATFORMS="cpu", TMPDIR=cwd, **({"EDGEINFINITE_TINY": "1"} if tiny else {}),
       PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
       PATH=os.pathsep.join([os.path.join(cwd, ".venv", "bin"), os.environ.get("PATH", "")]))
   script = os.path.join(cwd, "block.py" if block.lang == "python" else "block.sh")
   with open(script, "w", encoding="utf-8") as f:
     f.write(block.code)
-  argv = [sys.executable, script] if block.lang == "python" else ["bash", "-e", script]
+  argv = [python, script] if block.lang == "python" else ["bash", "-e", script]
   return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=BLOCK_TIMEOUT_S)
 
@@ -138,6 +143,8 @@ def test_a_failing_block_fails_and_a_malformed_marker_is_reported(tmp_path):
 @pytest.mark.slow  # subprocesses importing JAX and compiling: ~5-15 s each
 @pytest.mark.parametrize("block", all_blocks(), ids=lambda b: b.id)
 def test_runnable_block(block, tmp_path):
+  if block.base_install:
+    pytest.skip("the real model in the base install: test_base_install runs it")
   missing = [m for m in block.requires if importlib.util.find_spec(m) is None]
   if missing:
     pytest.skip(f"needs {', '.join(missing)}")

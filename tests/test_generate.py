@@ -201,3 +201,25 @@ def test_help_exits_zero_and_main_errors_are_one_line(tmp_path, capsys):
 def test_the_readme_import_of_models_works():
   from edgeinfinite_jax import models
   assert "smollm2" in models.MODELS
+
+
+def test_params_without_the_gate_are_named_before_tracing(tok_file):
+  # A base model's weights under an EdgeInfinite config used to fail deep in Flax's
+  # apply with ScopeParamNotFoundError; now the missing leaf is named first.
+  from edgeinfinite_jax.checkpoints import models
+  from edgeinfinite_jax.engine.engine import Engine
+  from edgeinfinite_jax.model.transformer import forward
+  config, params, _ = models.load(tok_file)
+  mem_config, _ = gate_lib.with_memory(config, params, rng=jax.random.key(0), **SEG)
+  tokens = np.zeros((1, 8), np.int32)
+  for build in (lambda: Engine(mem_config, params, Scenario(segment_len=32, n_window=32,
+                                                             max_context=64)),
+                lambda: forward(mem_config, params, tokens)):
+    with pytest.raises(ValueError, match=r"\['memory_gate'\].* is missing; "
+                       r"attention_type='edgeinfinite' needs it \(the memory gate"):
+      build()
+  with pytest.raises(ValueError, match=r"has shape \(8,\); this config needs"):
+    bad = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.zeros(8, x.dtype) if "final_norm" in jax.tree_util.keystr(p) else x,
+        params)
+    forward(config, bad, tokens)

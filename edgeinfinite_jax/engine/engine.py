@@ -47,7 +47,7 @@ import numpy as np
 
 from edgeinfinite_jax.model.config import (ConfigError, ModelConfig, check_cache_layout,
                                            check_eviction)
-from edgeinfinite_jax.model.transformer import Transformer, check_tokens, compute_dtype
+from edgeinfinite_jax.model.transformer import Transformer, check_param_tree, check_tokens, compute_dtype
 from edgeinfinite_jax.model.config import quant_of, quantized
 from edgeinfinite_jax.quant import layer_quant as qapply
 from edgeinfinite_jax.quant import ptq
@@ -245,6 +245,7 @@ class Engine:
 
   def _prepare(self, params):
     """Checks the static scales; integer mode quantizes the weights once, here."""
+    check_param_tree(self._config, params)
     q = quant_of(self._config)
     if qapply.active(q):
       qapply.check_params(self._config, params)

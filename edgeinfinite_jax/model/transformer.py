@@ -338,6 +338,28 @@ def _abstract_params(config: ModelConfig) -> Params:
   return jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
 
 
+def check_param_tree(config: ModelConfig, params: Params, what: str = "params") -> None:
+  """Every parameter ``config``'s model reads is in ``params`` with its shape, else a
+  ValueError naming the first missing or misshapen leaf: caught here, before tracing,
+  instead of as Flax's ScopeParamNotFoundError deep in ``apply``. Leaves the model does
+  not read (a LoRA set) are allowed. Quantization scales are ``qapply.check_params``'s
+  (a PTQ run adds them later), so the float model's tree is the one compared. The common
+  case is a base model's weights under an EdgeInfinite config: the memory gate is missing."""
+  have = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  float_config = quantized(config, None)
+  for key, want in jax.tree_util.tree_flatten_with_path(abstract_params(float_config))[0]:
+    name = jax.tree_util.keystr(key)
+    if name not in have:
+      hint = (" (the memory gate: build the params with gate.with_memory, or load a trained "
+              "set with gate.load_trained_set)" if "gate" in name else "")
+      raise ValueError(f"{what}: {name} is missing; attention_type="
+                       f"{config.memory.attention_type!r} needs it{hint}")
+    got = getattr(have[name], "shape", None)
+    if got is not None and tuple(got) != tuple(want.shape):
+      raise ValueError(f"{what}: {name} has shape {tuple(got)}; this config needs "
+                       f"{tuple(want.shape)}")
+
+
 def logical_axes(config: ModelConfig) -> Params:
   """The logical axis names of every parameter (same tree as the params)."""
   boxed = jax.eval_shape(lambda r: Transformer(config).init(r, jnp.zeros((1, 1), jnp.int32)),
@@ -398,6 +420,7 @@ def forward(config: ModelConfig, params: Params, tokens, quant=None, *,
   tokens = check_tokens(tokens, config.vocab_size)
   if checked and isinstance(tokens, jax.core.Tracer):
     check_token_range(tokens, config.vocab_size)
+  check_param_tree(config, params)
   if _quant_active(config):
     qapply.check_params(config, params)
     m = config.memory
