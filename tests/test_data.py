@@ -35,7 +35,7 @@ def test_corpus_is_real_english_text():
 
 def test_corpus_and_packing_are_deterministic():
   a = data.load(_data_config())
-  data.embedded_documents.cache_clear()
+  data._embedded.cache_clear()
   b = data.load(_data_config())
   np.testing.assert_array_equal(a.train, b.train)
   np.testing.assert_array_equal(a.heldout, b.heldout)
@@ -109,3 +109,40 @@ def test_batch_divisibility():
 def test_too_small_corpus_errors():
   with pytest.raises(ConfigError, match="no training row"):
     data.load(_data_config(max_bytes=10, seq_len=64))
+
+
+def test_embedded_source_form_keeps_the_code_and_the_same_split():
+  prose_train, _ = data.embedded_paths(300_000, 0.25)
+  src_train, src_held = data.embedded_paths(300_000, 0.25, form="source")
+  assert not set(src_train) & set(src_held)
+  assert all(data.is_heldout(p, 0.25) for p in src_held)
+  code = "\n".join(data.embedded_documents(300_000, 0.25, form="source")[0])
+  assert re.search(r"^(def|class|import) ", code, re.M)  # whole files, not their docstrings
+  assert not re.search(r"^(def|class|import) ", "\n".join(
+      data.embedded_documents(300_000, 0.25)[0]), re.M)
+  assert prose_train[0] == src_train[0]  # the same files, in the same order
+
+
+def test_text_mix_replaces_a_share_of_the_task_rows_by_corpus_text():
+  c = _data_config(source="task", seq_len=256, tasks="passkey", task_samples=20,
+                   heldout_fraction=0.1, text_mix=0.25, embedded_form="source")
+  split = data.load(c, TOK)
+  full = split.train.loss_mask.sum(1) == split.train.shape[1]
+  assert full.sum() == 5  # the text rows: loss on every token
+  assert (split.train.loss_mask[~full].sum(1) < 20).all()  # task rows: the answer only
+  text_rows = data.pack(data.embedded_documents(200_000, 0.1, form="source")[0], 256, TOK)
+  got = {bytes(r) for r in split.train.tokens[full]}
+  assert got <= {bytes(r) for r in text_rows}
+  again = data.load(c, TOK)
+  np.testing.assert_array_equal(split.train.tokens, again.train.tokens)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(source="task", text_mix=1.0), r"data.text_mix=1.0: must be a number in \[0, 1\)"),
+    (dict(source="task", text_mix=-0.1), r"data.text_mix=-0.1"),
+    (dict(text_mix=0.5), r"mixes text into data.source='task' only"),
+    (dict(embedded_form="code"), r"data.embedded_form='code': must be one of"),
+])
+def test_text_mix_and_form_errors_name_the_value(kw, match):
+  with pytest.raises(ConfigError, match=match):
+    data.validate(_data_config(**kw))

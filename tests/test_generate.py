@@ -145,7 +145,7 @@ def test_the_gate_plus_lora_set_loads_from_the_cli(tok_file, trained):
 
 def test_sizes_that_would_not_fit_are_refused_with_their_cost(tok_file, capsys):
   """A short prompt's cache grows with --max-new-tokens: 10^9 was a 768 GB allocation."""
-  msg = _fails([f"--model={tok_file}", "--prompt=hello", "--attention=streaming",
+  msg = _fails([f"--model={tok_file}", "--prompt=hello", "--attention=full",
                 "--max-new-tokens=1000000000"], capsys, "--max-new-tokens=1000000000: the short "
                "route's state would take")
   assert "GiB budget" in msg
@@ -153,6 +153,26 @@ def test_sizes_that_would_not_fit_are_refused_with_their_cost(tok_file, capsys):
       "warning: 1000000 tokens (prompt + new) exceed the model's trained context")
   assert generate.warn_positions(gguf_config(tok_file), "streaming", "cache_relative",
                                  10**6) is None
+
+
+def test_a_long_answer_keeps_the_streaming_state_constant(tok_file, capsys):
+  """--max-new-tokens=100000 on a short prompt made the short route's full cache hold all
+  of them (4.6 GB on SmolLM2): streaming now serves it on the long route."""
+  base = Scenario.preset("qa")
+  assert generate.constant_state(base, 64) == base  # a usual answer: the short route stays
+  long = generate.constant_state(base, 100_000)
+  assert long.short_threshold == 0 and long.n_window == base.n_window
+  from edgeinfinite_jax.checkpoints import models
+  config, params, _ = models.load(tok_file)
+  n_new = 100_000
+  sizes = dict(SEG, short_threshold=16, max_new_tokens=n_new, max_context=n_new + 64)
+  before = generate.build_engine(config, params, "streaming", Scenario(**sizes))
+  after = generate.build_engine(config, params, "streaming",
+                                generate.constant_state(Scenario(**sizes), n_new))
+  assert before.route_for(10) == "short" and after.route_for(10) == "long"
+  grown = generate.state_estimate(before, "short")
+  kept = generate.state_estimate(after, "long")
+  assert kept < grown / 50, (kept, grown)  # the buffer of new tokens is most of `kept`
 
 
 def gguf_config(path):

@@ -147,6 +147,13 @@ def test_every_text_comes_from_the_heldout_split():
   docs = longctx.nll_documents(TOK, n_docs=3, length=4096)
   for path in [s.path for s in lcc] + [d.path for d in docs]:
     assert corpus.is_heldout(path, corpus.HELDOUT_FRACTION), path
+  # At a larger fraction, what a run at the default fraction read is left out on request.
+  seen = corpus.embedded_paths(3_000_000, corpus.HELDOUT_FRACTION)[0]
+  wider = longctx.nll_documents(TOK, n_docs=5, length=4096, heldout_fraction=0.25,
+                                exclude=seen)
+  assert all(corpus.is_heldout(d.path, 0.25) and d.path not in seen for d in wider)
+  with pytest.raises(ConfigError, match=r"\(heldout_fraction=0.25, \d+ paths excluded\)"):
+    longctx.nll_documents(TOK, n_docs=500, length=4096, heldout_fraction=0.25, exclude=seen)
 
 
 # ----------------------------------------------------------------------------- LCC
@@ -217,6 +224,7 @@ def test_nll_curve_buckets_and_the_mean_past_reach():
   assert curve["nll"][0]["stderr"] == pytest.approx(0.5)
   assert curve["past_reach"]["mean"] == pytest.approx((7.5 + 8.5) / 2)  # tokens 5..10
   assert curve["within_reach"]["mean"] == pytest.approx((2.5 + 3.5) / 2)  # tokens 1..4
+  assert curve["past_reach_docs"] == pytest.approx([7.5, 8.5])
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -174,6 +174,18 @@ def memory_budget() -> int:
     return 1 << 62
 
 
+def constant_state(scenario: engine_lib.Scenario, n_new: int) -> engine_lib.Scenario:
+  """``scenario`` with every prompt on the long route once the short route's full cache
+  (``short_threshold`` + the new tokens) would outgrow the long route's (sink + window +
+  segment): --attention=streaming/edgeinfinite promises a state that does not grow with
+  the answer, and ``--max-new-tokens=100000`` on a short prompt silently made a 4.6 GB
+  one."""
+  keeps = scenario.n_sink + scenario.n_window + scenario.segment_len
+  if scenario.short_threshold + n_new > keeps:
+    return dataclasses.replace(scenario, short_threshold=0)
+  return scenario
+
+
 def check_fits(engine: engine_lib.Engine, route: str, n_new: int, budget: int) -> int:
   """The state's bytes; a ValueError saying what ``--max-new-tokens`` costs when they
   exceed ``budget`` (a short prompt's cache and a full cache grow with it)."""
@@ -347,6 +359,8 @@ def run(args, out: TextIO) -> dict:
   n_new = base.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
   scenario, rope_positions = serving_scenario(base, args.gate, explicit)
   room = CHAT_ROOM if args.chat else 0
+  if args.attention != "full":
+    scenario = constant_state(scenario, n_new + room)
   scenario = dataclasses.replace(scenario, max_new_tokens=n_new,
                                  max_context=scenario.capacity(len(ids) + n_new + room))
   engine = build_engine(config, params, args.attention, scenario, gate_path=args.gate,

@@ -86,6 +86,7 @@ DATA = {
     "batch_size": 8,          # global batch, in rows
     "max_bytes": 3_000_000,   # cap on the text read
     "heldout_fraction": 0.05,
+    "embedded_form": "prose",  # .py files of "embedded": "prose" (docstrings, comments) | "source"
     # source "task" (S-SFT rows, loss on answers) and task_mix (share of
     # task rows, full loss, mixed into a text source); see data/corpus.py.
     "tasks": "passkey",       # "passkey" or weighted "passkey:3,kv_recall:1"
@@ -95,6 +96,7 @@ DATA = {
     "task_max_depth": 1.0,    # needle depth uniform over [0, task_max_depth]
     "task_seed": 0,
     "task_mix": 0.0,
+    "text_mix": 0.0,          # source "task": share of rows that are embedded text (full loss)
 }
 
 # Section ``quant``: a QuantConfig as ``QuantConfig.from_dict`` reads it.

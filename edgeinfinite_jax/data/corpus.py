@@ -22,7 +22,13 @@
   separate seed. The real-text tasks take their documents from the embedded
   corpus. With ``data.task_mix > 0`` an ``embedded`` (or file) source instead
   replaces that fraction of its rows by task samples whose loss covers every
-  token (passkey-style data in pretraining).
+  token (passkey-style data in pretraining); ``data.text_mix > 0`` does the
+  converse for the ``task`` source: that share of its rows are packed rows of
+  the embedded corpus's split, loss on every token (S-SFT that also sees
+  ordinary long text, where the memory's read must not hurt).
+* ``data.embedded_form``: a ``.py`` file of ``embedded`` gives its docstrings and
+  comments (``prose``) or the whole file (``source``: code, as the long-context
+  tasks read it); the split by path hash is the same.
 
 Documents are tokenized as ``[bos] + ids + [eos]`` (BOS by the tokenizer's own
 rule), concatenated and cut into rows ``[n, seq_len]`` int32 (the tail that does
@@ -32,7 +38,6 @@ Batches are a pure function of (seed, step): ``batch_at`` draws the rows of
 step s from a per-epoch permutation seeded by (seed, epoch), so a resumed run
 sees exactly the batches the interrupted one would have.
 
-(Just over 400 lines: the sources, packing, task rows and batching of one data section.)
 """
 
 from __future__ import annotations
@@ -129,19 +134,22 @@ def is_heldout(key: str, fraction: float) -> bool:
   return h < fraction * 2**32
 
 
-@functools.lru_cache(maxsize=4)
-def embedded_documents(max_bytes: int, heldout_fraction: float = 0.05,
-                       root: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """(train texts, held-out texts) of the stdlib prose, in sorted path order.
+# What a ``.py`` file of the embedded corpus contributes: its docstrings and comments
+# (``prose``, the default: English text), or the whole file (``source``: code, what the
+# long-context tasks evaluate on). ``.txt``/``.rst`` files are whole either way.
+EMBEDDED_FORMS = ("prose", "source")
 
-  A file is held out iff ``is_heldout(relative path)``. Each split fills its
-  own share of ``max_bytes`` (held-out: ``heldout_fraction``), so a small cap
-  still yields both splits; the last document of a split is cut to fit.
-  """
+
+@functools.lru_cache(maxsize=4)
+def _embedded(max_bytes: int, heldout_fraction: float, root: str | None, form: str
+              ) -> dict[bool, tuple[tuple[str, str], ...]]:
+  """{held out?: ((relative path, text), ...)} in sorted path order (see below)."""
+  if form not in EMBEDDED_FORMS:
+    raise ConfigError(f"data.embedded_form={form!r}: must be one of {EMBEDDED_FORMS}")
   root = root or sysconfig.get_paths()["stdlib"]
   budget = {True: int(max_bytes * heldout_fraction)}
   budget[False] = max_bytes - budget[True]
-  docs: dict[bool, list[str]] = {True: [], False: []}
+  docs: dict[bool, list[tuple[str, str]]] = {True: [], False: []}
   for rel in stdlib_files(root):
     held = is_heldout(rel, heldout_fraction)
     if budget[held] <= 0:
@@ -150,15 +158,37 @@ def embedded_documents(max_bytes: int, heldout_fraction: float = 0.05,
       continue
     with open(os.path.join(root, rel), encoding="utf-8", errors="replace") as f:
       raw = f.read()
-    text = prose(raw) if rel.endswith(".py") else raw
+    text = prose(raw) if rel.endswith(".py") and form == "prose" else raw
     if not text.strip():
       continue
     encoded = text.encode("utf-8")
     if len(encoded) > budget[held]:
       text = encoded[:budget[held]].decode("utf-8", errors="ignore")
-    docs[held].append(text)
+    docs[held].append((rel, text))
     budget[held] -= len(encoded)
-  return tuple(docs[False]), tuple(docs[True])
+  return {k: tuple(v) for k, v in docs.items()}
+
+
+def embedded_documents(max_bytes: int, heldout_fraction: float = 0.05,
+                       root: str | None = None, form: str = "prose"
+                       ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(train texts, held-out texts) of the stdlib files, in sorted path order.
+
+  A file is held out iff ``is_heldout(relative path)``. Each split fills its
+  own share of ``max_bytes`` (held-out: ``heldout_fraction``), so a small cap
+  still yields both splits; the last document of a split is cut to fit.
+  ``form``: ``EMBEDDED_FORMS``.
+  """
+  docs = _embedded(int(max_bytes), float(heldout_fraction), root, form)
+  return tuple(t for _, t in docs[False]), tuple(t for _, t in docs[True])
+
+
+def embedded_paths(max_bytes: int, heldout_fraction: float = 0.05, root: str | None = None,
+                   form: str = "prose") -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(train, held-out) relative paths of the files ``embedded_documents`` reads: what a
+  run on that corpus saw, so an evaluation can prove it reads none of them."""
+  docs = _embedded(int(max_bytes), float(heldout_fraction), root, form)
+  return tuple(r for r, _ in docs[False]), tuple(r for r, _ in docs[True])
 
 
 # The held-out share of the embedded corpus: ``data.heldout_fraction``'s default
@@ -248,7 +278,8 @@ def load(data_config, tokenizer=None) -> Split:
   if c.source == "task":
     return task_split(c, tokenizer)
   if c.source == "embedded":
-    train, held = embedded_documents(int(c.max_bytes), float(c.heldout_fraction))
+    train, held = embedded_documents(int(c.max_bytes), float(c.heldout_fraction),
+                                     form=c.get("embedded_form", "prose"))
   else:
     docs = dataset_documents(c)
     train = [t for t in docs if not is_heldout(t, c.heldout_fraction)]
@@ -330,7 +361,9 @@ def task_rows(samples, seq_len: int, pad_id: int, answer_only: bool = True) -> M
 
 
 def task_split(data_config, tokenizer) -> Split:
-  """The ``task`` source: S-SFT rows with answer-only loss masks."""
+  """The ``task`` source: S-SFT rows with answer-only loss masks; with ``data.text_mix``
+  that share of them replaced by rows of the embedded corpus's own split (loss on every
+  token), so the memory also learns where its read hurts ordinary text."""
   c = data_config
   n = int(c.get("task_samples", 1024))
   n_held = max(1, int(round(n * float(c.heldout_fraction)))) if c.heldout_fraction else 0
@@ -338,7 +371,40 @@ def task_split(data_config, tokenizer) -> Split:
   train = task_rows(task_samples(c, tokenizer, n, seed), c.seq_len, tokenizer.pad_id)
   held = task_rows(task_samples(c, tokenizer, n_held, seed + 1_000_003), c.seq_len,
                    tokenizer.pad_id)
+  share = float(c.get("text_mix", 0.0))
+  if share > 0:
+    docs = embedded_documents(int(c.max_bytes), float(c.heldout_fraction),
+                              form=c.get("embedded_form", "prose"))
+    text = [pack(d, c.seq_len, tokenizer) for d in docs]
+    for rows, name in zip(text, ("train", "held-out")):
+      if len(rows) < 1:
+        raise ConfigError(f"data.text_mix={share}: the embedded corpus's {name} split "
+                          f"(data.max_bytes={c.max_bytes}) gives no row of {c.seq_len} tokens")
+    as_rows = lambda r: MaskedRows(r, np.ones(r.shape, np.float32))  # packed: no padding
+    train = _mix(train, lambda k, salt: as_rows(_draw(text[0], k, seed, salt)), share, seed, 0)
+    held = _mix(held, lambda k, salt: as_rows(_draw(text[1], k, seed, salt)), share, seed,
+                1_000_003)
   return Split(train, held)
+
+
+def _draw(rows: np.ndarray, k: int, seed: int, salt: int) -> np.ndarray:
+  """``k`` rows drawn without replacement while they last (then again)."""
+  r = np.random.default_rng([seed, salt, 13])
+  idx = np.concatenate([r.permutation(len(rows)) for _ in range(-(-k // len(rows)))])[:k]
+  return rows[idx]
+
+
+def _mix(rows: MaskedRows, draw, share: float, seed: int, salt: int) -> MaskedRows:
+  """``rows`` with ``round(share * n)`` of them, at seeded places, replaced by
+  ``draw(k, salt)`` (MaskedRows of the same width)."""
+  k = int(round(len(rows.tokens) * share))
+  if k == 0:
+    return rows
+  new = draw(k, salt)
+  pos = np.random.default_rng([seed, salt, 11]).choice(len(rows.tokens), k, replace=False)
+  tokens, mask = rows.tokens.copy(), rows.loss_mask.copy()
+  tokens[pos], mask[pos] = new.tokens, new.loss_mask
+  return MaskedRows(tokens, mask)
 
 
 def _mix_tasks(split: Split, data_config, tokenizer) -> Split:
@@ -346,19 +412,14 @@ def _mix_tasks(split: Split, data_config, tokenizer) -> Split:
   c = data_config
   seed = int(c.get("task_seed", 0))
 
-  def mixed(rows, salt):
-    n_task = int(round(len(rows) * float(c.task_mix)))
-    mask = np.ones(rows.shape, np.float32)  # packed text has no padding
-    if n_task == 0:
-      return MaskedRows(rows, mask)
-    t = task_rows(task_samples(c, tokenizer, n_task, seed + salt, length=c.seq_len), c.seq_len,
-                  tokenizer.pad_id, answer_only=False)
-    pos = np.random.default_rng([seed, salt, 11]).choice(len(rows), n_task, replace=False)
-    tokens, mask = rows.copy(), mask.copy()
-    tokens[pos], mask[pos] = t.tokens, t.loss_mask
-    return MaskedRows(tokens, mask)
+  def draw(k, salt):
+    return task_rows(task_samples(c, tokenizer, k, seed + salt, length=c.seq_len), c.seq_len,
+                     tokenizer.pad_id, answer_only=False)
 
-  return Split(mixed(split.train, 0), mixed(split.heldout, 1_000_003))
+  text = lambda r: MaskedRows(r, np.ones(r.shape, np.float32))  # packed text has no padding
+  share = float(c.task_mix)
+  return Split(_mix(text(split.train), draw, share, seed, 0),
+               _mix(text(split.heldout), draw, share, seed, 1_000_003))
 
 
 def validate(data_config, n_batch_shards: int = 1, check_paths: bool = True) -> None:
@@ -387,6 +448,15 @@ def validate(data_config, n_batch_shards: int = 1, check_paths: bool = True) -> 
     raise ConfigError("data.path='': must name a dataset when data.source='hub'")
   if not c.text_field:
     raise ConfigError("data.text_field='': must name the text column")
+  if c.get("embedded_form", "prose") not in EMBEDDED_FORMS:
+    raise ConfigError(f"data.embedded_form={c.embedded_form!r}: must be one of "
+                      f"{EMBEDDED_FORMS}")
+  v = c.get("text_mix", 0.0)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+    raise ConfigError(f"data.text_mix={v!r}: must be a number in [0, 1)")
+  if v and c.source != "task":
+    raise ConfigError(f"data.text_mix={v!r}: mixes text into data.source='task' only "
+                      f"(data.source={c.source!r}; a text source takes data.task_mix)")
   if c.source == "task" or float(c.get("task_mix", 0.0)) > 0:
     parse_task_mix(c.get("tasks", "passkey"))
     if not 0.0 <= float(c.get("task_mix", 0.0)) <= 1.0:

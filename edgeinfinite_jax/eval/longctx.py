@@ -48,7 +48,7 @@ import json
 import keyword
 import math
 import re
-from typing import Mapping, NamedTuple, Sequence
+from typing import Collection, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -193,13 +193,17 @@ class NllDocument(NamedTuple):
 
 
 def nll_documents(tokenizer, *, n_docs: int = 20, length: int = 8192, seed: int = 0,
-                  heldout_fraction: float = corpus.HELDOUT_FRACTION) -> list[NllDocument]:
+                  heldout_fraction: float = corpus.HELDOUT_FRACTION,
+                  exclude: Collection[str] = ()) -> list[NllDocument]:
   """``n_docs`` held-out documents (.py, .txt, .rst) of >= ``length`` tokens, their first
-  ``length`` tokens each, drawn in a seeded order; ConfigError when fewer exist."""
+  ``length`` tokens each, drawn in a seeded order; ConfigError when fewer exist.
+  ``exclude``: relative paths never to use (``corpus.embedded_paths`` of a run made at
+  another held-out fraction: what it trained on)."""
   _positive_int("n_docs", n_docs)
   _positive_int("length", length)
   require(length >= 2, "length", length, "must be >= 2 (a next token to score)")
-  sources = corpus.heldout_sources(heldout_fraction)
+  exclude = frozenset(exclude)
+  sources = [(p, t) for p, t in corpus.heldout_sources(heldout_fraction) if p not in exclude]
   docs = []
   for path, text in sources:
     ids = tokenizer.encode(text)
@@ -208,7 +212,9 @@ def nll_documents(tokenizer, *, n_docs: int = 20, length: int = 8192, seed: int 
   if len(docs) < n_docs:
     raise ConfigError(
         f"n_docs={n_docs}: only {len(docs)} of the {len(sources)} held-out documents "
-        f"(heldout_fraction={heldout_fraction}) have >= {length} tokens; must ask for at "
+        f"(heldout_fraction={heldout_fraction}"
+        + (f", {len(exclude)} paths excluded" if exclude else "")
+        + f") have >= {length} tokens; must ask for at "
         "most that many, or a shorter length")
   order = np.random.default_rng([seed, 23]).permutation(len(docs))[:n_docs]
   return [docs[i] for i in order]
@@ -237,6 +243,8 @@ def nll_curve(nll: np.ndarray, reach: int, bucket: int = 512) -> dict:
   past = pos > reach
   return {"buckets": buckets, "nll": curve, "reach": int(reach),
           "past_reach": _mean_se(nll[:, past].mean(1)) if past.any() else None,
+          # per document, for paired comparisons between methods on the same documents
+          "past_reach_docs": nll[:, past].mean(1).tolist() if past.any() else None,
           "within_reach": _mean_se(nll[:, ~past].mean(1))}
 
 

@@ -345,7 +345,11 @@ def check_param_tree(config: ModelConfig, params: Params, what: str = "params") 
   not read (a LoRA set) are allowed. Quantization scales are ``qapply.check_params``'s
   (a PTQ run adds them later), so the float model's tree is the one compared. The common
   case is a base model's weights under an EdgeInfinite config: the memory gate is missing."""
-  have = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  # A leaf is anything with a shape: an array, or a QuantizedTensor (the integer
+  # path's int8 kernel, a pytree of its own whose ``shape`` is the float tensor's).
+  has_shape = lambda x: not isinstance(x, dict) and hasattr(x, "shape")
+  have = {jax.tree_util.keystr(k): v
+          for k, v in jax.tree_util.tree_flatten_with_path(params, is_leaf=has_shape)[0]}
   float_config = quantized(config, None)
   for key, want in jax.tree_util.tree_flatten_with_path(abstract_params(float_config))[0]:
     name = jax.tree_util.keystr(key)
