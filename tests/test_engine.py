@@ -90,8 +90,12 @@ def test_with_params_swaps_weights_without_recompiling():
   _, want = Engine(cfg, other, _scenario(batch_size=1)).prefill(tokens)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   smaller = jax.tree.map(lambda x: x[..., :1], other)
-  with pytest.raises(ValueError, match=r"with_params: .* is \(.*\) float32; the engine "):
+  # A wrong shape is named by the model's own tree check (check_param_tree) ...
+  with pytest.raises(ValueError, match=r"params: .* has shape \(.*\); this config needs"):
     engine.with_params(smaller)
+  # ... a wrong dtype by with_params, against what the engine compiled for.
+  with pytest.raises(ValueError, match=r"with_params: .* is \(.*\) float16; the engine "):
+    engine.with_params(jax.tree.map(lambda x: x.astype(jnp.float16), other))
 
 
 def test_padding_of_the_final_segment_changes_nothing():
