@@ -380,11 +380,16 @@ def task_split(data_config, tokenizer) -> Split:
       if len(rows) < 1:
         raise ConfigError(f"data.text_mix={share}: the embedded corpus's {name} split "
                           f"(data.max_bytes={c.max_bytes}) gives no row of {c.seq_len} tokens")
-    as_rows = lambda r: MaskedRows(r, np.ones(r.shape, np.float32))  # packed: no padding
-    train = _mix(train, lambda k, salt: as_rows(_draw(text[0], k, seed, salt)), share, seed, 0)
-    held = _mix(held, lambda k, salt: as_rows(_draw(text[1], k, seed, salt)), share, seed,
+    train = _mix(train, lambda k, salt: _full_loss(_draw(text[0], k, seed, salt)), share, seed,
+                 0)
+    held = _mix(held, lambda k, salt: _full_loss(_draw(text[1], k, seed, salt)), share, seed,
                 1_000_003)
   return Split(train, held)
+
+
+def _full_loss(rows: np.ndarray) -> MaskedRows:
+  """Packed text rows with every target counted (packing leaves no padding)."""
+  return MaskedRows(rows, np.ones(rows.shape, np.float32))
 
 
 def _draw(rows: np.ndarray, k: int, seed: int, salt: int) -> np.ndarray:
@@ -416,10 +421,9 @@ def _mix_tasks(split: Split, data_config, tokenizer) -> Split:
     return task_rows(task_samples(c, tokenizer, k, seed + salt, length=c.seq_len), c.seq_len,
                      tokenizer.pad_id, answer_only=False)
 
-  text = lambda r: MaskedRows(r, np.ones(r.shape, np.float32))  # packed text has no padding
   share = float(c.task_mix)
-  return Split(_mix(text(split.train), draw, share, seed, 0),
-               _mix(text(split.heldout), draw, share, seed, 1_000_003))
+  return Split(_mix(_full_loss(split.train), draw, share, seed, 0),
+               _mix(_full_loss(split.heldout), draw, share, seed, 1_000_003))
 
 
 def validate(data_config, n_batch_shards: int = 1, check_paths: bool = True) -> None:
