@@ -23,6 +23,10 @@ both with the corpus split at ``--heldout-fraction`` (default 0.25):
   replaced by such text rows (``data.text_mix``): the answers, and a loss that holds the
   gate shut where it would hurt text.
 
+``--init-set=PATH`` starts either recipe from a trained set's gate (say the ``text``
+gate, then ``mix``: text first, then the answers) instead of the shut one; it is
+recorded in ``trained.json``, not in the workdir's config, so give each its own workdir.
+
 Evaluation (``eval``): ``longctx.nll_documents`` at ``--heldout-fraction``, the first
 ``--length`` tokens of ``--docs`` documents, leaving out every file the committed sets'
 training read (``corpus.embedded_paths`` at the default fraction 0.05, prose form): no
@@ -36,21 +40,21 @@ run's ``full`` and ``streaming`` on the same documents).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
 
 import jax
-import numpy as np
 
 from edgeinfinite_jax.checkpoints import models
+from edgeinfinite_jax.configs import args as config_args
 from edgeinfinite_jax.data import corpus
 from edgeinfinite_jax.engine.engine import Engine, Scenario
 from edgeinfinite_jax.eval import longctx, passkey
 from edgeinfinite_jax.jobs import demo
 from edgeinfinite_jax.model import gate as gate_lib
+from edgeinfinite_jax.model import lora
 from edgeinfinite_jax.train import trainer as train
 from edgeinfinite_jax.train import workdir as workdir_lib
 
@@ -61,16 +65,12 @@ COMMITTED_SPLIT = dict(max_bytes=3_000_000, heldout_fraction=corpus.HELDOUT_FRAC
 
 
 def demo_config():
-  spec = importlib.util.spec_from_file_location("demo_config",
-                                                os.path.join(HERE, "configs", "demo.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config("")
+  return config_args.load_module(os.path.join(HERE, "configs", "demo.py")).get_config("")
 
 
 def train_config(args):
   config = demo_config()
-  c = demo.sft_config(config, "gate", models.init_source(config.init))
+  c = demo.sft_config(config, args.run, models.init_source(config.init))
   c.seed = args.seed
   c.data.update(heldout_fraction=args.heldout_fraction, embedded_form="source",
                 seq_len=args.seq_len, batch_size=args.batch)
@@ -88,11 +88,18 @@ def train_config(args):
 def cmd_train(args):
   c = train_config(args)
   t0 = time.perf_counter()
-  out = train.run(c, args.workdir)  # resumes; a finished run returns at once
-  model_config, _ = train.model_and_base_params(c)
+  model_config, params = train.model_and_base_params(c)
+  if args.init_set:  # start from a trained set's gate instead of the shut one
+    memory = dict(demo_config().demo.memory)
+    model_config, params, _ = gate_lib.load_trained_set(
+        model_config.replace(memory=type(model_config.memory)()), params, args.init_set,
+        rng=jax.random.key(args.seed), where="demo.memory", **memory)
+  out = train.run(c, args.workdir, model=(model_config, params))  # resumes when it can
   path = os.path.join(args.workdir, "trained.npz")
-  gate_lib.save_gate(out["state"].params, path, model_config)
-  record = {"command": " ".join(sys.argv), "recipe": args.recipe,
+  lora.save_subset(out["state"].params, path, demo._trained_pattern(args.run), args.run,
+                   model_config)
+  record = {"command": " ".join(sys.argv), "recipe": args.recipe, "run": args.run,
+            "init_set": args.init_set,
             "wall_s_this_invocation": time.perf_counter() - t0,
             "final_step": int(out.get("final_step", args.steps)),
             "losses": [float(x) for x in out.get("losses", [])],
@@ -144,19 +151,16 @@ def cmd_eval(args):
     out["methods"][method] = curve
     print(f"{method}: past reach {curve['past_reach']['mean']:.4f} "
           f"± {curve['past_reach']['stderr']:.4f} ({curve['wall_s']:.0f} s)", flush=True)
-  ref = np.asarray(out["methods"]["streaming"]["past_reach_docs"])
+  ref = out["methods"]["streaming"]["past_reach_docs"]
   for method, curve in out["methods"].items():
-    diff = np.asarray(curve["past_reach_docs"]) - ref
-    curve["minus_streaming"] = {"mean": float(diff.mean()),
-                                "stderr": float(diff.std(ddof=1) / np.sqrt(len(diff))),
-                                "docs_worse": int((diff > 0).sum()), "n": int(len(diff))}
+    curve["minus_streaming"] = longctx.paired_difference(curve["past_reach_docs"], ref)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   workdir_lib.write_atomic(args.out, json.dumps(out, indent=1))
   print(f"\n{'method':28s} {'NLL past reach':>16s} {'minus streaming':>18s} worse/docs")
   for method, curve in out["methods"].items():
     p, d = curve["past_reach"], curve["minus_streaming"]
     print(f"{method:28s} {p['mean']:9.4f} ± {p['stderr']:.4f} {d['mean']:+10.4f} ± "
-          f"{d['stderr']:.4f} {d['docs_worse']:>4d}/{d['n']}")
+          f"{d['stderr']:.4f} {d['above']:>4d}/{d['n']}")
 
 
 def main(argv=None):
@@ -164,6 +168,8 @@ def main(argv=None):
   sub = p.add_subparsers(dest="cmd", required=True)
   t = sub.add_parser("train")
   t.add_argument("--recipe", choices=("text", "mix"), required=True)
+  t.add_argument("--run", choices=demo.SAVED_SETS, default="gate",
+                 help="the trainable set: the gate, or the gate plus the q/k/v adapters")
   t.add_argument("--workdir", required=True)
   t.add_argument("--steps", type=int, default=60)
   t.add_argument("--seq-len", type=int, default=1024)
@@ -173,6 +179,8 @@ def main(argv=None):
   t.add_argument("--text-mix", type=float, default=0.5)
   t.add_argument("--heldout-fraction", type=float, default=0.25)
   t.add_argument("--seed", type=int, default=0)
+  t.add_argument("--init-set", default="",
+                 help="a trained set (.npz) whose gate the run starts from (default: shut)")
   e = sub.add_parser("eval")
   e.add_argument("--set", action="append", default=[], help="NAME=PATH of a trained set")
   e.add_argument("--out", required=True)

@@ -2,6 +2,7 @@
 and ``Engine.score`` (teacher-forced per-token NLL) underneath them."""
 
 import collections
+import dataclasses
 import json
 import re
 
@@ -13,6 +14,7 @@ from rapidfuzz import fuzz
 from edgeinfinite_jax import ConfigError, Engine, Scenario, with_memory
 from edgeinfinite_jax.checkpoints.tokenizer import ByteTokenizer
 from edgeinfinite_jax.data import corpus
+from edgeinfinite_jax.engine.state import state_nbytes
 from edgeinfinite_jax.eval import longctx, metrics, ruler
 from edgeinfinite_jax.model import transformer as model
 from edgeinfinite_jax.model.config import ModelConfig
@@ -285,3 +287,77 @@ def test_run_suite_table_costs_and_nll_curves(tmp_path):
     assert max(engine.compile_counts().values()) == 1
   assert res["methods"]["full"]["cost"]["state_bytes"] != \
       res["methods"]["edgeinfinite"]["cost"]["state_bytes"]
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def test_method_engines_spend_the_sets_state_on_kept_tokens():
+  # head_dim 32: a memory of 32 x 33 floats per KV head buys several kept tokens (at
+  # _model's head_dim 8 the window's eviction scores alone cost more than the memory).
+  base = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
+                     num_heads=2, num_kv_heads=1, head_dim=32)
+  base_params = model.init_params(base, jax.random.key(0))
+  cfg, params = with_memory(base, base_params, rng=jax.random.key(1),
+                            attention_type="edgeinfinite", gate="mlp", gate_init_bias=0.0)
+  other = jax.tree.map(lambda x: x * 0.5, params)
+  scen = _scenario(batch_size=1, segment_len=32, n_window=32)  # snapkv votes with 32 queries
+  engines, info = longctx.method_engines(base, base_params, scen,
+                                         {"edgeinfinite": (cfg, params), "half": (cfg, other)})
+  assert list(engines) == ["full", "streaming", "h2o", "snapkv", "edgeinfinite", "half"]
+  budget = engines["edgeinfinite"].state_bytes()
+  assert info["half"]["state_bytes"] == budget
+  assert info["streaming"]["state_bytes"] < budget
+  for b in ("h2o", "snapkv"):
+    n = info[b]["n_kept"]
+    assert n >= 2 and engines[b].scenario.n_kept == n
+    assert info[b]["state_bytes"] <= budget
+    wider = Engine(engines[b].route_configs["long"], base_params,
+                   dataclasses.replace(scen, n_kept=n + 1))
+    assert wider.state_bytes() > budget  # the largest budget that fits
+  # state_bytes counts what init_state allocates.
+  assert engines["h2o"].state_bytes() == state_nbytes(engines["h2o"].init_state("long"))
+  # The two sets share one Engine's compiled steps.
+  tokens = np.zeros((1, 96), np.int32)
+  engines["edgeinfinite"].score(tokens)
+  engines["half"].score(tokens)
+  assert engines["half"].compile_counts() == engines["edgeinfinite"].compile_counts()
+  assert max(engines["half"].compile_counts().values()) == 1
+
+
+def test_method_engines_refuse_a_budget_below_one_kept_token():
+  base, base_params = _model("full")
+  with pytest.raises(ConfigError, match=r"state_bytes=100: must be >= [\d,]+, the state of h2o"):
+    longctx.method_engines(base, base_params, _scenario(), {}, baselines=["h2o"],
+                           state_bytes=100)
+  with pytest.raises(ConfigError, match="state_bytes=None: must be given"):
+    longctx.method_engines(base, base_params, _scenario(), {}, baselines=["h2o"])
+  with pytest.raises(ConfigError, match="baseline='lru': must be one of"):
+    longctx.method_engines(base, base_params, _scenario(), {}, baselines=["lru"])
+
+
+def test_paired_difference_and_the_table_against_streaming():
+  d = longctx.paired_difference([1.0, 2.0, 4.0], [1.5, 1.0, 3.0])
+  assert d["mean"] == pytest.approx(0.5) and (d["above"], d["below"], d["n"]) == (2, 1, 3)
+  assert d["stderr"] == pytest.approx(np.std([-0.5, 1.0, 1.0], ddof=1) / np.sqrt(3))
+  base, base_params = _model("full", vocab=TOK.vocab_size)
+  cfg, params = _model("edgeinfinite", vocab=TOK.vocab_size)
+  scen = _scenario(batch_size=1, segment_len=64, n_window=64, max_new_tokens=64,
+                   short_threshold=0, max_context=1152)
+  engines, _ = longctx.method_engines(base, base_params, scen, {"edgeinfinite": (cfg, params)},
+                                      baselines=["streaming"])
+  res = longctx.run_suite(engines, TOK, lengths=(1024,), n=2, tasks=["lcc", "nll"],
+                          lcc_bins=((512, 1024),), nll_docs=2, nll_length=600, bucket=256,
+                          progress=False)
+  ei, st = res["methods"]["edgeinfinite"], res["methods"]["streaming"]
+  want = longctx.paired_difference(ei["nll"]["past_reach_docs"], st["nll"]["past_reach_docs"])
+  assert ei["nll"]["vs_streaming"] == want
+  assert st["nll"]["vs_streaming"]["mean"] == 0.0
+  cell = ei["cells"]["lcc@512-1024"]
+  assert cell["vs_streaming"] == longctx.paired_difference(
+      cell["scores"], st["cells"]["lcc@512-1024"]["scores"])
+  table = longctx.markdown_table(res).splitlines()
+  assert table[0].startswith("| method | lcc@512-1024 | lcc@512-1024 long-range | NLL past")
+  row = next(r for r in table if r.startswith("| edgeinfinite |"))
+  assert f"{ei['nll']['past_reach']['mean']:.3f} ({want['mean']:+.3f}" in row
+  assert f"{ei['cost']['kv_bytes'][-1]:,}" in row

@@ -42,7 +42,8 @@ def test_demo_writes_metrics_table_plots_and_checkpoints(demo_runs):
   workdir, first, _ = demo_runs
   files = set(os.listdir(workdir))
   assert {"metrics.json", "results.md", "ttft_memory.png", "passkey_heatmap_full.png",
-          "passkey_heatmap_streaming.png", "passkey_heatmap_edgeinfinite.png"} <= files
+          "passkey_heatmap_streaming.png", "passkey_heatmap_edgeinfinite.png",
+          "suite_scores.png", "nll_position.png"} <= files
   for stage in ("pretrain", "sft_gate", "sft_gate_lora", "sft_all"):
     assert os.listdir(os.path.join(workdir, stage, "checkpoints")), stage
   # The small trained sets are also saved on their own (what demo.sft_from loads).
@@ -58,6 +59,15 @@ def test_demo_writes_metrics_table_plots_and_checkpoints(demo_runs):
   cost = m["eval"]["cost"]
   assert cost["edgeinfinite"]["state_bytes"][0] == cost["edgeinfinite"]["state_bytes"][-1]
   assert cost["full"]["kv_bytes"][-1] > cost["full"]["kv_bytes"][0]
+  suite = m["suite"]
+  assert list(suite["methods"]) == ["full", "streaming", "h2o", "snapkv", "edgeinfinite",
+                                    "edgeinfinite[gate+lora]", "edgeinfinite[all]"]
+  budget = suite["config"]["methods"]["edgeinfinite"]["state_bytes"]
+  for method in ("h2o", "snapkv"):  # the memory's bytes, spent on kept tokens
+    assert suite["config"]["methods"][method]["state_bytes"] <= budget
+  for method, entry in suite["methods"].items():
+    assert set(entry["cells"]) == {"lcc@256-512", "niah_single_1@1024"}, method
+    assert entry["nll"]["past_reach"]["n"] == 2 and "vs_streaming" in entry["nll"]
   sft = m["sft"]
   assert sft["gate"]["trainable"] < sft["gate+lora"]["trainable"] < sft["all"]["trainable"]
   assert set(m["quant"]["presets"]) == {"float", "fine_grained", "rtn_per_tensor"}
@@ -66,6 +76,8 @@ def test_demo_writes_metrics_table_plots_and_checkpoints(demo_runs):
   assert set(ip["modes"]) == set(qconfig.REQUANT_MODES)
   table = open(os.path.join(workdir, "results.md")).read()
   assert "| edgeinfinite |" in table and "| streaming |" in table and "fine_grained" in table
+  assert table.index("## Long-context suite") < table.index("## Passkey retrieval")
+  assert "| h2o |" in table and "| snapkv |" in table
   assert "| litert_reference |" in table and "| tflite_optimized |" in table
 
 
@@ -73,7 +85,7 @@ def test_rerun_skips_every_finished_stage(demo_runs):
   _, first, second = demo_runs
   assert first["stages_skipped"] == []
   assert set(second["stages_skipped"]) == {"pretrain", "sft[gate]", "sft[gate+lora]", "sft[all]",
-                                          "eval", "quant"}
+                                          "eval", "suite", "quant"}
   assert second["eval"]["passkey"] == first["eval"]["passkey"]
 
 
@@ -94,6 +106,10 @@ def test_demo_job_is_registered():
     ("sft_from", "all=/x.npz", "set 'all' is not saved apart"),
     ("sft_from", "gate=", "must be SET=PATH"),
     ("lora_rank", 0, "demo.lora_rank=0"),
+    ("suite_tasks", "lcc,passkeys", "demo.suite_tasks='lcc,passkeys': 'passkeys' must be"),
+    ("suite_lcc_bins", "2048-1024", "demo.suite_lcc_bins='2048-1024'.*0 < lo < hi"),
+    ("suite_lcc_bins", "1k-2k", "must be 'lo-hi,...'"),
+    ("suite_n", 0, "demo.suite_n=0"),
 ])
 def test_demo_config_errors_name_the_key(key, value, message):
   with pytest.raises(ConfigError, match=message):

@@ -69,6 +69,15 @@ DEMO = {
     "eval_seed": 1234,           # disjoint from the training samples' seeds
     "beyond_lengths": "",        # extra lengths in tokens (e.g. past the model's trained
     "beyond_depth": 0.5,         # context), each at this one depth
+    # The long-context suite (eval/longctx.py, stage 4), every method at equal state bytes;
+    # suite_tasks "" skips it. n samples per RULER length and per LCC bin.
+    "suite_tasks": "lcc,nll,niah_single_1",
+    "suite_lengths": "2048",     # RULER lengths in tokens (prompt + tokens to generate)
+    "suite_n": 6,
+    "suite_lcc_bins": "1024-2048",  # LCC prompt-length bins, "lo-hi,..."
+    "suite_nll_docs": 6,
+    "suite_nll_length": 2048,    # tokens scored per NLL document
+    "suite_nll_bucket": 256,     # NLL curve bucket
     "quant_presets": "fine_grained,rtn_per_tensor",
     "quant_eval_batches": 4,
     "quant_depths": "",          # depths of the quantized model's passkey @8x ("" = eval_depths)

@@ -440,6 +440,11 @@ class Engine:
       return None
     return self.ring_len[route]
 
+  def state_bytes(self, route: str = "long") -> int:
+    """Bytes of a route's state (``state_nbytes`` of ``init_state``), from shapes only:
+    nothing is allocated. What methods are compared at ("equal state bytes")."""
+    return state_nbytes(jax.eval_shape(lambda: self.init_state(route)))
+
   def prefill(self, tokens, state: EngineState | None = None):
     """Reads a prompt [batch, time] (time >= 1); returns (state, last-token logits).
 

@@ -7,6 +7,7 @@ tree types (``jax.export`` stores them by name) without building an Engine.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import flax.struct
@@ -57,4 +58,4 @@ jax.export.register_pytree_node_serialization(
 def state_nbytes(state) -> int:
   """Bytes held by an engine state (every array leaf: for h2o / snapkv, the kept
   tokens' keys, values, positions and scores and the window's scores too)."""
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
+  return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)))

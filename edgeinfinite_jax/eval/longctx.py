@@ -44,6 +44,7 @@ also used) or fewer/shorter documents: the error says which.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import keyword
 import math
@@ -54,6 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edgeinfinite_jax.data import corpus
+from edgeinfinite_jax.engine.engine import Engine
 from edgeinfinite_jax.eval import longbench, metrics, passkey, ruler
 from edgeinfinite_jax.model.config import ConfigError, require
 
@@ -137,8 +139,10 @@ def _answer_lines(source: str) -> list[int]:
 
 def lcc_samples(tokenizer, reach: int, *, bins: Sequence[tuple[int, int]] = LCC_BINS,
                 n: int = 30, seed: int = 0, max_len: int | None = None,
-                heldout_fraction: float = corpus.HELDOUT_FRACTION) -> dict[str, list]:
-  """``n`` LCC samples per bin ``[lo, hi)`` of prompt tokens, from held-out ``.py`` files.
+                heldout_fraction: float = corpus.HELDOUT_FRACTION,
+                exclude: Collection[str] = ()) -> dict[str, list]:
+  """``n`` LCC samples per bin ``[lo, hi)`` of prompt tokens, from held-out ``.py`` files
+  (but the relative paths in ``exclude``, as for ``nll_documents``).
 
   Cut points are drawn round-robin over the files with a cut in the bin (a seeded file
   order, a seeded line per turn), so one long file does not fill a bin alone. A
@@ -150,7 +154,8 @@ def lcc_samples(tokenizer, reach: int, *, bins: Sequence[tuple[int, int]] = LCC_
     require(0 < lo < hi, "bins", list(bins), "each bin must be (lo, hi) with 0 < lo < hi")
   head, tail = LCC_TEMPLATE.split("{context}")
   frame = len(tokenizer.encode(head + tail))
-  files = [(p, s) for p, s in corpus.heldout_sources(heldout_fraction) if p.endswith(".py")]
+  files = [(p, s) for p, s in corpus.heldout_sources(heldout_fraction)
+           if p.endswith(".py") and p not in frozenset(exclude)]
   # Estimated prompt tokens when cutting before each line.
   estimates = []
   for path, source in files:
@@ -261,6 +266,70 @@ def score_documents(engine, docs: Sequence[NllDocument]) -> np.ndarray:
   return np.concatenate(out)
 
 
+# ----------------------------------------------------------------------------- methods
+
+BASELINES = ("full", "streaming", "h2o", "snapkv")
+
+
+def kept_for_bytes(config, params, scenario, state_bytes: int) -> int:
+  """The largest ``n_kept`` at which an evicting ``config``'s long-route state is at most
+  ``state_bytes`` (its bytes grow linearly in ``n_kept``: keys, values, position, score)."""
+  at = lambda n: Engine(config, params, dataclasses.replace(scenario, n_kept=n)).state_bytes()
+  one, per = at(1), at(2) - at(1)
+  require(state_bytes >= one, "state_bytes", state_bytes,
+          f"must be >= {one:,}, the state of {config.memory.attention_type} at n_kept=1")
+  return 1 + (state_bytes - one) // per
+
+
+def method_engines(base_config, base_params, scenario, sets: Mapping[str, tuple], *,
+                   baselines: Sequence[str] = BASELINES, state_bytes: int | None = None
+                   ) -> tuple[dict, dict]:
+  """The suite's methods at equal state bytes -> ``({method: Engine}, {method: info})``.
+
+  ``sets``: label -> (model config, params) of trained ``edgeinfinite`` sets; those of
+  one config share one Engine (``with_params``: one compilation). The baselines run
+  the base model with the first set's memory settings (its RoPE positions; the
+  Scenario gives segment, sink and window): ``full`` on a cache of
+  ``scenario.max_context``, ``streaming`` with no memory, and ``h2o`` / ``snapkv``
+  with the largest ``n_kept`` whose state is at most ``state_bytes`` (default: the
+  first set's long-route state). ``info``: state bytes and, for evicting ones, n_kept.
+  """
+  for b in baselines:
+    require(b in BASELINES, "baseline", b, f"must be one of {list(BASELINES)}")
+  memory = (next(iter(sets.values()))[0] if sets else base_config).memory
+  shared, engines = {}, {}
+  for label, (mc, params) in sets.items():
+    if mc not in shared:
+      shared[mc] = Engine(mc, params, scenario)
+    engines[label] = shared[mc].with_params(params)
+  if state_bytes is None:
+    require(bool(sets), "state_bytes", state_bytes,
+            "must be given when no trained set fixes the budget")
+    state_bytes = next(iter(engines.values())).state_bytes()
+  info = {}
+  for b in baselines:
+    # n_kept 1 only satisfies the evicting types' config rule; the Scenario sets it.
+    mc = base_config.replace(memory=dataclasses.replace(
+        memory, attention_type=b, n_kept=1 if b in ("h2o", "snapkv") else memory.n_kept))
+    sc = scenario
+    if mc.memory.evicts:
+      sc = dataclasses.replace(scenario, n_kept=kept_for_bytes(mc, base_params, scenario,
+                                                               state_bytes))
+      info[b] = {"n_kept": sc.n_kept}
+    engines[b] = Engine(mc, base_params, sc)
+  ordered = {b: engines[b] for b in baselines} | {k: engines[k] for k in sets}
+  for method, engine in ordered.items():
+    info.setdefault(method, {})["state_bytes"] = engine.state_bytes()
+  return ordered, info
+
+
+def paired_difference(values, reference) -> dict:
+  """Per-sample ``values - reference`` (the same samples, in order): mean, standard error,
+  and how many samples are worse (for NLL: higher)."""
+  d = np.asarray(values, np.float64) - np.asarray(reference, np.float64)
+  return {**_mean_se(d), "above": int((d > 0).sum()), "below": int((d < 0).sum())}
+
+
 # ----------------------------------------------------------------------------- runner
 
 
@@ -272,7 +341,8 @@ class _Item(NamedTuple):
   long_range: bool | None
 
 
-def _items(tasks, tokenizer, lengths, n, seed, reach, heldout_fraction, lcc_bins, max_len):
+def _items(tasks, tokenizer, lengths, n, seed, reach, heldout_fraction, lcc_bins, max_len,
+           exclude):
   items = []
   for task in tasks:
     if task in ruler.TASKS:
@@ -283,8 +353,8 @@ def _items(tasks, tokenizer, lengths, n, seed, reach, heldout_fraction, lcc_bins
                              lambda p, a=s.answers: ruler.string_match_all(p, a), None))
     elif task == LCC:
       for name, group in lcc_samples(tokenizer, reach, bins=lcc_bins, n=n, seed=seed,
-                                     max_len=max_len,
-                                     heldout_fraction=heldout_fraction).items():
+                                     max_len=max_len, heldout_fraction=heldout_fraction,
+                                     exclude=exclude).items():
         for s in group:
           items.append(_Item(f"lcc@{name}", s.tokens, LCC_MAX_NEW_TOKENS,
                              lambda p, a=s.answer: metrics.code_sim_score(p, a),
@@ -313,18 +383,23 @@ def run_suite(engines: Mapping[str, object], tokenizer, lengths: Sequence[int] =
               reach: int | None = None, lcc_bins: Sequence[tuple[int, int]] = LCC_BINS,
               max_len: int | None = None, nll_docs: int = 20, nll_length: int = 8192,
               bucket: int = 512, heldout_fraction: float = corpus.HELDOUT_FRACTION,
-              out: str | None = None, progress: bool = True) -> dict:
+              exclude: Collection[str] = (), out: str | None = None,
+              progress: bool = True) -> dict:
   """Every task for every method (``engines``: method -> Engine).
 
   ``n`` samples per RULER (task, length) cell and per LCC bin; ``reach`` (default:
   ``passkey.local_reach`` of the first engine's Scenario) sets the LCC ``long_range``
-  flag and the NLL split. All samples and documents are built, and every engine
-  checked against them, before any model runs. Returns (and with ``out`` writes as
-  JSON)::
+  flag and the NLL split; ``exclude``: relative paths no LCC sample or NLL document
+  comes from (what a set trained on at another held-out fraction). All samples and
+  documents are built, and every engine checked against them, before any model runs.
+  With a ``streaming`` method, every cell and the NLL past reach also get
+  ``vs_streaming``, the paired difference on the same samples. Returns (and with
+  ``out`` writes as JSON)::
 
     {"config": {...}, "table": {method: {cell: mean}},
      "methods": {method: {"cells": {cell: {"scores", "mean", "stderr", "n",
-                                           "long_range" (lcc: the flagged subset)}},
+                                           "long_range" (lcc: the flagged subset),
+                                           "vs_streaming"}},
                           "cost": passkey.cost_curve(...), "nll": nll_curve(...)}}}
 
   Scores are fractions in [0, 1] (LongBench and RULER report x100).
@@ -337,15 +412,18 @@ def run_suite(engines: Mapping[str, object], tokenizer, lengths: Sequence[int] =
     _positive_int("length", length)
   first = next(iter(engines.values())).scenario
   reach = passkey.local_reach(first.segment_len, first.n_window) if reach is None else reach
-  items = _items(tasks, tokenizer, lengths, n, seed, reach, heldout_fraction, lcc_bins, max_len)
+  items = _items(tasks, tokenizer, lengths, n, seed, reach, heldout_fraction, lcc_bins, max_len,
+                 exclude)
   docs = (nll_documents(tokenizer, n_docs=nll_docs, length=nll_length, seed=seed,
-                        heldout_fraction=heldout_fraction) if NLL in tasks else [])
+                        heldout_fraction=heldout_fraction, exclude=exclude)
+          if NLL in tasks else [])
   for method, engine in engines.items():
     _check_engine(method, engine, items, docs)
   nominal = sorted({int(x) for x in lengths} | {hi for _, hi in lcc_bins})
   result = {"config": {"lengths": [int(x) for x in lengths], "n": n, "seed": seed,
                        "tasks": list(tasks), "reach": int(reach),
                        "split": f"corpus.is_heldout(stdlib path, {heldout_fraction})",
+                       "excluded": len(frozenset(exclude)),
                        "lcc_bins": [list(b) for b in lcc_bins], "max_len": max_len,
                        "nll_docs": [d.path for d in docs], "nll_length": nll_length},
             "table": {}, "methods": {}}
@@ -376,9 +454,56 @@ def run_suite(engines: Mapping[str, object], tokenizer, lengths: Sequence[int] =
       entry["nll"] = nll_curve(score_documents(engine, docs), reach, bucket)
     result["methods"][method] = entry
     result["table"][method] = {k: v["mean"] for k, v in summary.items()}
+  _pair_with(result["methods"], "streaming")
   if out is not None:
     write_json(result, out)
   return result
+
+
+def _pair_with(methods: dict, ref: str) -> None:
+  """Each method's paired difference to ``ref`` on the same samples (``"vs_<ref>"`` in
+  every cell, and in the NLL past reach): what separates two methods, not their
+  spreads over samples."""
+  if ref not in methods:
+    return
+  base = methods[ref]
+  for entry in methods.values():
+    for name, cell in entry["cells"].items():
+      cell[f"vs_{ref}"] = paired_difference(cell["scores"], base["cells"][name]["scores"])
+    if entry.get("nll") and entry["nll"]["past_reach_docs"] is not None:
+      entry["nll"][f"vs_{ref}"] = paired_difference(entry["nll"]["past_reach_docs"],
+                                                    base["nll"]["past_reach_docs"])
+
+
+def markdown_table(result: dict) -> str:
+  """``run_suite``'s result as one method x task table: scores x100 (mean ± standard
+  error over samples; LCC's long-range subset beside it), the NLL past reach with its
+  paired difference to ``streaming``, state bytes (``full``: at the longest prompt) and
+  the median time to first token at each length."""
+  methods = result["methods"]
+  cells = sorted({c for m in methods.values() for c in m["cells"]})
+  lcc = [c for c in cells if c.startswith(f"{LCC}@")]
+  has_nll = any(m.get("nll") for m in methods.values())
+  some_cost = next((m["cost"] for m in methods.values() if m.get("cost")), None)
+  lengths = some_cost["lengths"] if some_cost else []
+  head = (["method"] + cells + [f"{c} long-range" for c in lcc]
+          + (["NLL past reach (vs streaming)"] if has_nll else [])
+          + ["state bytes"] + [f"TTFT {n}" for n in lengths])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  pct = lambda c: "—" if c is None else f"{100 * c['mean']:.1f} ± {100 * c['stderr']:.1f}"
+  for method, m in methods.items():
+    row = [method] + [pct(m["cells"].get(c)) for c in cells]
+    row += [pct(m["cells"][c].get("long_range")) if c in m["cells"] else "—" for c in lcc]
+    if has_nll:
+      n = m.get("nll")
+      d = (n or {}).get("vs_streaming")
+      row.append("—" if not n else f"{n['past_reach']['mean']:.3f}" + (
+          f" ({d['mean']:+.3f} ± {d['stderr']:.3f})" if d and method != "streaming" else ""))
+    cost = m.get("cost") or {}
+    row.append(f"{cost['kv_bytes'][-1]:,}" if cost else "—")
+    row += [f"{t:.2f} s" for t in cost.get("ttft_s", [])] or ["—"] * len(lengths)
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
 
 
 def write_json(result: dict, path: str) -> None:

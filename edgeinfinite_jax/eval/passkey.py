@@ -44,7 +44,8 @@ Predictor = Callable[[np.ndarray], list]
 
 def engine_predictor(engine, tokenizer, max_new_tokens: int, timings: dict | None = None
                      ) -> Predictor:
-  """Greedy Engine.generate of ``max_new_tokens`` tokens, decoded to text.
+  """Greedy Engine.generate of up to ``max_new_tokens`` tokens, decoded to text up to the
+  tokenizer's EOS (the loop stops once every row has produced it).
 
   With a ``timings`` dict, each call also records ``(seconds, state bytes)`` of its
   prefill under the prompt length: the prompt but its last token is read by a timed
@@ -58,14 +59,15 @@ def engine_predictor(engine, tokenizer, max_new_tokens: int, timings: dict | Non
   def predict(prompts):
     prompts = np.asarray(prompts, np.int32)
     if timings is None:
-      out = engine.generate(prompts, max_new_tokens)
+      out = engine.generate(prompts, max_new_tokens, eos_id=tokenizer.eos_id)
     else:
       t0 = time.perf_counter()
       state, logits = engine.prefill(prompts[:, :-1])
       jax.block_until_ready(logits)
       timings.setdefault(prompts.shape[1], []).append(
           (time.perf_counter() - t0, state_nbytes(state)))
-      out = engine.generate(prompts[:, -1:], max_new_tokens, state=state)
+      out = engine.generate(prompts[:, -1:], max_new_tokens, state=state,
+                            eos_id=tokenizer.eos_id)  # stops once every row has ended
     texts = []
     for row in out:
       ids = [int(t) for t in row]

@@ -18,6 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: str) -> str:
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def passkey_heatmap(grid: Mapping, path: str, title: str = "") -> str:
   """``grid`` as returned by ``evaluate.passkey_grid``; writes ``path`` (PNG)."""
   acc = np.asarray(grid["accuracy"], float).T  # [depth, length]
@@ -35,11 +43,7 @@ def passkey_heatmap(grid: Mapping, path: str, title: str = "") -> str:
               color="black" if v > 60 else "white", fontsize=9)
   fig.colorbar(im, ax=ax, label="accuracy (%)")
   ax.set_title(title or "passkey accuracy")
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def ttft_memory(curves: Mapping[str, Mapping], path: str) -> str:
@@ -56,8 +60,47 @@ def ttft_memory(curves: Mapping[str, Mapping], path: str) -> str:
     ax.legend()
   a1.set_yscale("log")
   fig.suptitle("prefill cost against prompt length (Engine, this machine)")
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
+
+
+def nll_curves(methods: Mapping[str, Mapping], path: str) -> str:
+  """``methods``: method -> ``longctx.nll_curve`` output; per-token NLL against position
+  (bucket middles; the band is one standard error over documents) and local reach."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  reach = None
+  for name, c in methods.items():
+    mid = [(a + b) / 2 for a, b in c["buckets"]]
+    mean = np.array([x["mean"] for x in c["nll"]])
+    se = np.array([x["stderr"] for x in c["nll"]])
+    ax.plot(mid, mean, marker=".", label=name)
+    ax.fill_between(mid, mean - se, mean + se, alpha=0.15)
+    reach = c["reach"]
+  if reach is not None:
+    ax.axvline(reach, color="grey", linestyle="--", linewidth=1, label="local reach")
+  ax.set_xlabel("token position")
+  ax.set_ylabel("next-token NLL (nats)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title("NLL against position (held-out documents)")
+  return _save(fig, path)
+
+
+def scores_by_length(table: Mapping[str, Mapping[str, float]], path: str) -> str:
+  """``table``: method -> {"task@length": mean score}; one line per method and task
+  against length (LCC bins at their upper bound)."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for method, cells in table.items():
+    by_task: dict[str, list] = {}
+    for cell, score in cells.items():
+      task, _, length = cell.partition("@")
+      by_task.setdefault(task, []).append((int(length.split("-")[-1]), 100 * score))
+    for task, pts in sorted(by_task.items()):
+      pts.sort()
+      ax.plot(*zip(*pts), marker="o", label=f"{method}: {task}")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("prompt length (tokens)")
+  ax.set_ylabel("score (x100)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+  ax.set_title("long-context tasks against length")
+  return _save(fig, path)

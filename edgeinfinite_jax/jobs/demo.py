@@ -57,7 +57,9 @@ from edgeinfinite_jax.model import transformer as model_lib
 from edgeinfinite_jax.train import optim
 from edgeinfinite_jax.engine.engine import Scenario
 from edgeinfinite_jax.engine.engine import Engine
+from edgeinfinite_jax.eval import longctx
 from edgeinfinite_jax.eval import passkey as evaluate
+from edgeinfinite_jax.eval import ruler
 from edgeinfinite_jax.eval import reference
 from edgeinfinite_jax.model import gate as gate_lib
 from edgeinfinite_jax.model import lora
@@ -88,7 +90,7 @@ def validate(config) -> None:
     raise ConfigError(f"demo.memory.attention_type={d.memory.attention_type!r}: must be "
                       "'edgeinfinite' (the S-SFT'd model)")
   for key in ("sft_len", "sft_samples", "sft_steps", "sft_batch", "eval_samples", "eval_batch",
-              "digits"):
+              "digits", "suite_n", "suite_nll_docs", "suite_nll_length", "suite_nll_bucket"):
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
       raise ConfigError(f"demo.{key}={v!r}: must be a positive integer")
@@ -111,6 +113,19 @@ def validate(config) -> None:
                       f"beyond_depth={d.beyond_depth!r}: must be numbers in [0, 1]")
   if any(n <= 0 for n in beyond):
     raise ConfigError(f"demo.beyond_lengths={d.beyond_lengths!r}: must be positive token counts")
+  for t in _csv(d.suite_tasks):
+    if t not in longctx.TASK_NAMES:
+      raise ConfigError(f"demo.suite_tasks={d.suite_tasks!r}: {t!r} must be one of "
+                        f"{list(longctx.TASK_NAMES)}")
+  try:
+    bins, lengths = _bins(d.suite_lcc_bins), _csv(d.suite_lengths, int)
+  except ValueError:
+    raise ConfigError(f"demo.suite_lcc_bins={d.suite_lcc_bins!r}, suite_lengths="
+                      f"{d.suite_lengths!r}: must be 'lo-hi,...' and comma-separated token "
+                      "counts") from None
+  if any(not 0 < lo < hi for lo, hi in bins) or any(n <= 0 for n in lengths):
+    raise ConfigError(f"demo.suite_lcc_bins={d.suite_lcc_bins!r}, suite_lengths="
+                      f"{d.suite_lengths!r}: bins must have 0 < lo < hi, lengths be positive")
   modes = _integer_modes(d)
   if any(m not in qconfig.REQUANT_MODES for m in modes):
     raise ConfigError(f"demo.integer_modes={d.integer_modes!r}: must be 'all', '' or a list of "
@@ -273,7 +288,7 @@ def stage_pretrain(config, workdir, record):
   """-> (base model config, base params, where they came from: init source or HF dir)."""
   source = models_lib.init_source(config.init)
   if source:
-    _banner(f"stage 1/5: base model from {source} (no pretraining)")
+    _banner(f"stage 1/6: base model from {source} (no pretraining)")
     base_config, params, _ = models_lib.load(source, tokenizer=False)
     record["pretrain"] = {"init": source, "skipped": True}
     return base_config, params, source
@@ -281,11 +296,11 @@ def stage_pretrain(config, workdir, record):
   hf_dir = os.path.join(stage_dir, "hf")
   done = _load_json(os.path.join(stage_dir, "summary.json"))
   if done and os.path.exists(os.path.join(hf_dir, "config.json")):
-    _banner("stage 1/5: pretrain (done; loading the exported checkpoint)")
+    _banner("stage 1/6: pretrain (done; loading the exported checkpoint)")
     base_config, params = convert.load_hf(hf_dir)
     record["pretrain"] = {**done, "skipped": True}
     return base_config, params, hf_dir
-  _banner("stage 1/5: pretrain the base model (full attention) on the embedded corpus")
+  _banner("stage 1/6: pretrain the base model (full attention) on the embedded corpus")
   t0 = time.perf_counter()
   base_config, params, summary = _run_training(pretrain_config(config), stage_dir)
   convert.save_hf(base_config, params, hf_dir)
@@ -339,7 +354,7 @@ def stage_sft(config, workdir, base_source, base, record) -> dict:
   for i, run in enumerate(runs):
     sc = sft_config(config, run, base_source)
     if run in sources:
-      _banner(f"stage 2/5: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}: loaded from "
+      _banner(f"stage 2/6: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}: loaded from "
               f"{sources[run]}")
       model_config, params, summary = _load_trained(config, base, run, sources[run], sc)
       record.setdefault("sft", {})[run] = summary
@@ -348,7 +363,7 @@ def stage_sft(config, workdir, base_source, base, record) -> dict:
     name = "sft_" + run.replace("+", "_")
     stage_dir = os.path.join(workdir, name)
     done = _load_json(os.path.join(stage_dir, "summary.json"))
-    _banner(f"stage 2/5: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}"
+    _banner(f"stage 2/6: S-SFT {i + 1}/{len(runs)}, trainable set {run!r}"
             + (" (done; restoring the checkpoint)" if done else ""))
     t0 = time.perf_counter()
     model_config, params, summary = _run_training(sc, stage_dir)
@@ -399,10 +414,10 @@ def _warm(engine, tok) -> None:
 
 def stage_eval(config, workdir, base, models, record) -> dict:
   path = os.path.join(workdir, "eval.json")
-  done = _finished_stage(record, "eval", path, "stage 3/5: passkey evaluation")
+  done = _finished_stage(record, "eval", path, "stage 3/6: passkey evaluation")
   if done:
     return done
-  _banner("stage 3/5: passkey retrieval through the Engine (key outside window + segment)")
+  _banner("stage 3/6: passkey retrieval through the Engine (key outside window + segment)")
   d = config.demo
   tok = data_lib.data_tokenizer(config.data)
   lengths = [int(round(m * d.sft_len)) for m in _csv(d.eval_mults, float)]
@@ -466,7 +481,7 @@ def _reference_cost(config, base_config, prompts, lengths) -> dict | None:
   path = models_lib.resolve(source)
   if not path.endswith(".gguf"):
     return None
-  _banner("stage 3/5: the same prompts through transformers (PyTorch), the outside reference")
+  _banner("stage 3/6: the same prompts through transformers (PyTorch), the outside reference")
   by_length = {}
   for n, batches in prompts.items():  # = the timed prefill, under its nominal length
     by_length.setdefault(evaluate.nominal_length(n, lengths), []).extend(
@@ -483,16 +498,70 @@ def _heldout_batches(config, n, split="heldout"):
   return data_lib.eval_batches(rows, int(c.batch_size), n)
 
 
+def suite_scenario(config) -> Scenario:
+  """The suite's Scenario: the demo's memory sizes, batch 1, every prompt on the long
+  route, room for the longest task and its tokens to generate."""
+  d, m = config.demo, config.demo.memory
+  tasks = _csv(d.suite_tasks)
+  new = max([ruler.TOKENS_TO_GENERATE[ruler.TASKS[t][0]] for t in tasks if t in ruler.TASKS]
+            + [longctx.LCC_MAX_NEW_TOKENS if longctx.LCC in tasks else 1])
+  longest = max(_csv(d.suite_lengths, int) + [hi for _, hi in _bins(d.suite_lcc_bins)]
+                + [int(d.suite_nll_length)])
+  return Scenario(segment_len=int(m.segment_len), n_sink=int(m.n_sink),
+                  n_window=int(m.n_window), batch_size=1, max_new_tokens=new,
+                  short_threshold=0, max_context=-(-(longest + new) // m.segment_len)
+                  * int(m.segment_len))
+
+
+def _bins(text: str) -> list[tuple[int, int]]:
+  """"lo-hi,..." -> [(lo, hi), ...]; ValueError on anything else."""
+  out = []
+  for b in _csv(text):
+    lo, hi = b.split("-")
+    out.append((int(lo), int(hi)))
+  return out
+
+
+def stage_suite(config, workdir, base, models, record) -> dict:
+  """The long-context suite (``eval.longctx``): LCC, beyond-window NLL and RULER tasks
+  on held-out standard-library text, every method at the first trained set's state
+  bytes (``longctx.method_engines``: h2o / snapkv spend it on kept tokens)."""
+  path = os.path.join(workdir, "suite.json")
+  done = _finished_stage(record, "suite", path, "stage 4/6: long-context suite")
+  if done:
+    return done
+  d = config.demo
+  if not _csv(d.suite_tasks):
+    return {}
+  _banner("stage 4/6: long-context suite (LCC, NLL past reach, RULER) at equal state bytes")
+  base_config, base_params = base
+  sets = {k: v for k, v in eval_models(config, base, models).items()
+          if k.startswith("edgeinfinite")}
+  engines, info = longctx.method_engines(base_config, base_params, suite_scenario(config),
+                                         sets)
+  t0 = time.perf_counter()
+  out = longctx.run_suite(
+      engines, data_lib.data_tokenizer(config.data), _csv(d.suite_lengths, int),
+      int(d.suite_n), int(d.eval_seed), tasks=_csv(d.suite_tasks),
+      lcc_bins=_bins(d.suite_lcc_bins), nll_docs=int(d.suite_nll_docs),
+      nll_length=int(d.suite_nll_length), bucket=int(d.suite_nll_bucket),
+      heldout_fraction=float(config.data.heldout_fraction))
+  out["config"].update(methods=info, wall_s=time.perf_counter() - t0)
+  _save_json(path, out)
+  record["suite"] = out
+  return out
+
+
 def stage_quant(config, workdir, base, models, record) -> dict:
   """Weight-only PTQ of the base model (float -> quantize -> dequantize) per preset:
   held-out loss and passkey at 8x; then the integer path's agreement with
   fake-quant on the same held-out batches (``integer_check``).
   """
   path = os.path.join(workdir, "quant.json")
-  done = _finished_stage(record, "quant", path, "stage 4/5: quantization")
+  done = _finished_stage(record, "quant", path, "stage 5/6: quantization")
   if done:
     return done
-  _banner("stage 4/5: post-training quantization (weights), held-out loss and passkey @8x")
+  _banner("stage 5/6: post-training quantization (weights), held-out loss and passkey @8x")
   d = config.demo
   base_config, base_params = base
   batches = _heldout_batches(config, int(d.quant_eval_batches))
@@ -590,6 +659,7 @@ def run(config, workdir: str) -> dict:
   base = (base_config, base_params)
   models = stage_sft(config, workdir, base_source, base, record)
   stage_eval(config, workdir, base, models, record)
+  stage_suite(config, workdir, base, models, record)
   stage_quant(config, workdir, base, models, record)
   record["stages_skipped"] = (
       [k for k in ("pretrain",) if record[k].get("skipped")]
@@ -598,7 +668,7 @@ def run(config, workdir: str) -> dict:
   record["wall_s"] = time.perf_counter() - t0  # this invocation only
   if prev.get("wall_s") and record["stages_skipped"]:
     record["first_run_wall_s"] = prev.get("first_run_wall_s", prev["wall_s"])
-  _banner("stage 5/5: results")
+  _banner("stage 6/6: results")
   table = demo_report.write_results(workdir, record)
   _save_json(os.path.join(workdir, "metrics.json"), record)
   print("\n" + table, flush=True)

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from edgeinfinite_jax.eval import plots
+from edgeinfinite_jax.eval import longctx, plots
 
 
 def _pct(x):
@@ -104,11 +104,29 @@ def integer_table(ip) -> list[str]:
   return lines
 
 
+def suite_table(suite) -> list[str]:
+  if not suite:
+    return []
+  c = suite["config"]
+  kept = ", ".join(f"{m} keeps {i['n_kept']}" for m, i in c.get("methods", {}).items()
+                   if "n_kept" in i)
+  return ["## Long-context suite (every method at the first trained set's state bytes)", "",
+          f"Held-out standard-library text ({c['split']}); {c['n']} samples per RULER length "
+          f"and LCC bin, {len(c['nll_docs'])} NLL documents of {c['nll_length']} tokens; "
+          f"local reach {c['reach']} tokens. Scores x100, mean ± standard error over "
+          "samples; NLL in nats per token past local reach, with the paired difference to "
+          f"streaming over the same documents. Per-head kept tokens: {kept or '—'}. "
+          "h2o and snapkv evict segment by segment (`model/eviction.py`).", "",
+          longctx.markdown_table(suite)]
+
+
 def results_table(record) -> str:
-  """Every table of a (possibly partial) record, as markdown."""
+  """Every table of a (possibly partial) record, as markdown: the suite first."""
   ev = record["eval"]
   beyond = beyond_table(ev)
-  lines = passkey_table(ev) + [""] + beyond + ([""] if beyond else []) + cost_table(ev["cost"])
+  suite = suite_table(record.get("suite"))
+  lines = (suite + ([""] if suite else []) + passkey_table(ev) + [""] + beyond
+           + ([""] if beyond else []) + cost_table(ev["cost"]))
   if record.get("sft"):
     lines += [""] + sft_table(record["sft"])
   if record.get("quant"):
@@ -129,6 +147,12 @@ def write_results(workdir: str, record) -> str:
     files.append(plots.passkey_heatmap(g, os.path.join(workdir, f"passkey_heatmap_{safe}.png"),
                                        title=f"passkey accuracy: {method}"))
   files.append(plots.ttft_memory(ev["cost"], os.path.join(workdir, "ttft_memory.png")))
+  suite = record.get("suite")
+  if suite:
+    files.append(plots.scores_by_length(suite["table"], os.path.join(workdir, "suite_scores.png")))
+    curves = {m: e["nll"] for m, e in suite["methods"].items() if e.get("nll")}
+    if curves:
+      files.append(plots.nll_curves(curves, os.path.join(workdir, "nll_position.png")))
   record["plots"] = [os.path.basename(f) for f in files]
   table = results_table(record)
   with open(os.path.join(workdir, "results.md"), "w") as f:
