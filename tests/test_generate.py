@@ -243,3 +243,21 @@ def test_params_without_the_gate_are_named_before_tracing(tok_file):
         lambda p, x: np.zeros(8, x.dtype) if "final_norm" in jax.tree_util.keystr(p) else x,
         params)
     forward(config, bad, tokens)
+
+
+def test_eviction_baselines_need_a_budget_and_keep_their_state(tok_file, capsys):
+  _fails([f"--model={tok_file}", "--prompt=hi", "--attention=h2o"], capsys,
+         "--attention=h2o needs --kept=N, a positive number of tokens kept per KV head")
+  _fails([f"--model={tok_file}", "--prompt=hi", "--attention=snapkv", "--kept=0"], capsys,
+         "got --kept=0")
+  _fails([f"--model={tok_file}", "--prompt=hi", "--attention=streaming", "--kept=8"], capsys,
+         "--kept=8: only for --attention=h2o or snapkv (got --attention=streaming)")
+  from edgeinfinite_jax.checkpoints import models
+  config, params, _ = models.load(tok_file)
+  sc = Scenario(**SEG, short_threshold=0, max_new_tokens=4, max_context=256)
+  states = {}
+  for kept in (4, 8):
+    engine = generate.build_engine(config, params, "snapkv", sc, n_kept=kept)
+    assert engine.route_configs["long"].memory.n_kept == kept
+    states[kept] = engine.state_bytes()
+  assert states[4] < states[8]  # the budget is the state

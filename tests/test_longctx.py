@@ -361,3 +361,15 @@ def test_paired_difference_and_the_table_against_streaming():
   row = next(r for r in table if r.startswith("| edgeinfinite |"))
   assert f"{ei['nll']['past_reach']['mean']:.3f} ({want['mean']:+.3f}" in row
   assert f"{ei['cost']['kv_bytes'][-1]:,}" in row
+
+
+def test_the_suite_plots_read_every_cell_name(tmp_path):
+  """LCC bins are named "1-2k" at multiples of 1024 (``bin_name``): the score plot read
+  only "lo-hi" and crashed the demo's report stage on SmolLM2's bins."""
+  from edgeinfinite_jax.eval import plots
+  assert [plots._upper(x) for x in ("2048", "256-512", longctx.bin_name(1024, 2048).split("@")[-1],
+                                    longctx.bin_name(4096, 8192))] == [2048, 512, 2048, 8192]
+  table = {"full": {"lcc@1-2k": 0.5, "lcc@2-4k": 0.4, "niah_single_1@2048": 1.0},
+           "streaming": {"lcc@1-2k": 0.3, "lcc@2-4k": 0.2, "niah_single_1@2048": 0.0}}
+  path = plots.scores_by_length(table, str(tmp_path / "s.png"))
+  assert (tmp_path / "s.png").stat().st_size > 0 and path.endswith("s.png")

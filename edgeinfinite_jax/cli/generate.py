@@ -25,6 +25,9 @@ on stdin is a user turn, read into the same state by a continued prefill.
   are applied; a ``--segment``/``--window``/``--sink``/``--rope-positions`` that
   contradicts them is refused, naming both values. ``--untrained-gate`` runs the
   initial gate instead (memory nearly off: it answers like ``streaming``).
+* ``h2o`` / ``snapkv``: sink + window + ``--kept N`` exact tokens per KV head and
+  layer, chosen by accumulated attention (H2O) or an observation window's vote
+  (SnapKV) as blocks leave the window (``model/eviction.py``; constant state).
 
 ``--rope-positions`` (segmented kinds, default: the trained set's, else
 ``cache_relative``): ``cache_relative`` (as in StreamingLLM) numbers the visible cache
@@ -139,11 +142,13 @@ def check_gate_choice(attention: str, gate_path: str | None, untrained_gate: boo
 
 def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, *,
                  gate_path: str | None = None, untrained_gate: bool = False,
-                 rope_positions: str = "cache_relative", quant=None) -> engine_lib.Engine:
+                 rope_positions: str = "cache_relative", n_kept: int | None = None,
+                 quant=None) -> engine_lib.Engine:
   """An Engine for ``attention`` on a base model. ``edgeinfinite`` loads the trained set
   at ``gate_path`` (its recorded settings, with the Scenario's sizes: see
   ``serving_scenario``), or keeps the initial gate only if ``untrained_gate``;
-  ``quant``: a QuantConfig to run it in (its scales in ``params``)."""
+  ``n_kept``: the eviction budget of ``h2o`` / ``snapkv``; ``quant``: a QuantConfig to
+  run it in (its scales in ``params``)."""
   check_gate_choice(attention, gate_path, untrained_gate)
   if attention != "full":
     sizes = dict(segment_len=scenario.segment_len, n_sink=scenario.n_sink,
@@ -153,8 +158,9 @@ def build_engine(config, params, attention: str, scenario: engine_lib.Scenario, 
       config, params, _ = gate_lib.load_trained_set(config, params, gate_path, rng=rng,
                                                     where="Scenario", **sizes)
     else:
+      kept = {"n_kept": n_kept} if n_kept is not None else {}
       config, params = gate_lib.with_memory(config, params, rng=rng, attention_type=attention,
-                                            **sizes)
+                                            **sizes, **kept)
   return engine_lib.Engine(config, params, scenario, quant=quant)
 
 
@@ -283,6 +289,8 @@ def _parser() -> argparse.ArgumentParser:
                  help=f"a named model ({', '.join(models.MODELS)}), a .gguf file or an HF "
                       "checkpoint directory (default: smollm2)")
   p.add_argument("--attention", default="edgeinfinite", choices=ATTENTION_TYPES)
+  p.add_argument("--kept", type=int, default=None,
+                 help="h2o / snapkv: tokens kept per KV head and layer beside sink and window")
   p.add_argument("--file", default=None, help="the long text to read ('-': stdin)")
   p.add_argument("--question", "--prompt", dest="question", default=None,
                  help="what to ask (after the document, if any); neither this nor --file: "
@@ -322,11 +330,19 @@ def _check_args(args) -> None:
   if args.max_new_tokens is not None and args.max_new_tokens <= 0:
     raise ValueError(f"--max-new-tokens={args.max_new_tokens}: must be a positive integer")
   engine_lib.check_sampling(args.temperature, args.top_k, args.top_p, jax.random.key(0))
+  evicting = args.attention in ("h2o", "snapkv")
+  if args.kept is not None and not evicting:
+    raise ValueError(f"--kept={args.kept}: only for --attention=h2o or snapkv "
+                     f"(got --attention={args.attention})")
+  if evicting and (args.kept is None or args.kept <= 0):
+    raise ValueError(f"--attention={args.attention} needs --kept=N, a positive number of "
+                     "tokens kept per KV head beside sink and window (its eviction budget)"
+                     + ("" if args.kept is None else f"; got --kept={args.kept}"))
   if args.chat and args.file == "-":
     raise ValueError("--chat reads the turns from stdin: give the document with --file=PATH")
   for key, flag in SIZE_FLAGS.items():
     if key != "rope_positions" and getattr(args, flag[2:]) is not None and args.attention == "full":
-      raise ValueError(f"{flag}: only for the segmented kinds (streaming, edgeinfinite)")
+      raise ValueError(f"{flag}: only for the segmented kinds (not --attention=full)")
 
 
 def _read_input(args) -> tuple[str | None, str | None]:
@@ -364,7 +380,8 @@ def run(args, out: TextIO) -> dict:
   scenario = dataclasses.replace(scenario, max_new_tokens=n_new,
                                  max_context=scenario.capacity(len(ids) + n_new + room))
   engine = build_engine(config, params, args.attention, scenario, gate_path=args.gate,
-                        untrained_gate=args.untrained_gate, rope_positions=rope_positions)
+                        untrained_gate=args.untrained_gate, rope_positions=rope_positions,
+                        n_kept=args.kept)
   route = engine.route_for(len(ids))
   state_bytes = check_fits(engine, route, n_new, memory_budget())
   warning = warn_positions(config, args.attention, rope_positions, len(ids) + n_new)

@@ -63,6 +63,15 @@ def ttft_memory(curves: Mapping[str, Mapping], path: str) -> str:
   return _save(fig, path)
 
 
+def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> str:
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+  ax.set_title(title)
+  return _save(fig, path)
+
+
 def nll_curves(methods: Mapping[str, Mapping], path: str) -> str:
   """``methods``: method -> ``longctx.nll_curve`` output; per-token NLL against position
   (bucket middles; the band is one standard error over documents) and local reach."""
@@ -77,12 +86,14 @@ def nll_curves(methods: Mapping[str, Mapping], path: str) -> str:
     reach = c["reach"]
   if reach is not None:
     ax.axvline(reach, color="grey", linestyle="--", linewidth=1, label="local reach")
-  ax.set_xlabel("token position")
-  ax.set_ylabel("next-token NLL (nats)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  ax.set_title("NLL against position (held-out documents)")
-  return _save(fig, path)
+  return _finish(fig, ax, path, "token position", "next-token NLL (nats)",
+                 "NLL against position (held-out documents)")
+
+
+def _upper(length: str) -> int:
+  """A cell's length in tokens: "2048", or an LCC bin's upper end ("1024-2048", "1-2k")."""
+  top = length.split("-")[-1]
+  return int(top[:-1]) * 1024 if top.endswith("k") else int(top)
 
 
 def scores_by_length(table: Mapping[str, Mapping[str, float]], path: str) -> str:
@@ -93,14 +104,10 @@ def scores_by_length(table: Mapping[str, Mapping[str, float]], path: str) -> str
     by_task: dict[str, list] = {}
     for cell, score in cells.items():
       task, _, length = cell.partition("@")
-      by_task.setdefault(task, []).append((int(length.split("-")[-1]), 100 * score))
+      by_task.setdefault(task, []).append((_upper(length), 100 * score))
     for task, pts in sorted(by_task.items()):
       pts.sort()
       ax.plot(*zip(*pts), marker="o", label=f"{method}: {task}")
   ax.set_xscale("log", base=2)
-  ax.set_xlabel("prompt length (tokens)")
-  ax.set_ylabel("score (x100)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7)
-  ax.set_title("long-context tasks against length")
-  return _save(fig, path)
+  return _finish(fig, ax, path, "prompt length (tokens)", "score (x100)",
+                 "long-context tasks against length")
